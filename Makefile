@@ -1,0 +1,35 @@
+# Newcomer targets: `make run` (main job) and `make test` (the test suite). Both create .venv if missing.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch and triton this machine class has locally; override e.g. `make test TORCH_SPEC="torch==2.14.1"`.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.pydiffmed-installed
+
+.PHONY: install build run test bench clean
+
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[test,io]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Rebuild the C++ extension in place after editing csrc/ (pip install -e builds it once).
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+run: build
+	$(VENV)/bin/pydiffmed info
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build *.egg-info pydiffmed/*.so

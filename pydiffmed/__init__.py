@@ -1,0 +1,6 @@
+"""pydiffmed: a fast sampler engine for diffusion models on 3-D medical volumes."""
+__version__ = "0.1.0"
+
+from . import backends, ops  # noqa: E402,F401
+
+__all__ = ["backends", "ops", "__version__"]

@@ -1,0 +1,117 @@
+"""`group_norm`: y = act(GroupNorm(x + bias_nc) · weight + bias) over 4-D/5-D input (DESIGN §4).
+
+The public function validates, normalises the layout (contiguous or channels_last kept as is, other strides
+copied once), picks a backend and calls the custom op `pydiffmed::group_norm`, which `torch.compile` and
+CUDA-graph capture see as one op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import backends
+from ._checks import (as_float32, channels_last_format, check_float_tensor, check_same_device, check_shape,
+                      layout_of)
+from . import reference
+
+ACTIVATIONS = (None, "silu")
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bias_nc=None, token_major=False,
+               backend=None):
+    """Group normalisation with an optional fused per-(sample, channel) input bias and SiLU.
+
+    x: N×C×D×H×W or N×C×H×W, fp32/fp16/bf16, contiguous or channels_last(_3d) (other strides are copied).
+    weight, bias: C-vectors (any float dtype); bias_nc: N×C, added to x before the statistics.
+    token_major: return N×(D·H·W)×C (the layout attention consumes) instead of x's shape.
+    Output dtype = x.dtype; layout = x's layout. Statistics in fp32, centred variance.
+    """
+    check_float_tensor("x", x)
+    if x.ndim not in (4, 5):
+        raise ValueError(f"x must be 4-D (N,C,H,W) or 5-D (N,C,D,H,W); got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels of x")
+    for name, t, shape in (("weight", weight, (c,)), ("bias", bias, (c,)), ("bias_nc", bias_nc, (n, c))):
+        if t is not None:
+            check_float_tensor(name, t)
+            check_shape(name, t, shape)
+    check_same_device("x", x, weight=weight, bias=bias, bias_nc=bias_nc)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    eps = float(eps)
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be positive and finite, got {eps}")
+    if layout_of(x) == "strided":
+        x = x.contiguous()
+    tensors = (x, weight, bias, bias_nc)
+    name, _ = backends.select("group_norm", backend, tensors, x=x, num_groups=num_groups, act=act)
+    return torch.ops.pydiffmed.group_norm(x, num_groups, weight, bias, eps, act or "", bias_nc, bool(token_major),
+                                          name)
+
+
+@torch.library.custom_op("pydiffmed::group_norm", mutates_args=())
+def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, act: str, bias_nc: torch.Tensor | None, token_major: bool,
+                   backend: str) -> torch.Tensor:
+    y = _empty_output(x, token_major)
+    backends._REGISTRY["group_norm"][backend].run(x, y, num_groups, weight, bias, eps, act == "silu", bias_nc)
+    return y
+
+
+@_group_norm_op.register_fake
+def _(x, num_groups, weight, bias, eps, act, bias_nc, token_major, backend):
+    return _empty_output(x, token_major)
+
+
+def _empty_output(x, token_major):
+    if token_major:
+        n, c = x.shape[:2]
+        return x.new_empty((n, math.prod(x.shape[2:]), c))
+    return torch.empty_like(x)
+
+
+def _output_is_channels_last(x, y):
+    return y.ndim == 3 or layout_of(x) == "cl"
+
+
+# --- backends ------------------------------------------------------------------------------------------------
+
+@backends.register("group_norm", "torch")
+def _run_torch(x, y, num_groups, weight, bias, eps, silu, bias_nc):
+    out = reference.group_norm(x, num_groups, weight, bias, eps, act="silu" if silu else None, bias_nc=bias_nc)
+    if y.ndim == 3:
+        out = out.flatten(2).transpose(1, 2)
+    y.copy_(out)
+
+
+@backends.register("group_norm", "cpu")
+def _run_cpu(x, y, num_groups, weight, bias, eps, silu, bias_nc):
+    from .. import _C
+
+    n, c = x.shape[:2]
+    spatial = math.prod(x.shape[2:])
+    w, b, bnc = as_float32(weight), as_float32(bias), as_float32(bias_nc)
+    _C.group_norm(x.data_ptr(), y.data_ptr(), backends.DTYPE_CODES[x.dtype], n, c, spatial, num_groups,
+                  layout_of(x) == "cl", _output_is_channels_last(x, y),
+                  0 if w is None else w.data_ptr(), 0 if b is None else b.data_ptr(),
+                  0 if bnc is None else bnc.data_ptr(), eps, silu, torch.get_num_threads())
+
+
+@backends.register("group_norm", "triton")
+def _run_triton(x, y, num_groups, weight, bias, eps, silu, bias_nc):
+    from triton_kernels.group_norm import group_norm_launch
+
+    group_norm_launch(x, y, num_groups, as_float32(weight), as_float32(bias), as_float32(bias_nc), eps, silu,
+                      x_channels_last=layout_of(x) == "cl", y_channels_last=_output_is_channels_last(x, y))
+
+
+@backends.register("group_norm", "cuda")
+def _run_cuda(x, y, num_groups, weight, bias, eps, silu, bias_nc):
+    from .._cuda import group_norm_launch
+
+    group_norm_launch(x, y, num_groups, as_float32(weight), as_float32(bias), as_float32(bias_nc), eps, silu,
+                      x_channels_last=layout_of(x) == "cl", y_channels_last=_output_is_channels_last(x, y))
