@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402,F401
+from .accelerate import accelerate  # noqa: E402
 
-__all__ = ["backends", "ops", "__version__"]
+__all__ = ["accelerate", "backends", "ops", "__version__"]

@@ -4,7 +4,14 @@
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 #define PDM_HD __host__ __device__ __forceinline__
+// PDM_CUDA marks device code (NVRTC, or nvcc's device pass), where the CUDA intrinsics exist; nvcc's host pass
+// of a PDM_HD function takes the portable std:: path instead.
+#if defined(__CUDACC_RTC__) || defined(__CUDA_ARCH__)
 #define PDM_CUDA 1
+#else
+#include <cmath>
+#include <cstring>
+#endif
 typedef unsigned int pdm_u32;
 typedef unsigned short pdm_u16;
 typedef unsigned long long pdm_u64;

@@ -1,0 +1,189 @@
+"""The cuda backend's plumbing: compile csrc/cuda/*.cu with CuPy's RawModule (NVRTC) on first use, cache the
+modules, and launch kernels on torch's current stream.
+
+Kernel launchers for each op live next to their kernel (`<op>_launch` functions below import from here). Kernel
+arguments are passed as numpy scalars so their C types are explicit: pointers as np.uint64 (use `ptr(t)`).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+_PKG = os.path.dirname(os.path.abspath(__file__))
+
+
+def source_dir() -> str:
+    """csrc/ in a source checkout (editable install), else the copy shipped as package data."""
+    for candidate in (os.path.join(os.path.dirname(_PKG), "csrc"), os.path.join(_PKG, "_csrc")):
+        if os.path.isfile(os.path.join(candidate, "common", "pdm_common.h")):
+            return candidate
+    raise FileNotFoundError("pydiffmed CUDA sources not found (expected csrc/ or pydiffmed/_csrc/)")
+
+
+@functools.lru_cache(maxsize=None)
+def module(filename: str, arch: str | None = None):
+    """The compiled cupy.RawModule of csrc/cuda/<filename>; NVRTC compiles it once per process (CuPy also
+    caches the binary on disk, keyed by source and options)."""
+    import cupy
+
+    root = source_dir()
+    with open(os.path.join(root, "cuda", filename)) as f:
+        code = f.read()
+    options = ("-std=c++17", f"-I{os.path.join(root, 'common')}", f"-I{root}", "--use_fast_math")
+    return cupy.RawModule(code=code, options=options, name_expressions=None)
+
+
+def kernel(filename: str, name: str):
+    return module(filename).get_function(name)
+
+
+def ptr(t) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def launch(filename: str, name: str, grid, block, args, shared_mem: int = 0) -> None:
+    """Launch on torch's current stream (so the kernel is ordered with torch work and graph-capturable)."""
+    import cupy
+
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    with cupy.cuda.Device(torch.cuda.current_device()):
+        kernel(filename, name)(tuple(grid), tuple(block), tuple(args), stream=stream, shared_mem=shared_mem)
+
+
+# ===== group_norm: launcher of csrc/cuda/group_norm.cu ======================================================
+# Three launches on torch's current stream, no host synchronisation (graph-capturable): per-(sample, chunk,
+# channel) partial statistics, a per-(sample, group) finalize into per-(sample, channel) parameters, the apply
+# pass. Scratch buffers come from torch's allocator on x's device. The constants mirror the .cu file's.
+
+_GN_FILE = "group_norm.cu"
+_GN_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+_GN_THREADS = 256  # kMaxThreads
+_GN_UNROLL = 4  # kUnroll
+_GN_FINALIZE_THREADS = 128
+_GN_MAX_CHUNKS = 1024
+_GRID_YZ_LIMIT = 65535
+
+
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _on_device(device):
+    return torch.cuda.device(device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _gn_check_layout(name, t, n, c, s, channels_last):
+    if t.ndim == 3:
+        ok = channels_last and tuple(t.shape) == (n, s, c) and t.is_contiguous()
+    else:
+        fmt = torch.contiguous_format
+        if channels_last:
+            fmt = torch.channels_last_3d if t.ndim == 5 else torch.channels_last
+        ok = t.ndim in (4, 5) and tuple(t.shape[:2]) == (n, c) and math.prod(t.shape[2:]) == s and \
+            t.is_contiguous(memory_format=fmt)
+    if not ok:
+        layout = "channels-last" if channels_last else "contiguous"
+        raise ValueError(f"{name} must be a dense {layout} tensor with {n} samples, {c} channels and {s} "
+                         f"positions; got shape {tuple(t.shape)}, strides {t.stride()}")
+
+
+def _gn_vec(channels_last, c, s, *tensors) -> int:
+    """4 (one 4-element access) when the contiguous dimension is a multiple of 4 and every pointer is aligned."""
+    inner = c if channels_last else s
+    aligned = all(t.data_ptr() % (4 * t.element_size()) == 0 for t in tensors)
+    return 4 if inner % 4 == 0 and aligned else 1
+
+
+def _gn_cl_block(c, vec):
+    """(TX, TY) of the channels-last kernels: TX threads across channel groups of `vec`, TY across rows."""
+    tx = min(c // vec, _GN_THREADS)
+    return tx, max(1, _GN_THREADS // tx)
+
+
+def group_norm_launch(x, y, num_groups, w, b, bias_nc, eps, silu, *, x_channels_last, y_channels_last,
+                      num_chunks=None):
+    """Write act(GroupNorm(x + bias_nc) · w + b) into y with the CUDA kernels of csrc/cuda/group_norm.cu.
+
+    x: N×C×spatial (fp32/fp16/bf16), dense contiguous or channels-last; y: the same shape and dtype in either
+    order, or the token-major N×S×C tensor (y_channels_last=True). w, b: fp32 C-vectors or None; bias_nc:
+    fp32 contiguous N×C or None. num_chunks forces the number of spatial chunks of the split reduction.
+    """
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    if x.dtype not in _GN_SUFFIX:
+        raise TypeError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
+    if c % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels of x")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"y must match x in dtype and device; got {y.dtype} on {y.device}, x is {x.dtype} on "
+                         f"{x.device}")
+    _gn_check_layout("x", x, n, c, s, x_channels_last)
+    _gn_check_layout("y", y, n, c, s, y_channels_last)
+    for name, t, shape in (("w", w, (c,)), ("b", b, (c,)), ("bias_nc", bias_nc, (n, c))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()
+                              or t.device != x.device):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape} on {x.device}")
+    if x.numel() == 0:
+        return
+    if n > _GRID_YZ_LIMIT or _cdiv(c, 32) > _GRID_YZ_LIMIT:
+        raise ValueError(f"x has {n} samples and {c} channels; the CUDA kernels take at most {_GRID_YZ_LIMIT} "
+                         f"samples and {32 * _GRID_YZ_LIMIT} channels")
+    sfx = _GN_SUFFIX[x.dtype]
+    with _on_device(x.device):
+        sms = _sm_count(x.device)
+        vec = _gn_vec(x_channels_last, c, s, x)
+        if x_channels_last:  # blocks of (sample, chunk); about 8 blocks of 256 threads per SM fill it
+            tx, ty = _gn_cl_block(c, vec)
+            wanted, useful = _cdiv(8 * sms, n), s // (2 * ty * _GN_UNROLL)
+        else:  # warps of (sample, channel, chunk); about 48 warps per SM
+            wanted, useful = _cdiv(48 * sms, n * c), s // (32 * vec * _GN_UNROLL)
+        if num_chunks is None:
+            num_chunks = min(wanted, useful, _GN_MAX_CHUNKS)
+        num_chunks = max(1, min(int(num_chunks), s))
+        chunk_s = _cdiv(_cdiv(s, num_chunks), vec) * vec
+        num_chunks = _cdiv(s, chunk_s)
+
+        part_stride = n * num_chunks * c
+        part = torch.empty((3, part_stride), dtype=torch.float32, device=x.device)
+        common = (ptr(x), ptr(part), np.int64(part_stride), np.int32(c), np.int64(s), np.int64(chunk_s),
+                  np.int32(num_chunks))
+        if x_channels_last:
+            launch(_GN_FILE, f"gn_stats_cl_{sfx}_v{vec}", (num_chunks, n, 1), (tx, ty, 1), common)
+        else:
+            segments = n * c * num_chunks
+            launch(_GN_FILE, f"gn_stats_ncs_{sfx}_v{vec}", (_cdiv(segments, _GN_THREADS // 32), 1, 1),
+                   (_GN_THREADS, 1, 1), common + (np.int64(segments),))
+
+        nc = n * c
+        params = torch.empty((4, nc), dtype=torch.float32, device=x.device)
+        launch(_GN_FILE, "gn_finalize", (n * num_groups, 1, 1), (_GN_FINALIZE_THREADS, 1, 1),
+               (ptr(part), np.int64(part_stride), ptr(w), ptr(b), ptr(bias_nc), ptr(params), np.int64(nc),
+                np.int32(c), np.int32(num_groups), np.int64(s), np.int64(chunk_s), np.int32(num_chunks),
+                np.float32(eps)))
+
+        act = np.int32(1 if silu else 0)
+        if x_channels_last != y_channels_last:
+            launch(_GN_FILE, f"gn_apply_transpose_{sfx}", (_cdiv(s, 32), _cdiv(c, 32), n), (32, 8, 1),
+                   (ptr(x), ptr(y), ptr(params), np.int64(nc), np.int32(c), np.int64(s),
+                    np.int32(x_channels_last), np.int32(y_channels_last), act))
+        elif x_channels_last:
+            vec = _gn_vec(True, c, s, x, y)
+            tx, ty = _gn_cl_block(c, vec)
+            row_tiles = _cdiv(s, ty * _GN_UNROLL)
+            launch(_GN_FILE, f"gn_apply_cl_{sfx}_v{vec}", (n * row_tiles, 1, 1), (tx, ty, 1),
+                   (ptr(x), ptr(y), ptr(params), np.int64(nc), np.int32(c), np.int64(s), np.int32(row_tiles),
+                    act))
+        else:
+            vec = _gn_vec(False, c, s, x, y)
+            threads = min(_GN_THREADS, max(32, _cdiv(_cdiv(s, vec * _GN_UNROLL), 32) * 32))
+            tiles = _cdiv(s, threads * vec * _GN_UNROLL)
+            launch(_GN_FILE, f"gn_apply_ncs_{sfx}_v{vec}", (nc * tiles, 1, 1), (threads, 1, 1),
+                   (ptr(x), ptr(y), ptr(params), np.int64(nc), np.int64(s), np.int32(tiles), act))

@@ -1,0 +1,416 @@
+"""`UNet3D`: MONAI's `DiffusionModelUNet` (same constructor, same forward, same state-dict keys) built for fast
+inference on pydiffmed ops.
+
+What differs from MONAI's forward, and why (CPU measurements in benchmarks/bench_unet.py):
+* Activations are channels_last(_3d) from the first convolution to the last (one layout conversion at the input,
+  one at the output). Convolutions call oneDNN directly on CPU (see layers.py: torch's own dispatch runs the
+  small-volume levels on its slow im2col path) and cuDNN in channels_last on GPU.
+* Every GroupNorm→SiLU pair is one `ops.group_norm(act="silu")`; the resnet's time-embedding add is that
+  kernel's `bias_nc` input (no separate broadcast add); the resnet's residual add is the second convolution's
+  epilogue (oneDNN binary post-op on CPU).
+* Nearest ×2 upsampling + 3×3×3 convolution is one 2×2×2 convolution over the low-resolution input plus a
+  phase interleave (layers.upsample_conv): ~3× fewer FLOPs, no upsampled intermediate.
+* Attention is `ops.attention` (flash-style, no N×N matrix) on fused QKV projections, reading token-major
+  GroupNorm output; the proj_out GEMM accumulates onto the residual.
+* `forward` never reads a device value on the host, so the model can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..nn import GroupNormSiLU
+from .attention_block import SpatialAttentionBlock
+from .checkpoint import check_state_dict, convert_monai_state_dict, load_state_dict_file
+from .layers import Conv, avg_pool_2x, conv_module, to_channels_last, upsample_conv, upsample_nearest
+from .transformer import SpatialTransformer
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of Ho et al. (cos half, then sin half, zero-padded to an odd dim), fp32, B×dim."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) * -math.log(max_period)
+    freqs = torch.exp(exponent / half)
+    angles = timesteps.float()[:, None] * freqs[None, :]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return F.pad(embedding, (0, 1)) if dim % 2 else embedding
+
+
+def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) -> torch.Tensor:
+    """MONAI's `DiffusionUNetResnetBlock` math on the fused ops. `block` has MONAI's attribute names (norm1, conv1,
+    time_emb_proj, norm2, conv2, skip_connection, up, down); silu_emb = SiLU(time embedding), B×temb."""
+    norm1, norm2 = block.norm1, block.norm2
+    h = ops.group_norm(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, act="silu")
+    if block.up:
+        x = upsample_nearest(x)
+        h = upsample_conv(h, block.conv1.conv)
+    else:
+        if block.down:
+            x, h = avg_pool_2x(x), avg_pool_2x(h)
+        h = conv_module(h, block.conv1.conv)
+    temb = F.linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
+    h = ops.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, act="silu", bias_nc=temb)
+    skip = block.skip_connection
+    residual = x if isinstance(skip, nn.Identity) else conv_module(x, skip.conv)
+    return conv_module(h, block.conv2.conv, add=residual)
+
+
+class ResnetBlock(nn.Module):
+    """MONAI `DiffusionUNetResnetBlock`: GN→SiLU→conv1, + time projection, GN→SiLU→conv2, + skip."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, temb_channels: int, out_channels: int | None = None,
+                 up: bool = False, down: bool = False, norm_num_groups: int = 32, norm_eps: float = 1e-6):
+        super().__init__()
+        out_channels = out_channels or in_channels
+        self.up, self.down = up, down
+        self.norm1 = GroupNormSiLU(norm_num_groups, in_channels, eps=norm_eps)
+        self.conv1 = Conv(spatial_dims, in_channels, out_channels, 3)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = GroupNormSiLU(norm_num_groups, out_channels, eps=norm_eps)
+        self.conv2 = Conv(spatial_dims, out_channels, out_channels, 3)
+        nn.init.zeros_(self.conv2.conv.weight)  # as MONAI: each block starts as the identity
+        nn.init.zeros_(self.conv2.conv.bias)
+        self.skip_connection = (nn.Identity() if out_channels == in_channels
+                                else Conv(spatial_dims, in_channels, out_channels, 1))
+
+    def forward(self, x, silu_emb):
+        return resnet_forward(self, x, silu_emb)
+
+
+class Downsample(nn.Module):
+    """Strided 3×3(×3) convolution (`op.conv.*`)."""
+
+    def __init__(self, spatial_dims: int, channels: int):
+        super().__init__()
+        self.op = Conv(spatial_dims, channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x, silu_emb):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest ×2 then a 3×3(×3) convolution (`postconv.conv.*`), computed without the upsampled tensor."""
+
+    def __init__(self, spatial_dims: int, channels: int):
+        super().__init__()
+        self.postconv = Conv(spatial_dims, channels, channels, 3)
+
+    def forward(self, x, silu_emb):
+        return upsample_conv(x, self.postconv.conv)
+
+
+def _attention_block(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps, with_conditioning,
+                     transformer_num_layers, cross_attention_dim, upcast_attention, include_fc, use_combined_linear):
+    if with_conditioning:
+        return SpatialTransformer(spatial_dims, channels, channels // num_head_channels, num_head_channels,
+                                  transformer_num_layers, norm_num_groups=norm_num_groups, norm_eps=norm_eps,
+                                  cross_attention_dim=cross_attention_dim, upcast_attention=upcast_attention,
+                                  include_fc=include_fc, use_combined_linear=use_combined_linear)
+    # MONAI passes upcast_attention to the transformer only; its unconditioned blocks never upcast.
+    return SpatialAttentionBlock(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps,
+                                 include_fc=include_fc, use_combined_linear=use_combined_linear)
+
+
+def _apply_attention(attn, h, context):
+    if isinstance(attn, SpatialTransformer):
+        return attn(h, context)
+    return attn(h)
+
+
+class DownLevel(nn.Module):
+    """One encoder level: `resnets.j`, optional `attentions.j`, optional `downsampler` (MONAI key names)."""
+
+    def __init__(self, resnets, attentions, downsampler):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.downsampler = downsampler
+
+    def forward(self, h, silu_emb, context, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(h, silu_emb)
+            if len(self.attentions):
+                h = _apply_attention(self.attentions[j], h, context)
+            skips.append(h)
+        if self.downsampler is not None:
+            h = self.downsampler(h, silu_emb)
+            skips.append(h)
+        return h
+
+
+class MidLevel(nn.Module):
+    """`resnet_1`, `attention`, `resnet_2`."""
+
+    def __init__(self, resnet_1, attention, resnet_2):
+        super().__init__()
+        self.resnet_1, self.attention, self.resnet_2 = resnet_1, attention, resnet_2
+
+    def forward(self, h, silu_emb, context):
+        h = self.resnet_1(h, silu_emb)
+        h = _apply_attention(self.attention, h, context)
+        return self.resnet_2(h, silu_emb)
+
+
+class UpLevel(nn.Module):
+    """One decoder level: each resnet consumes the latest skip tensor (concatenated on channels)."""
+
+    def __init__(self, resnets, attentions, upsampler):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        self.attentions = nn.ModuleList(attentions)
+        self.upsampler = upsampler
+
+    def forward(self, h, silu_emb, context, skips: list):
+        for j, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), silu_emb)
+            if len(self.attentions):
+                h = _apply_attention(self.attentions[j], h, context)
+        if self.upsampler is not None:
+            h = self.upsampler(h, silu_emb)
+        return h
+
+
+class UNet3D(nn.Module):
+    """MONAI `DiffusionModelUNet`-compatible denoiser. Arguments and defaults are MONAI's; `spatial_dims` may be
+    3 or 2. `dropout_cattn` is accepted (inference has no dropout) and `use_flash_attention` too (attention is
+    always the flash kernel here). Load MONAI checkpoints with `load_state_dict` (today's or the older
+    GenerativeModels key names), `load_checkpoint(path)` or `UNet3D.from_monai(model)`.
+
+    forward(x, timesteps, context=None, class_labels=None): x is B×in_channels×D×H×W (or ×H×W) with every
+    spatial size divisible by 2^(len(channels)-1); timesteps a tensor of B values (or one, broadcast); the output
+    is B×out_channels×... contiguous, in the model's dtype (x is cast to it on entry)."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 num_res_blocks: Sequence[int] | int = (2, 2, 2, 2), channels: Sequence[int] = (32, 64, 64, 64),
+                 attention_levels: Sequence[bool] = (False, False, True, True), norm_num_groups: int = 32,
+                 norm_eps: float = 1e-6, resblock_updown: bool = False, num_head_channels: int | Sequence[int] = 8,
+                 with_conditioning: bool = False, transformer_num_layers: int = 1,
+                 cross_attention_dim: int | None = None, num_class_embeds: int | None = None,
+                 upcast_attention: bool = False, dropout_cattn: float = 0.0, include_fc: bool = True,
+                 use_combined_linear: bool = False, use_flash_attention: bool = False) -> None:
+        super().__init__()
+        channels, attention_levels = tuple(channels), tuple(bool(a) for a in attention_levels)
+        levels = len(channels)
+        num_res_blocks = _per_level("num_res_blocks", num_res_blocks, levels)
+        num_head_channels = _per_level("num_head_channels", num_head_channels, levels)
+        _validate(spatial_dims, in_channels, out_channels, channels, attention_levels, norm_num_groups,
+                  num_head_channels, num_res_blocks, with_conditioning, cross_attention_dim, dropout_cattn,
+                  transformer_num_layers)
+        self.spatial_dims = spatial_dims
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.block_out_channels = channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_levels = attention_levels
+        self.num_head_channels = num_head_channels
+        self.with_conditioning = with_conditioning
+        self.num_class_embeds = num_class_embeds
+        self.config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                           num_res_blocks=num_res_blocks, channels=channels, attention_levels=attention_levels,
+                           norm_num_groups=norm_num_groups, norm_eps=norm_eps, resblock_updown=resblock_updown,
+                           num_head_channels=num_head_channels, with_conditioning=with_conditioning,
+                           transformer_num_layers=transformer_num_layers, cross_attention_dim=cross_attention_dim,
+                           num_class_embeds=num_class_embeds, upcast_attention=upcast_attention,
+                           include_fc=include_fc, use_combined_linear=use_combined_linear)
+
+        temb = 4 * channels[0]
+        norm = dict(norm_num_groups=norm_num_groups, norm_eps=norm_eps)
+
+        def resnet(cin, cout, **kw):
+            return ResnetBlock(spatial_dims, cin, temb, cout, **kw, **norm)
+
+        def attention(level):
+            return _attention_block(spatial_dims, channels[level], num_head_channels[level], norm_num_groups,
+                                    norm_eps, with_conditioning, transformer_num_layers, cross_attention_dim,
+                                    upcast_attention, include_fc, use_combined_linear)
+
+        self.conv_in = Conv(spatial_dims, in_channels, channels[0], 3)
+        self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
+        if num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(num_class_embeds, temb)
+
+        self.down_blocks = nn.ModuleList()
+        for i, cout in enumerate(channels):
+            cin = channels[max(i - 1, 0)]
+            resnets = [resnet(cin if j == 0 else cout, cout) for j in range(num_res_blocks[i])]
+            attentions = [attention(i) for _ in range(num_res_blocks[i])] if attention_levels[i] else []
+            downsampler = None
+            if i < levels - 1:
+                downsampler = resnet(cout, cout, down=True) if resblock_updown else Downsample(spatial_dims, cout)
+            self.down_blocks.append(DownLevel(resnets, attentions, downsampler))
+
+        self.middle_block = MidLevel(resnet(channels[-1], channels[-1]), attention(levels - 1),
+                                     resnet(channels[-1], channels[-1]))
+
+        self.up_blocks = nn.ModuleList()
+        for i in range(levels):
+            level = levels - 1 - i
+            cout = channels[level]
+            previous = channels[min(level + 1, levels - 1)]  # channels arriving from the level below
+            skip_in = channels[max(level - 1, 0)]  # channels of the encoder tensor saved before this level
+            count = num_res_blocks[level] + 1
+            resnets = []
+            for j in range(count):
+                skip_channels = skip_in if j == count - 1 else cout
+                resnets.append(resnet((previous if j == 0 else cout) + skip_channels, cout))
+            attentions = [attention(level) for _ in range(count)] if attention_levels[level] else []
+            upsampler = None
+            if level > 0:
+                upsampler = resnet(cout, cout, up=True) if resblock_updown else Upsample(spatial_dims, cout)
+            self.up_blocks.append(UpLevel(resnets, attentions, upsampler))
+
+        self.out = nn.Sequential(GroupNormSiLU(norm_num_groups, channels[0], eps=norm_eps), nn.Identity(),
+                                 Conv(spatial_dims, channels[0], out_channels, 3))
+        for p in self.out[2].parameters():
+            nn.init.zeros_(p)
+        # Convolution weights live channels_last like the activations: oneDNN would otherwise copy every weight
+        # into that layout on every call (loading and .to(dtype) keep a parameter's layout).
+        self.to(memory_format=_channels_last(spatial_dims + 2))
+
+    # --- loading ---------------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a MONAI `DiffusionModelUNet` state dict (today's or the older GenerativeModels key names).
+        Raises CheckpointError listing unknown/missing keys and every shape mismatch."""
+        state_dict = convert_monai_state_dict(state_dict)
+        check_state_dict(self, state_dict, strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def load_checkpoint(self, path, strict: bool = True) -> "UNet3D":
+        """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""
+        self.load_state_dict(load_state_dict_file(path), strict=strict)
+        return self
+
+    @classmethod
+    def from_monai(cls, model: nn.Module) -> "UNet3D":
+        """A UNet3D with the configuration and weights of a live MONAI `DiffusionModelUNet` (same device, dtype)."""
+        new = cls(**monai_unet_config(model))
+        reference = next(model.parameters())
+        new.to(device=reference.device, dtype=reference.dtype)
+        new.load_state_dict(model.state_dict())
+        return new
+
+    # --- forward ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x, context, class_labels)
+        weight = self.conv_in.conv.weight
+        batch = x.shape[0]
+        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=_channels_last(x.ndim))
+        emb = self.time_embed(timestep_embedding(_timesteps(timesteps, batch, weight.device),
+                                                 self.block_out_channels[0]).to(weight.dtype))
+        if self.num_class_embeds is not None:
+            emb = emb + self.class_embedding(class_labels).to(weight.dtype)
+        silu_emb = F.silu(emb)
+        h = self.conv_in(h)
+        skips = [h]
+        for level in self.down_blocks:
+            h = level(h, silu_emb, context, skips)
+        h = self.middle_block(h, silu_emb, context)
+        for level in self.up_blocks:
+            h = level(h, silu_emb, context, skips)
+        norm = self.out[0]
+        h = ops.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, act="silu")
+        return self.out[2](h).contiguous()
+
+    def _check_input(self, x, context, class_labels):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be B×{self.in_channels}×(spatial ×{self.spatial_dims}); got shape "
+                             f"{tuple(x.shape)}")
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if any(s % factor for s in x.shape[2:]):
+            raise ValueError(f"x's spatial sizes {tuple(x.shape[2:])} must be divisible by {factor} "
+                             f"(the model halves them {len(self.block_out_channels) - 1} times)")
+        if context is not None and not self.with_conditioning:
+            raise ValueError("context was given but the model was built with with_conditioning=False")
+        if self.num_class_embeds is not None and class_labels is None:
+            raise ValueError("class_labels are required: the model was built with num_class_embeds")
+
+
+def _channels_last(ndim):
+    return torch.channels_last_3d if ndim == 5 else torch.channels_last
+
+
+def _timesteps(timesteps, batch, device):
+    t = torch.as_tensor(timesteps, device=device)
+    if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, batch)):
+        raise ValueError(f"timesteps must be a scalar or hold 1 or {batch} values; got shape {tuple(t.shape)}")
+    return t.reshape(-1).expand(batch)
+
+
+def _per_level(name, value, levels):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * levels
+    value = tuple(value)
+    if len(value) != levels:
+        raise ValueError(f"{name} must be an int or have one entry per level ({levels}); got {value}")
+    return value
+
+
+def _validate(spatial_dims, in_channels, out_channels, channels, attention_levels, norm_num_groups,
+              num_head_channels, num_res_blocks, with_conditioning, cross_attention_dim, dropout_cattn,
+              transformer_num_layers):
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(f"in_channels and out_channels must be ≥ 1, got {in_channels}, {out_channels}")
+    if not channels:
+        raise ValueError("channels must name at least one level")
+    if len(attention_levels) != len(channels):
+        raise ValueError(f"attention_levels has {len(attention_levels)} entries but channels has {len(channels)}")
+    if any(c % norm_num_groups for c in channels):
+        raise ValueError(f"every entry of channels {channels} must be divisible by norm_num_groups="
+                         f"{norm_num_groups}")
+    if any(n < 1 for n in num_res_blocks):
+        raise ValueError(f"num_res_blocks must be ≥ 1 at every level, got {num_res_blocks}")
+    if with_conditioning and cross_attention_dim is None:
+        raise ValueError("with_conditioning=True needs cross_attention_dim")
+    if cross_attention_dim is not None and not with_conditioning:
+        raise ValueError("cross_attention_dim was given but with_conditioning=False")
+    if not 0.0 <= dropout_cattn <= 1.0:
+        raise ValueError(f"dropout_cattn must be in [0, 1], got {dropout_cattn}")
+    if transformer_num_layers < 1:
+        raise ValueError(f"transformer_num_layers must be ≥ 1, got {transformer_num_layers}")
+    # The middle block always has attention at the last level.
+    for level, channel in enumerate(channels):
+        if attention_levels[level] or level == len(channels) - 1:
+            head = num_head_channels[level]
+            if head < 1 or (not with_conditioning and channel % head):
+                raise ValueError(f"num_head_channels[{level}]={head} must be ≥ 1 and divide channels[{level}]="
+                                 f"{channel} (level {level} has attention)")
+            if with_conditioning and channel // head < 1:
+                raise ValueError(f"num_head_channels[{level}]={head} exceeds channels[{level}]={channel}")
+
+
+def monai_unet_config(model: nn.Module) -> dict:
+    """The constructor arguments of a live MONAI `DiffusionModelUNet` (read from its modules)."""
+    conv_in = model.conv_in.conv
+    spatial_dims = conv_in.weight.ndim - 2
+    out_norm = model.out[0]
+    attention = model.middle_block.attention
+    config = dict(spatial_dims=spatial_dims, in_channels=conv_in.in_channels,
+                  out_channels=model.out[2].conv.out_channels, num_res_blocks=tuple(model.num_res_blocks),
+                  channels=tuple(model.block_out_channels), attention_levels=tuple(model.attention_levels),
+                  norm_num_groups=out_norm.num_groups, norm_eps=out_norm.eps,
+                  resblock_updown=bool(getattr(model.down_blocks[0], "resblock_updown", False)),
+                  num_head_channels=tuple(model.num_head_channels), with_conditioning=bool(model.with_conditioning),
+                  num_class_embeds=model.num_class_embeds)
+    if hasattr(attention, "transformer_blocks"):
+        block = SpatialTransformer.config_of(attention)
+        config.update(transformer_num_layers=block["num_layers"], cross_attention_dim=block["cross_attention_dim"],
+                      upcast_attention=block["upcast_attention"], include_fc=block["include_fc"],
+                      use_combined_linear=block["use_combined_linear"])
+    else:
+        attn = attention.attn
+        config.update(include_fc=bool(attn.include_fc), use_combined_linear=bool(attn.use_combined_linear))
+    return config
+
+
+__all__ = ["UNet3D", "ResnetBlock", "monai_unet_config", "resnet_forward", "timestep_embedding"]

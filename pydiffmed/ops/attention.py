@@ -1,0 +1,147 @@
+"""`attention`: softmax(q·kᵀ·scale)·v over volume tokens (DESIGN §4), without an N×N matrix on the fast path.
+
+Layouts: "bhnd" (B×heads×N×d) or "bnhd" (B×N×heads×d, the token-major layout a fused QKV projection produces:
+q, k and v may be strided views into one B×N×3×heads×d tensor, and the output B×N×heads×d is the B×N×C
+token-major activation). Both are handled as strided views, never copied. Self- and cross-attention
+(N_q ≠ N_kv). fp16/bf16/fp32 in, output in the input dtype, softmax and accumulation in fp32.
+
+Backends: `triton` (FlashAttention-2-style kernel, triton_kernels/attention.py) for CUDA tensors; torch SDPA
+for everything else (`cpu` and `torch`: on CPU, SDPA is torch's own fused flash kernel). `cuda` has no
+attention kernel: Triton is the CUDA path for this op.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+from ._checks import check_float_tensor, check_same_device
+
+LAYOUTS = ("bhnd", "bnhd")
+
+
+def attention(q, k, v, *, scale=None, layout="bhnd", backend=None):
+    """Scaled dot-product attention softmax(q·kᵀ·scale)·v, no mask, no dropout.
+
+    q: B×heads×N_q×d ("bhnd") or B×N_q×heads×d ("bnhd"); k, v: the same with N_kv tokens (N_kv ≥ 1).
+    q, k, v share dtype (fp32/fp16/bf16) and device; any strides. scale defaults to 1/√d.
+    Returns a new contiguous tensor in q's layout and dtype. Differentiable (backward recomputes with torch SDPA).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t)
+        if t.ndim != 4:
+            raise ValueError(f"{name} must be 4-D ({_layout_words(layout)}); got shape {tuple(t.shape)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {_dtype_name(t)} but q has dtype {_dtype_name(q)}")
+    check_same_device("q", q, k=k, v=v)
+    qh, kh, vh = (_as_bhnd(t, layout) for t in (q, k, v))
+    batch, heads, _, head_dim = qh.shape
+    n_kv = kh.shape[2]
+    expected_kv = (batch, heads, n_kv, head_dim)
+    for name, t in (("k", kh), ("v", vh)):
+        if tuple(t.shape) != expected_kv:
+            raise ValueError(f"{name} has shape {tuple(_from_bhnd(t, layout).shape)} but q has shape "
+                             f"{tuple(q.shape)}; in layout {layout!r} ({_layout_words(layout)}) k and v need "
+                             f"q's batch, heads and d, and the same token count as each other")
+    if head_dim < 1:
+        raise ValueError(f"q has head dimension d = 0 (shape {tuple(q.shape)})")
+    if n_kv < 1:
+        raise ValueError(f"k and v have no tokens (shape {tuple(k.shape)}); softmax over zero keys is undefined")
+    if scale is None:
+        scale = head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    name, _ = backends.select("attention", backend, (q, k, v), q=qh, k=kh, v=vh)
+    return torch.ops.pydiffmed.attention(q, k, v, float(scale), layout == "bnhd", name)
+
+
+def _dtype_name(t):
+    return str(t.dtype).replace("torch.", "")
+
+
+def _layout_words(layout):
+    return "B×N×heads×d" if layout == "bnhd" else "B×heads×N×d"
+
+
+def _as_bhnd(t, layout):
+    return t.transpose(1, 2) if layout == "bnhd" else t
+
+
+_from_bhnd = _as_bhnd  # the transpose is its own inverse
+
+
+@torch.library.custom_op("pydiffmed::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, tokens_before_heads: bool,
+                  backend: str) -> torch.Tensor:
+    out = _empty_output(q)
+    layout = "bnhd" if tokens_before_heads else "bhnd"
+    if out.numel():
+        backends._REGISTRY["attention"][backend].run(
+            _as_bhnd(q, layout), _as_bhnd(k, layout), _as_bhnd(v, layout), _as_bhnd(out, layout), scale)
+    return out
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale, tokens_before_heads, backend):
+    return _empty_output(q)
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, scale, tokens_before_heads, _ = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale, ctx.layout = scale, "bnhd" if tokens_before_heads else "bhnd"
+
+
+def _backward(ctx, grad_out):
+    """Gradients by recomputing the forward with torch SDPA (the sampler itself never needs them)."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        out = F.scaled_dot_product_attention(*(_as_bhnd(t, ctx.layout) for t in (q, k, v)), scale=ctx.scale)
+        grads = torch.autograd.grad(out, (q, k, v), _as_bhnd(grad_out, ctx.layout))
+    return (*grads, None, None, None)
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+def _empty_output(q):
+    return q.new_empty(q.shape)  # contiguous in the caller's layout
+
+
+# --- backends: each run(q, k, v, out, scale) gets B×heads×N×d views (any strides) and fills out ---------------
+
+def _run_sdpa(q, k, v, out, scale):
+    out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
+
+
+backends.register("attention", "torch")(_run_sdpa)
+backends.register("attention", "cpu", reasons=lambda **_: [])(_run_sdpa)
+
+
+def _triton_reasons(q, k, v):
+    from triton_kernels.attention import unsupported_reasons
+
+    reasons = unsupported_reasons(q, k, v)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        reasons.append("bf16 tl.dot gives wrong results under the Triton interpreter (bf16 runs on GPU only)")
+    return reasons
+
+
+@backends.register("attention", "triton", reasons=_triton_reasons)
+def _run_triton(q, k, v, out, scale):
+    from triton_kernels.attention import attention_launch
+
+    attention_launch(q, k, v, out, scale)
+
+
+_CUDA_REASON = "the cuda backend has no attention kernel (the triton backend is the CUDA path for attention)"
+
+
+@backends.register("attention", "cuda", reasons=lambda **_: [_CUDA_REASON])
+def _run_cuda(q, k, v, out, scale):
+    raise backends.BackendUnavailable(_CUDA_REASON)  # select() never picks it: its reasons are never empty

@@ -1,0 +1,436 @@
+"""`fused_step`: one solver update in one pass over memory, with in-kernel Philox noise (DESIGN §1, §4).
+
+    x0 = clamp(p_x*x + p_m*m, -clip, clip)                  (clip = +inf: no clamp)
+    x' = a*x + b*x0 + c1*h1 + c2*h2 + c3*h3 + s*z
+
+The coefficients come as one row in COEF_NAMES order: scalar (K,), per sample (B, K), or a row of a device
+table (S, K) / (S, B, K) selected by a device step index inside the kernel (no host sync, so a CUDA graph
+captured once serves every step). A term whose coefficient is 0 contributes exactly 0 and its buffer is not
+read (uninitialised history cannot leak NaN). z is either an explicit tensor or the Philox4x32-10 normal
+`philox_normal(seeds, noise_step, x.shape)`: it depends on the sample's seed, the step word and the element's
+logical (NCDHW) index only — not on the batch, the memory layout or the backend.
+
+Conditions that need the coefficient values (a nonzero c_j without h_j, s != 0 without noise or seeds) raise
+ValueError when the coefficients are on the CPU. With device coefficients they cannot be checked without a
+host sync; the kernels then make the affected elements of x' NaN, which the engine's NaN check reports.
+
+Outputs (out, model_input, x0_out) may be the very tensors passed as inputs (e.g. out=x, x0_out=h1: each
+element is read before it is written), but must not partially overlap them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .. import backends
+from ._checks import FLOAT_DTYPES, as_float32, check_float_tensor, check_same_device, check_shape
+from . import reference
+
+COEF_NAMES = ("p_x", "p_m", "clip", "a", "b", "c1", "c2", "c3", "s")
+K = len(COEF_NAMES)
+_COL = {name: k for k, name in enumerate(COEF_NAMES)}
+_HISTORY_COLS = (_COL["c1"], _COL["c2"], _COL["c3"])
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def step_coefs(p_x=0.0, p_m=0.0, clip=None, a=0.0, b=0.0, c=(), s=0.0, dtype=torch.float64) -> torch.Tensor:
+    """One coefficient row (K,) in COEF_NAMES order; clip None means no clamp (+inf). Rows stack into tables."""
+    c = tuple(c)
+    if len(c) > 3:
+        raise ValueError(f"c holds at most 3 history coefficients, got {len(c)}")
+    clip = math.inf if clip is None else float(clip)
+    if not clip > 0:
+        raise ValueError(f"clip must be positive (or None for no clamp), got {clip}")
+    values = {"p_x": p_x, "p_m": p_m, "a": a, "b": b, "s": s, **{f"c{j + 1}": v for j, v in enumerate(c)}}
+    row = []
+    for name in COEF_NAMES:
+        if name == "clip":
+            row.append(clip)
+            continue
+        v = float(values.get(name, 0.0))
+        if not math.isfinite(v):
+            raise ValueError(f"coefficient {name} must be finite, got {v}")
+        row.append(v)
+    return torch.tensor(row, dtype=dtype)
+
+
+def _layout(t: torch.Tensor) -> str:
+    """'ncs' (contiguous), 'cl' (channels_last(_3d)) or 'strided'."""
+    if t.is_contiguous():
+        return "ncs"
+    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return "cl"
+    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "cl"
+    return "strided"
+
+
+def _memory_format(layout: str, ndim: int):
+    if layout == "cl":
+        return torch.channels_last_3d if ndim == 5 else torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_index_tensor(name, t, device):
+    if t.dtype not in _INTEGER_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+    if t.numel() != 1 or t.ndim > 1:
+        raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+
+
+def _check_int(name, v, upper):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int or a 0-d integer tensor, got {type(v).__name__}")
+    if not 0 <= v < upper:
+        raise ValueError(f"{name} must be in [0, {upper}), got {v}")
+
+
+def _coefficient_tensor(coefs, b, table, device):
+    """coefs as an fp32 tensor on `device`, shape-checked: (K,) / (B, K), or (S, K) / (S, B, K) when `table`."""
+    if not isinstance(coefs, torch.Tensor):
+        try:
+            coefs = torch.tensor([float(v) for v in coefs], dtype=torch.float64)
+        except (TypeError, ValueError):
+            raise TypeError("coefs must be a tensor or a sequence of K numbers") from None
+    if coefs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"coefs must be float32 or float64, got {str(coefs.dtype).replace('torch.', '')}")
+    shape = tuple(coefs.shape)
+    if table:
+        ok = (coefs.ndim == 2 and shape[1] == K) or (coefs.ndim == 3 and shape[1:] == (b, K))
+        expected = f"a table (S, {K}) or (S, {b}, {K}) (step_index is given)"
+    else:
+        ok = shape == (K,) or shape == (b, K)
+        expected = f"({K},) or ({b}, {K}) (or a table (S, {K}) / (S, {b}, {K}) with step_index)"
+    if not ok or (table and shape[0] == 0):
+        raise ValueError(f"coefs has shape {shape}; expected {expected}")
+    return coefs
+
+
+def _check_coefficient_values(rows, history, has_noise):
+    """Host-side checks of the coefficient rows that can be used (CPU coefficients only)."""
+    rows = rows.reshape(-1, K).double()
+    clip = rows[:, _COL["clip"]]
+    if bool(torch.isnan(clip).any()) or bool((clip <= 0).any()):
+        raise ValueError("coefs: clip must be positive (+inf for no clamp)")
+    others = torch.cat((rows[:, :_COL["clip"]], rows[:, _COL["clip"] + 1:]), dim=1)
+    if not bool(torch.isfinite(others).all()):
+        raise ValueError("coefs: every coefficient except clip must be finite")
+    for j, col in enumerate(_HISTORY_COLS):
+        if bool((rows[:, col] != 0).any()) and history[j] is None:
+            raise ValueError(f"coefs use history h{j + 1} (c{j + 1} != 0) but history has no h{j + 1}")
+    if bool((rows[:, _COL["s"]] != 0).any()) and not has_noise:
+        raise ValueError("coefs have s != 0 but neither noise nor seeds is given")
+
+
+def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None, model_input=None, x0_out=None,
+               noise=None, seeds=None, noise_step=None, model_output_cond=None, guidance_scale=None,
+               backend=None):
+    """One solver update (module docstring). Returns `out` (a new tensor like x when not given).
+
+    x: (B, ...) fp32/fp16/bf16; model_output (m), model_output_cond, history (h1, h2, h3; None entries
+    allowed), noise, out, model_input, x0_out: shaped like x, any of fp32/fp16/bf16. All math in fp32.
+    coefs: (K,) sequence or tensor, (B, K) tensor, or with step_index a table (S, K) / (S, B, K); float32/64.
+    step_index: int or 0-d integer tensor on x.device selecting the table row (on device: no host sync).
+    seeds: (B,) int64 on x.device (64-bit Philox keys); noise_step: int in [0, 2^32) or 0-d integer tensor
+    on x.device (default step_index, else 0). CFG: m = m + guidance_scale*(model_output_cond - m).
+    """
+    check_float_tensor("x", x)
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a batch dimension of size >= 1, got shape {tuple(x.shape)}")
+    b, device, shape = x.shape[0], x.device, tuple(x.shape)
+    like_x = {"model_output": model_output}
+    if model_output_cond is not None or guidance_scale is not None:
+        if model_output_cond is None or guidance_scale is None:
+            raise ValueError("classifier-free guidance needs both model_output_cond and guidance_scale")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise TypeError(f"guidance_scale must be a finite float, got {guidance_scale!r}")
+        like_x["model_output_cond"] = model_output_cond
+    if isinstance(history, torch.Tensor) or not isinstance(history, Sequence):
+        raise TypeError("history must be a sequence (tuple/list) of up to 3 tensors")
+    history = tuple(history)
+    if len(history) > 3:
+        raise ValueError(f"history holds at most 3 tensors (h1, h2, h3), got {len(history)}")
+    history = history + (None,) * (3 - len(history))
+    for j, h in enumerate(history):
+        if h is not None:
+            like_x[f"history[{j}]"] = h
+    for name, t in (("noise", noise), ("out", out), ("model_input", model_input), ("x0_out", x0_out)):
+        if t is not None:
+            like_x[name] = t
+    for name, t in like_x.items():
+        check_float_tensor(name, t)
+        check_shape(name, t, shape)
+    check_same_device("x", x, **like_x)
+
+    if seeds is not None:
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64:
+            raise TypeError("seeds must be an int64 tensor of shape (B,)")
+        check_shape("seeds", seeds, (b,))
+        check_same_device("x", x, seeds=seeds)
+
+    if isinstance(step_index, bool):
+        raise TypeError("step_index must be an int or a 0-d integer tensor, got bool")
+    coefs = _coefficient_tensor(coefs, b, step_index is not None, device)
+    if isinstance(step_index, torch.Tensor):
+        _check_index_tensor("step_index", step_index, device)
+        if step_index.device.type == "cpu":
+            _check_int("step_index", int(step_index), coefs.shape[0])
+        step_index = step_index.reshape(()).to(torch.int64)
+    elif step_index is not None:
+        _check_int("step_index", step_index, coefs.shape[0])
+        host_step = step_index
+        coefs, step_index = coefs[host_step], None
+        if noise_step is None:
+            noise_step = host_step
+
+    if noise_step is None:
+        noise_step = step_index if step_index is not None else 0
+    noise_step_tensor = None
+    if isinstance(noise_step, torch.Tensor):
+        _check_index_tensor("noise_step", noise_step, device)
+        noise_step_tensor, noise_step = noise_step.reshape(()).to(torch.int64), 0
+    else:
+        _check_int("noise_step", noise_step, 2 ** 32)
+
+    if coefs.device.type == "cpu":
+        used = coefs
+        if step_index is not None and step_index.device.type == "cpu":
+            used = coefs[int(step_index)]
+        _check_coefficient_values(used, history, noise is not None or seeds is not None)
+    coefs = coefs.to(device=device, dtype=torch.float32).contiguous()
+
+    # One memory layout for every tensor the kernel touches: x's (contiguous if x is neither).
+    layout = _layout(x) if _layout(x) != "strided" else "ncs"
+    fmt = _memory_format(layout, x.ndim)
+
+    def as_layout(t):
+        return t if t is None or _layout(t) == layout else t.contiguous(memory_format=fmt)
+
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=device, memory_format=fmt)
+    results = {"out": out, "model_input": model_input, "x0_out": x0_out}
+    staged = {name: (t if t is None or _layout(t) == layout else torch.empty(shape, dtype=t.dtype, device=device,
+                                                                               memory_format=fmt))
+              for name, t in results.items()}
+    x_k, m_k, mc_k = as_layout(x), as_layout(model_output), as_layout(model_output_cond)
+    h_k = [as_layout(h) for h in history]
+    noise_k = as_layout(noise)
+
+    tensors = (x_k, m_k, mc_k, *h_k, noise_k, seeds, coefs, step_index, noise_step_tensor, *staged.values())
+    name, _ = backends.select("fused_step", backend, tensors, x=x_k)
+    torch.ops.pydiffmed.fused_step(x_k, m_k, mc_k, float(guidance_scale or 0.0), coefs, step_index, *h_k, noise_k,
+                                   seeds, int(noise_step), noise_step_tensor, staged["out"],
+                                   staged["model_input"], staged["x0_out"], name)
+    for key, t in results.items():
+        if t is not None and staged[key] is not t:
+            t.copy_(staged[key])
+    return out
+
+
+@torch.library.custom_op("pydiffmed::fused_step", mutates_args=("out", "model_input", "x0_out"))
+def _fused_step_op(x: torch.Tensor, model_output: torch.Tensor, model_output_cond: Optional[torch.Tensor],
+                   guidance_scale: float, coefs: torch.Tensor, step_index: Optional[torch.Tensor],
+                   h1: Optional[torch.Tensor], h2: Optional[torch.Tensor], h3: Optional[torch.Tensor],
+                   noise: Optional[torch.Tensor], seeds: Optional[torch.Tensor], noise_step: int,
+                   noise_step_tensor: Optional[torch.Tensor], out: torch.Tensor, model_input: Optional[torch.Tensor],
+                   x0_out: Optional[torch.Tensor], backend: str) -> None:
+    args = StepArgs(x, model_output, model_output_cond, guidance_scale, coefs, step_index, (h1, h2, h3), noise,
+                    seeds, noise_step, noise_step_tensor, out, model_input, x0_out)
+    backends._REGISTRY["fused_step"][backend].run(args)
+
+
+@_fused_step_op.register_fake
+def _(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds, noise_step,
+      noise_step_tensor, out, model_input, x0_out, backend):
+    return None
+
+
+class StepArgs:
+    """Validated kernel arguments: every tensor shaped like x shares x's layout ('ncs' or 'cl')."""
+
+    def __init__(self, x, m, m_cond, guidance, coefs, step_index, history, noise, seeds, noise_step,
+                 noise_step_tensor, out, model_input, x0_out):
+        self.x, self.m, self.m_cond, self.guidance = x, m, m_cond, guidance
+        self.coefs, self.step_index, self.history, self.noise, self.seeds = coefs, step_index, history, noise, seeds
+        self.noise_step, self.noise_step_tensor = noise_step, noise_step_tensor
+        self.out, self.model_input, self.x0_out = out, model_input, x0_out
+        self.batch = x.shape[0]
+        self.numel = x.numel() // self.batch                  # elements per sample
+        self.channels_last = _layout(x) == "cl"
+        self.channels = x.shape[1] if x.ndim > 1 else 1
+        self.spatial = self.numel // self.channels if self.channels else 0
+        table = step_index is not None
+        self.num_steps = coefs.shape[0] if table else 1
+        per_sample = coefs.ndim == (3 if table else 2)
+        self.batch_stride = K if per_sample else 0            # in elements of the fp32 coefficient tensor
+        self.step_stride = (coefs.shape[1] * coefs.shape[2] if per_sample else K) if table else 0
+
+
+# --- backends ------------------------------------------------------------------------------------------------
+
+def _cpu_reasons(**_):
+    try:
+        from .. import _C
+    except Exception:
+        return []  # backends.backend_reasons already reports the missing extension
+    return [] if hasattr(_C, "fused_step") else ["pydiffmed._C was built without fused_step (rebuild it)"]
+
+
+@backends.register("fused_step", "torch")
+def _run_torch(a: StepArgs):
+    coefs = a.coefs
+    if a.step_index is not None:
+        index = a.step_index.reshape(1).clamp(0, a.num_steps - 1)
+        coefs = coefs.index_select(0, index)[0]
+    noise = a.noise
+    if noise is None and a.seeds is not None:
+        step = a.noise_step_tensor if a.noise_step_tensor is not None else a.noise_step
+        noise = reference.philox_normal(a.seeds, step, a.x.shape, a.x.device)
+    guidance = a.guidance if a.m_cond is not None else None
+    x_new, x0 = reference.fused_step(a.x, a.m, coefs, a.history, noise, a.m_cond, guidance)
+    if a.x0_out is not None:
+        a.x0_out.copy_(x0)
+    if a.model_input is not None:
+        a.model_input.copy_(x_new)
+    a.out.copy_(x_new)
+
+
+def _code(t):
+    return backends.DTYPE_CODES[t.dtype] if t is not None else 0
+
+
+def _ptr(t):
+    return t.data_ptr() if t is not None else 0
+
+
+@backends.register("fused_step", "cpu", reasons=_cpu_reasons)
+def _run_cpu(a: StepArgs):
+    from .. import _C
+
+    h1, h2, h3 = a.history
+    _C.fused_step(
+        _ptr(a.x), _code(a.x), _ptr(a.m), _code(a.m), _ptr(a.m_cond), _code(a.m_cond), float(a.guidance),
+        _ptr(h1), _code(h1), _ptr(h2), _code(h2), _ptr(h3), _code(h3), _ptr(a.noise), _code(a.noise),
+        _ptr(a.seeds), _ptr(a.out), _code(a.out), _ptr(a.model_input), _code(a.model_input),
+        _ptr(a.x0_out), _code(a.x0_out),
+        _ptr(a.coefs), a.step_stride, a.batch_stride, _ptr(a.step_index), a.num_steps,
+        a.noise_step, _ptr(a.noise_step_tensor),
+        a.batch, a.channels, a.spatial, a.channels_last, torch.get_num_threads())
+
+
+@backends.register("fused_step", "triton")
+def _run_triton(a: StepArgs):
+    from triton_kernels.fused_step import fused_step_launch
+
+    fused_step_launch(a)
+
+
+@backends.register("fused_step", "cuda")
+def _run_cuda(a: StepArgs):
+    from .._cuda import fused_step_launch
+
+    fused_step_launch(a)
+
+
+# --- noise ---------------------------------------------------------------------------------------------------
+
+def philox_normal(seeds, step, shape, device=None, backend=None) -> torch.Tensor:
+    """Exactly the noise fused_step draws for these seeds and step word: an fp32 tensor of `shape` (B, ...)
+    with z[b, i] = normal(Philox4x32-10(key=seeds[b], counter=(i//4 lo, i//4 hi, step, 0)))[lane i%4] for the
+    logical row-major index i within sample b. The uniforms are u = ((w >> 9) + 1/2)·2^-23 (exact in fp32, in
+    (0, 1)); Box-Muller maps lanes (0, 1) and (2, 3) to (r cos θ, r sin θ), r = sqrt(-2 ln u_a), θ = 2π u_b."""
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1:
+        raise TypeError("seeds must be a 1-D int64 tensor (B,)")
+    shape = tuple(int(s) for s in shape)
+    if not shape or shape[0] != seeds.shape[0]:
+        raise ValueError(f"shape {shape} must start with the batch size {seeds.shape[0]} of seeds")
+    device = torch.device(device) if device is not None else seeds.device
+    seeds = seeds.to(device)
+    if isinstance(step, torch.Tensor):
+        step = step.to(device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if out.numel() == 0:
+        return out
+    # Every coefficient but s is zero, so x and m are never read: `out` stands in for them.
+    return fused_step(out, out, step_coefs(s=1.0), seeds=seeds, noise_step=step, out=out, backend=backend)
+
+
+# --- companion ops: dynamic thresholding and per-sample norms ----------------------------------------------
+
+def dynamic_threshold(x, model_output, coefs, ratio=0.995, max_value=1.0, step_index=None, *,
+                      model_output_cond=None, guidance_scale=None, backend=None) -> torch.Tensor:
+    """Per-sample Imagen / diffusers dynamic-thresholding scale s (B,) fp32, without host sync:
+    s = clamp(quantile(|x0|, ratio), 1, max_value) over each sample's elements, x0 = p_x*x + p_m*m unclipped
+    (with CFG when model_output_cond is given). Use `apply_dynamic_threshold(row, s)` to fold it into the
+    coefficient row passed to fused_step."""
+    if not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
+        raise ValueError(f"ratio must be in [0, 1], got {ratio!r}")
+    if not (isinstance(max_value, (int, float)) and max_value >= 1.0):
+        raise ValueError(f"max_value must be >= 1, got {max_value!r}")
+    check_float_tensor("x", x)
+    b = x.shape[0]
+    estimate = _x0_row(coefs, b, step_index, x.device)
+    x0 = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    fused_step(x, model_output, estimate, step_index=step_index if isinstance(step_index, torch.Tensor) else None,
+               out=x0, model_output_cond=model_output_cond, guidance_scale=guidance_scale, backend=backend)
+    magnitude = x0.abs().reshape(b, -1)
+    n = magnitude.shape[1]
+    position = ratio * (n - 1)                 # torch.quantile's 'linear' interpolation between ranks
+    lo = int(math.floor(position))
+    hi = min(lo + 1, n - 1)
+    frac = position - lo
+    if n - lo <= hi + 1:                       # fewer values at or above rank lo: take the largest ones
+        top = torch.topk(magnitude, n - lo, dim=1, largest=True, sorted=True).values   # descending
+        v_lo, v_hi = top[:, n - 1 - lo], top[:, n - 1 - hi]
+    else:
+        bottom = torch.topk(magnitude, hi + 1, dim=1, largest=False, sorted=True).values  # ascending
+        v_lo, v_hi = bottom[:, lo], bottom[:, hi]
+    s = v_lo + frac * (v_hi - v_lo)
+    return s.clamp(min=1.0, max=float(max_value))
+
+
+def _x0_row(coefs, b, step_index, device):
+    """The row (or table) computing the unclipped x0 as x' (a=0, b=1, no history, no noise, no clip)."""
+    table = step_index is not None
+    coefs = _coefficient_tensor(coefs, b, table, device)
+    if isinstance(step_index, int) and not isinstance(step_index, bool):
+        _check_int("step_index", step_index, coefs.shape[0])
+        coefs, table = coefs[step_index], False
+    keep = torch.zeros(K, dtype=coefs.dtype, device=coefs.device)
+    keep[_COL["p_x"]] = keep[_COL["p_m"]] = 1.0
+    row = coefs * keep
+    row[..., _COL["clip"]] = math.inf
+    row[..., _COL["b"]] = 1.0
+    return row
+
+
+def apply_dynamic_threshold(row, s) -> torch.Tensor:
+    """Fold dynamic-threshold scales s (B,) into a coefficient row (K,) or (B, K): returns (B, K) with p_x and
+    p_m divided by s and clip = 1, so fused_step's x0 = clamp(x0 / s, -1, 1) (= diffusers' clamp(x0, -s, s)/s)."""
+    if not isinstance(s, torch.Tensor) or s.ndim != 1:
+        raise TypeError("s must be a 1-D tensor (B,) from dynamic_threshold")
+    row = torch.as_tensor(row, device=s.device)
+    if row.dtype not in (torch.float32, torch.float64):
+        row = row.double()
+    if row.shape not in ((K,), (s.shape[0], K)):
+        raise ValueError(f"row has shape {tuple(row.shape)}; expected ({K},) or ({s.shape[0]}, {K})")
+    rows = row.to(s.device).expand(s.shape[0], K).clone()
+    scale = s.to(rows.dtype)
+    rows[:, _COL["p_x"]] = rows[:, _COL["p_x"]] / scale
+    rows[:, _COL["p_m"]] = rows[:, _COL["p_m"]] / scale
+    rows[:, _COL["clip"]] = 1.0
+    return rows
+
+
+def per_sample_norm(t) -> torch.Tensor:
+    """(B,) fp32 L2 norms of each sample over all non-batch dims (Langevin corrector step sizes); fp32
+    accumulation, no host sync."""
+    check_float_tensor("t", t, FLOAT_DTYPES)
+    if t.ndim < 1:
+        raise ValueError("t must have a batch dimension")
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float32)

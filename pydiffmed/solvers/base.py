@@ -1,0 +1,192 @@
+"""The Solver base class: a schedule and a step count turned into a fused_step program (coefficient rows and
+buffer forms), with `plan(device)` for the engine, `step(...)` for step-by-step use and `sample(...)` for an
+eager loop."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import prediction
+from ..ops.fused_step import apply_dynamic_threshold, dynamic_threshold, fused_step, philox_normal
+from ..schedules import NoiseSchedule
+from ._program import Program
+from .plan import SamplingPlan
+
+
+class DynamicThreshold:
+    """coef_fn for Imagen / diffusers dynamic thresholding: x0 -> clamp(x0, -s, s)/s with s the per-sample
+    `ratio` quantile of |x0| clamped to [1, max_value] (device-only, no host sync)."""
+
+    def __init__(self, ratio=0.995, max_value=1.0):
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
+        if not max_value >= 1.0:
+            raise ValueError(f"sample_max_value must be >= 1, got {max_value}")
+        self.ratio, self.max_value = float(ratio), float(max_value)
+
+    def __call__(self, x, m, row, step_index):
+        s = dynamic_threshold(x, m, row, ratio=self.ratio, max_value=self.max_value)
+        return apply_dynamic_threshold(row, s)
+
+
+def default_seeds(batch, seed=0, device=None):
+    """The engine's default per-sample Philox keys: seed + arange(B)."""
+    return (torch.arange(batch, dtype=torch.int64) + int(seed)).to(device)
+
+
+class Solver:
+    """Base class. Subclasses implement `_build(program)` (calling program.add once per model evaluation) and
+    set `init_noise_scale`. Options shared by all solvers:
+
+    prediction_type: what the model predicts (pydiffmed.prediction.PREDICTION_TYPES).
+    clip: clamp the x0 estimate to [-clip, clip] (diffusers/MONAI `clip_sample=True` is clip=1.0); None = off.
+    thresholding: dynamic thresholding (diffusers' `thresholding=True`) with dynamic_thresholding_ratio and
+      sample_max_value; overrides clip.
+    seed: default Philox seed of `step`/`sample` (per-sample keys seed + arange(B), like the engine).
+    """
+
+    name = "solver"
+    supports_clip = True
+
+    def __init__(self, schedule, num_steps, *, prediction_type="epsilon", clip=None, thresholding=False,
+                 dynamic_thresholding_ratio=0.995, sample_max_value=1.0, seed=0):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a pydiffmed.schedules.NoiseSchedule, got {type(schedule).__name__}")
+        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.schedule = schedule
+        self.num_steps = int(num_steps)
+        self.prediction_type = prediction.canonical(prediction_type)
+        if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool)
+                                     and clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"clip must be None or a positive finite number, got {clip!r}")
+        self.thresholding = bool(thresholding)
+        self.threshold = DynamicThreshold(dynamic_thresholding_ratio, sample_max_value) if thresholding else None
+        self.clip = 1.0 if self.thresholding else (None if clip is None else float(clip))
+        if (self.clip is not None) and not self.supports_clip:
+            raise ValueError(f"{self.name} does not support clip / thresholding")
+        self.seed = int(seed)
+        self.init_noise_scale = schedule.init_noise_scale()
+        self._plan_unsupported = None
+        self._eager = {}
+        self._compile()
+
+    # building -------------------------------------------------------------------------------------------
+    def _num_evals(self) -> int:
+        raise NotImplementedError
+
+    def _build(self, program: Program):
+        raise NotImplementedError
+
+    def _compile(self):
+        program = Program(self._num_evals())
+        self._build(program)
+        self._rows, self._model_times = program.finish()
+        self._forms = list(program.forms)
+        self._form_of_eval = tuple(program.form_of_eval)
+        self._buffers = tuple(program.buffers)
+        self._output = program.state
+        self._program = program
+
+    def x0_estimate(self, alpha, sigma, d_alpha=-1.0, d_sigma=1.0):
+        """(p_x, p_m, clip) of the x0 estimate at (alpha, sigma), with this solver's clip."""
+        p_x, p_m = prediction.x0_coefs(self.prediction_type, alpha, sigma, d_alpha, d_sigma)
+        return p_x, p_m, self.clip
+
+    @property
+    def estimate_coef_fn(self):
+        return self.threshold
+
+    # public API -----------------------------------------------------------------------------------------
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """fp32 (E,): the model's time input for each model evaluation."""
+        return torch.tensor(self._model_times, dtype=torch.float32)
+
+    @property
+    def num_model_evals(self) -> int:
+        return len(self._form_of_eval)
+
+    @property
+    def coefficient_table(self) -> np.ndarray:
+        """(E, K) float64 fused_step rows (COEF_NAMES order)."""
+        return self._rows.copy()
+
+    def plan(self, device=None) -> SamplingPlan:
+        if self._plan_unsupported:
+            raise ValueError(f"{self.name}: {self._plan_unsupported}")
+        device = torch.device("cpu") if device is None else torch.device(device)
+        return SamplingPlan(
+            timesteps=torch.tensor(self._model_times, dtype=torch.float32, device=device),
+            coefs=torch.tensor(self._rows, dtype=torch.float32, device=device),
+            buffers=self._buffers, forms=list(self._forms), form_of_eval=self._form_of_eval,
+            init_noise_scale=float(self.init_noise_scale), output=self._output)
+
+    def reset(self):
+        """Forget the buffers of step-by-step use."""
+        self._eager = {}
+
+    def _buffers_like(self, x):
+        key = (tuple(x.shape), x.device)
+        if self._eager.get("key") != key:
+            self._eager = {"key": key,
+                           "bufs": {n: torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+                                    for n in self._buffers}}
+        return self._eager["bufs"]
+
+    def _noise_args(self, noisy, x, noise, seeds):
+        if not noisy:
+            return {}
+        if noise is not None:
+            return {"noise": noise}
+        if seeds is None:
+            seeds = default_seeds(x.shape[0], self.seed, x.device)
+        return {"seeds": seeds}
+
+    def _check_index(self, i):
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_model_evals:
+            raise ValueError(f"step index must be an int in [0, {self.num_model_evals}), got {i!r}")
+        return int(i)
+
+    def step(self, i, x, model_output, noise=None, *, seeds=None):
+        """Apply model evaluation i's update to the state x (the tensor the model was evaluated on) and return
+        the next state (a new tensor). Multistep history is kept inside the solver; call `reset()` (or start
+        again at i = 0 with a new shape) between runs. noise: explicit z (overrides the Philox noise);
+        seeds: (B,) int64 Philox keys (default seed + arange(B))."""
+        i = self._check_index(i)
+        form = self._forms[self._form_of_eval[i]]
+        bufs = self._buffers_like(x)
+        bufs[form.x].copy_(x)
+        row = torch.from_numpy(self._rows[i]).to(x.device)
+        if form.coef_fn is not None:
+            row = form.coef_fn(bufs[form.x], model_output, row, torch.tensor(i, device=x.device))
+        fused_step(bufs[form.x], model_output, row, history=tuple(bufs[h] for h in form.history),
+                   out=bufs[form.out], x0_out=None if form.x0_out is None else bufs[form.x0_out],
+                   noise_step=i, **self._noise_args(form.noisy, x, noise, seeds))
+        return bufs[form.out].clone()
+
+    def initial_noise(self, shape, seed=0, seeds=None, device=None):
+        """x_T = init_noise_scale · philox_normal(seeds, step=E): what the engine starts from."""
+        seeds = default_seeds(shape[0], seed, device) if seeds is None else seeds
+        return philox_normal(seeds, self.num_model_evals, shape, device=device) * self.init_noise_scale
+
+    def sample(self, model, x_T=None, *, shape=None, seed=0, seeds=None, noises=None, callback=None):
+        """Eager sampling loop: model(x, t) with t a (B,) fp32 tensor. Starts from x_T (or init noise of
+        `shape`); noises: optional list of explicit noise tensors per evaluation. Returns the final state."""
+        if x_T is None:
+            if shape is None:
+                raise ValueError("sample needs x_T or shape")
+            x_T = self.initial_noise(shape, seed, seeds)
+        if seeds is None:
+            seeds = default_seeds(x_T.shape[0], seed, x_T.device)
+        self.reset()
+        x = x_T.float()
+        times = self.timesteps.to(x.device)
+        for i in range(self.num_model_evals):
+            m = model(x, times[i].expand(x.shape[0]))
+            x = self.step(i, x, m, None if noises is None else noises[i], seeds=seeds)
+            if callback is not None:
+                callback(i, x)
+        return x

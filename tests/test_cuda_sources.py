@@ -1,0 +1,389 @@
+"""The CUDA sources without a GPU.
+
+1. Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (the include paths NVRTC gets at run time), so
+   a syntax or type error fails CI; csrc/common's headers compile for host and device and convert correctly.
+2. The group_norm kernels run on the CPU: the .cu is compiled with g++ against a small emulation of the CUDA
+   features it uses (one std::thread per CUDA thread, real barriers and warp shuffles), and the launcher in
+   pydiffmed/_cuda.py drives it exactly as it drives the GPU, so indexing, reductions and the launcher's
+   grid arithmetic are checked against the fp64 oracle.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import glob
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import canary_intact, canary_like
+from pydiffmed import _cuda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+CUDA_SOURCES = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+COMMON_HEADERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "common", "*.h")))
+ARCHS = ("sm_80", "sm_90")
+INCLUDES = (f"-I{os.path.join(CSRC, 'common')}", f"-I{CSRC}")
+
+
+def _find_nvcc():
+    for candidate in (shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+NVCC = _find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (not on PATH, not /usr/local/cuda/bin)")
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or sys.platform != "linux",
+                               reason="the CPU emulation of the CUDA kernels needs g++ on Linux")
+
+
+def _run(cmd, timeout=300):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+# --- 1. nvcc -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nvcc_results(tmp_path_factory):
+    """Compiles every (source, arch) pair once, in parallel: {(basename, arch): (returncode, output)}."""
+    out_dir = tmp_path_factory.mktemp("nvcc")
+    jobs = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        for source in CUDA_SOURCES:
+            name = os.path.basename(source)
+            for arch in ARCHS:
+                obj = out_dir / f"{name}.{arch}.o"
+                cmd = [NVCC, "-std=c++17", f"-arch={arch}", "--use_fast_math", *INCLUDES, "-c", source,
+                       "-o", str(obj)]
+                jobs[(name, arch)] = pool.submit(_run, cmd)
+        return {key: job.result() for key, job in jobs.items()}
+
+
+def test_cuda_sources_exist():
+    assert any(os.path.basename(p) == "group_norm.cu" for p in CUDA_SOURCES), CUDA_SOURCES
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", [os.path.basename(p) for p in CUDA_SOURCES])
+def test_cuda_source_compiles(nvcc_results, source, arch):
+    returncode, output = nvcc_results[(source, arch)]
+    assert returncode == 0, f"nvcc -arch={arch} failed on csrc/cuda/{source}:\n{output}"
+
+
+COMMON_CHECK = r"""
+// Every csrc/common header, used from host and device code in one translation unit.
+%(includes)s
+#include <cstdio>
+
+__global__ void device_use(const unsigned short* h, const unsigned short* bf, float* out, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        float a = pdm::Convert<pdm::kFloat16>::load(h[i]) + pdm::Convert<pdm::kBFloat16>::load(bf[i]);
+        out[i] = pdm::silu(a) + pdm::fast_exp(-a) + pdm::Convert<pdm::kFloat32>::store(a) +
+                 pdm::f16_to_f32(pdm::f32_to_f16(a)) + pdm::bf16_to_f32(pdm::f32_to_bf16(a));
+    }
+}
+
+static int failures = 0;
+static void check(bool ok, const char* what) {
+    if (!ok) { std::printf("FAILED: %%s\n", what); ++failures; }
+}
+
+int main() {
+    check(pdm::f32_to_f16(1.0f) == 0x3c00, "f16(1)");
+    check(pdm::f32_to_f16(-2.5f) == 0xc100, "f16(-2.5)");
+    check(pdm::f32_to_f16(65520.0f) == 0x7c00, "f16 overflow rounds to inf");
+    check(pdm::f32_to_f16(5.960464477539063e-08f) == 0x0001, "f16 smallest subnormal");
+    check(pdm::f16_to_f32(0x3555) == 0.333251953125f, "f16 -> f32");
+    check(pdm::f32_to_bf16(1.0f) == 0x3f80, "bf16(1)");
+    check(pdm::f32_to_bf16(1.00390625f) == 0x3f80, "bf16 ties to even (down)");
+    check(pdm::f32_to_bf16(1.01171875f) == 0x3f82, "bf16 ties to even (up)");
+    check(pdm::bf16_to_f32(0xc040) == -3.0f, "bf16 -> f32");
+    float worst = 0.0f;
+    for (float x = -20.0f; x <= 20.0f; x += 0.01f) {
+        double e = std::exp((double)x);
+        double rel = std::fabs(pdm::fast_exp(x) - e) / e;
+        if (rel > worst) worst = (float)rel;
+    }
+    check(worst < 1e-6f, "fast_exp relative error < 1e-6 on [-20, 20]");
+    check(std::fabs(pdm::silu(2.0f) - 2.0 / (1.0 + std::exp(-2.0))) < 1e-6, "silu(2)");
+    std::printf("fast_exp worst relative error %%g\n", worst);
+    return failures;
+}
+"""
+
+
+@needs_nvcc
+def test_common_headers_compile_for_host_and_device(tmp_path):
+    includes = "\n".join(f'#include "{h}"' for h in COMMON_HEADERS)
+    source = tmp_path / "common_check.cu"
+    source.write_text(COMMON_CHECK % {"includes": includes})
+    exe = tmp_path / "common_check"
+    returncode, output = _run([NVCC, "-std=c++17", "-arch=sm_80", *INCLUDES, str(source), "-o", str(exe)])
+    assert returncode == 0, f"nvcc failed on the csrc/common headers:\n{output}"
+    # The host half runs without a GPU (no CUDA API call is made).
+    returncode, output = _run([str(exe)], timeout=60)
+    assert returncode == 0, output
+
+
+# --- 2. CPU emulation of csrc/cuda/group_norm.cu -------------------------------------------------------------
+
+EMULATION = r"""
+// CPU emulation of the CUDA features the kernels use: blocks run one after another, each with one std::thread
+// per CUDA thread, so __shared__ (a static) is shared by the block; barriers and warp shuffles are real.
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+static thread_local dim3 threadIdx;
+static thread_local int emu_thread_rank;
+static dim3 blockIdx, blockDim, gridDim;
+static int emu_stalled = 0;  // a barrier timed out: the threads of a block did not all reach it
+
+struct EmuBarrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int expected = 0, arrived = 0;
+    long generation = 0;
+    void wait() {
+        std::unique_lock<std::mutex> lock(m);
+        const long gen = generation;
+        if (++arrived == expected) {
+            arrived = 0;
+            ++generation;
+            cv.notify_all();
+        } else if (!cv.wait_for(lock, std::chrono::seconds(20), [&] { return generation != gen; })) {
+            emu_stalled = 1;
+        }
+    }
+};
+
+struct EmuWarp {
+    EmuBarrier barrier;
+    unsigned long long lanes[32];
+};
+static EmuBarrier* emu_block_barrier;
+static std::vector<std::unique_ptr<EmuWarp>> emu_warps;
+
+inline void __syncthreads() { emu_block_barrier->wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int offset) {
+    EmuWarp& w = *emu_warps[emu_thread_rank / 32];
+    const int lane = emu_thread_rank % 32;
+    std::memcpy(&w.lanes[lane], &v, sizeof(T));
+    w.barrier.wait();
+    T r;
+    std::memcpy(&r, &w.lanes[lane ^ offset], sizeof(T));
+    w.barrier.wait();
+    return r;
+}
+
+static void emu_run_grid(const unsigned* dims, const std::function<void()>& body) {
+    gridDim = {dims[0], dims[1], dims[2]};
+    blockDim = {dims[3], dims[4], dims[5]};
+    const int threads = (int)(blockDim.x * blockDim.y * blockDim.z);
+    EmuBarrier block_barrier;
+    block_barrier.expected = threads;
+    emu_block_barrier = &block_barrier;
+    emu_warps.clear();
+    for (int t = 0; t < threads; t += 32) {
+        emu_warps.emplace_back(new EmuWarp());
+        emu_warps.back()->barrier.expected = threads - t < 32 ? threads - t : 32;
+    }
+    for (unsigned bz = 0; bz < gridDim.z; ++bz)
+        for (unsigned by = 0; by < gridDim.y; ++by)
+            for (unsigned bx = 0; bx < gridDim.x; ++bx) {
+                blockIdx = {bx, by, bz};
+                std::vector<std::thread> pool;
+                for (int t = 0; t < threads; ++t)
+                    pool.emplace_back([&, t] {
+                        threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
+                        emu_thread_rank = t;
+                        body();
+                    });
+                for (auto& th : pool) th.join();
+            }
+}
+
+extern "C" int emu_stalled_flag() { return emu_stalled; }
+"""
+
+KERNEL_DEF = re.compile(r'extern "C"\s+void\s+(\w+)\s*\(([^()]*)\)\s*\{')
+
+
+def _emulation_wrappers(preprocessed: str) -> str:
+    """cuLaunchKernel-style entry points emu_<kernel>(dims[6], void** args) for every extern "C" kernel."""
+    out = []
+    for name, params in KERNEL_DEF.findall(preprocessed):
+        types = [re.sub(r"\b__restrict__\b", "", re.sub(r"\w+\s*$", "", p.strip())).strip()
+                 for p in params.split(",")]
+        call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types))
+        out.append(f'extern "C" void emu_{name}(const unsigned* dims, void** args) '
+                   f'{{ emu_run_grid(dims, [&] {{ {name}({call}); }}); }}')
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def emulated_group_norm(tmp_path_factory):
+    """The group_norm kernels compiled for the CPU emulation, as a ctypes library."""
+    work = tmp_path_factory.mktemp("cuda_emu")
+    source = work / "group_norm_emu.cpp"
+    source.write_text(EMULATION + '\n#include "cuda/group_norm.cu"\n')
+    flags = ["-std=c++17", *INCLUDES, "-pthread"]
+    # Wrappers for exactly the kernels the .cu defines: preprocess it alone and read its extern "C" kernels.
+    returncode, kernels_only = _run(["g++", *flags, "-E", "-P", "-x", "c++", "-include", str(source), "/dev/null"])
+    assert returncode == 0, kernels_only
+    kernels_only = kernels_only[kernels_only.rindex("emu_stalled_flag"):]
+    wrappers = _emulation_wrappers(kernels_only)
+    assert "emu_gn_finalize" in wrappers
+    source.write_text(source.read_text() + wrappers + "\n")
+    lib = work / "group_norm_emu.so"
+    returncode, output = _run(["g++", *flags, "-O1", "-shared", "-fPIC", str(source), "-o", str(lib)])
+    assert returncode == 0, f"g++ failed on the emulated csrc/cuda/group_norm.cu:\n{output}"
+    return ctypes.CDLL(str(lib))
+
+
+_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_longlong, np.int32: ctypes.c_int,
+           np.float32: ctypes.c_float}
+
+
+@pytest.fixture
+def emulated_launch(emulated_group_norm, monkeypatch):
+    """pydiffmed._cuda with `launch` running the emulated kernels on CPU tensors; records the launches."""
+    launches = []
+
+    def launch(filename, name, grid, block, args, shared_mem=0):
+        assert filename == "group_norm.cu"
+        launches.append((name, tuple(grid), tuple(block)))
+        assert all(g >= 1 for g in grid) and all(b >= 1 for b in block)
+        assert math.prod(block) <= 1024 and grid[1] <= 65535 and grid[2] <= 65535
+        values = [_CTYPES[type(a)](a) for a in args]
+        pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        dims = (ctypes.c_uint * 6)(*grid, *block)
+        getattr(emulated_group_norm, f"emu_{name}")(dims, pointers)
+        assert emulated_group_norm.emu_stalled_flag() == 0, f"{name}: threads diverged at a barrier"
+
+    monkeypatch.setattr(_cuda, "launch", launch)
+    monkeypatch.setattr(_cuda, "_sm_count", lambda device: 2)
+    monkeypatch.setattr(_cuda, "_on_device", lambda device: contextlib.nullcontext())
+    return launches
+
+
+def _oracle(x, groups, w, b, bias_nc, eps, silu):
+    xd = x.double()
+    if bias_nc is not None:
+        xd = xd + bias_nc.double().reshape(*bias_nc.shape, *([1] * (x.ndim - 2)))
+    y = F.group_norm(xd, groups, None if w is None else w.double(), None if b is None else b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+def _channels_last_format(t):
+    return torch.channels_last_3d if t.ndim == 5 else torch.channels_last
+
+
+def _channels_last(t):
+    return t.to(memory_format=_channels_last_format(t))
+
+
+# (shape, groups, dtype, x channels-last, output: "same" layout or "token"-major, chunks, affine+bias_nc+silu)
+EMULATED_CASES = [
+    ((2, 6, 3, 5, 4), 3, torch.float32, False, "same", None, True),
+    ((2, 6, 3, 5, 4), 3, torch.float32, True, "same", None, True),
+    ((1, 8, 4, 6, 6), 2, torch.float32, False, "same", 3, False),   # S % 4 == 0: 4-wide loads, 3 chunks
+    ((1, 8, 4, 6, 6), 2, torch.float32, True, "same", 3, True),     # C % 4 == 0: 4-wide loads, 3 chunks
+    ((2, 8, 5, 7), 4, torch.float16, True, "same", 2, True),        # 4-D
+    ((1, 24, 2, 3, 5), 3, torch.bfloat16, False, "token", 2, True),  # NCS in, token-major out: transpose
+    ((1, 40, 3, 3, 4), 5, torch.bfloat16, True, "token", None, False),
+    ((3, 5, 2, 3, 3), 5, torch.float16, False, "same", 4, True),    # odd C, ragged chunks
+    ((2, 40, 3, 3, 4), 5, torch.float32, False, "token", None, True),  # transpose over 2 x 2 tiles
+    ((1, 258, 2, 2, 3), 3, torch.float32, True, "same", 2, True),   # more channels than threads per block
+    ((1, 2, 10, 12, 11), 1, torch.float32, False, "same", None, False),  # several loop trips per thread
+    ((1, 4, 10, 12, 11), 2, torch.bfloat16, True, "same", None, True),
+]
+
+
+@needs_gxx
+@pytest.mark.parametrize("shape, groups, dtype, x_cl, out, chunks, extras", EMULATED_CASES)
+def test_group_norm_cuda_kernels_emulated(emulated_launch, shape, groups, dtype, x_cl, out, chunks, extras):
+    n, c = shape[:2]
+    x = torch.randn(shape) * 1.5 + 0.25
+    w = b = bias_nc = None
+    if extras:
+        w, b, bias_nc = torch.randn(c), torch.randn(c), torch.randn(n, c)
+    if x_cl:
+        x = _channels_last(x)
+    x = x.to(dtype)
+    s = math.prod(shape[2:])
+    token = out == "token"
+    if token:
+        y, buf = canary_like(x, shape=(n, s, c))
+    else:
+        y, buf = canary_like(x, memory_format=_channels_last_format(x) if x_cl else torch.contiguous_format)
+    _cuda.group_norm_launch(x, y, groups, w, b, bias_nc, 1e-5, extras, x_channels_last=x_cl,
+                            y_channels_last=x_cl or token, num_chunks=chunks)
+    ref = _oracle(x, groups, w, b, bias_nc, 1e-5, extras)
+    at_dtype = ref.to(dtype).double()  # the output's own rounding
+    if token:
+        ref, at_dtype = (t.flatten(2).transpose(1, 2) for t in (ref, at_dtype))
+    err = (y.double() - ref).abs().max().item()
+    allowed = 2 * (at_dtype - ref).abs().max().item() + 2e-5
+    assert err <= allowed, f"max error {err:.3g} > {allowed:.3g}"
+    assert canary_intact(y, buf), "wrote past the output, or left part of it unwritten"
+    names = [name for name, _, _ in emulated_launch]
+    assert names[1] == "gn_finalize" and len(names) == 3, names
+
+
+@needs_gxx
+@pytest.mark.parametrize("x_cl", [False, True])
+def test_group_norm_cuda_kernels_emulated_large_offset(emulated_launch, x_cl):
+    x = torch.randn(2, 8, 4, 6, 8) + 1000.0
+    if x_cl:
+        x = _channels_last(x)
+    y = torch.empty_like(x)
+    _cuda.group_norm_launch(x, y, 4, None, None, None, 1e-5, False, x_channels_last=x_cl, y_channels_last=x_cl,
+                            num_chunks=3)
+    err = (y.double() - _oracle(x, 4, None, None, None, 1e-5, False)).abs().max().item()
+    assert err < 2e-6, err
+
+
+@needs_gxx
+def test_group_norm_cuda_launcher_rejects_bad_layouts(emulated_launch):
+    x = torch.randn(1, 4, 3, 3, 3)
+    with pytest.raises(ValueError, match="y must be a dense channels-last"):
+        _cuda.group_norm_launch(x, torch.empty_like(x), 2, None, None, None, 1e-5, False, x_channels_last=False,
+                                y_channels_last=True)
+    with pytest.raises(ValueError, match="x must be a dense contiguous"):
+        _cuda.group_norm_launch(x.transpose(2, 3), torch.empty_like(x), 2, None, None, None, 1e-5, False,
+                                x_channels_last=False, y_channels_last=False)
+    with pytest.raises(ValueError, match="w must be a contiguous fp32"):
+        _cuda.group_norm_launch(x, torch.empty_like(x), 2, torch.ones(4, dtype=torch.float16), None, None, 1e-5,
+                                False, x_channels_last=False, y_channels_last=False)
+    assert emulated_launch == []
