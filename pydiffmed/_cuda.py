@@ -187,3 +187,61 @@ def group_norm_launch(x, y, num_groups, w, b, bias_nc, eps, silu, *, x_channels_
             tiles = _cdiv(s, threads * vec * _GN_UNROLL)
             launch(_GN_FILE, f"gn_apply_ncs_{sfx}_v{vec}", (nc * tiles, 1, 1), (threads, 1, 1),
                    (ptr(x), ptr(y), ptr(params), np.int64(nc), np.int64(s), np.int32(tiles), act))
+
+
+# ===== fused_step: launcher of csrc/cuda/fused_step.cu (issue 3) ============================================
+# One launch on torch's current stream, grid (Philox blocks of a sample / threads, samples). The module is
+# compiled without --use_fast_math and with --fmad=false: IEEE division/sqrt and no multiply-add contraction,
+# so the CUDA results (noise included) equal the CPU kernel's and the torch reference's bit for bit.
+
+_FS_FILE = "fused_step.cu"
+_FS_THREADS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_step_module():
+    import cupy
+
+    root = source_dir()
+    with open(os.path.join(root, "cuda", _FS_FILE)) as f:
+        code = f.read()
+    options = ("-std=c++17", f"-I{os.path.join(root, 'common')}", f"-I{root}", "--fmad=false")
+    return cupy.RawModule(code=code, options=options)
+
+
+def fused_step_kernel_launch(grid, block, args) -> None:
+    """Launch fused_step_kernel on torch's current stream (the tests replace this with a CPU emulation)."""
+    import cupy
+
+    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+    with cupy.cuda.Device(torch.cuda.current_device()):
+        _fused_step_module().get_function("fused_step_kernel")(tuple(grid), tuple(block), tuple(args),
+                                                               stream=stream)
+
+
+def fused_step_launch(a) -> None:
+    """Run fused_step on the arguments validated by pydiffmed.ops.fused_step (a StepArgs)."""
+    from .backends import DTYPE_CODES
+
+    if a.batch == 0 or a.numel == 0:
+        return
+    if a.batch > 65535:
+        raise ValueError(f"the cuda backend handles at most 65535 samples per call, got {a.batch}")
+
+    def code(t):
+        return np.int32(DTYPE_CODES[t.dtype] if t is not None else 0)
+
+    h1, h2, h3 = a.history
+    args = (ptr(a.x), code(a.x), ptr(a.m), code(a.m), ptr(a.m_cond), code(a.m_cond), np.float32(a.guidance),
+            ptr(h1), code(h1), ptr(h2), code(h2), ptr(h3), code(h3), ptr(a.noise), code(a.noise), ptr(a.seeds),
+            ptr(a.out), code(a.out), ptr(a.model_input), code(a.model_input), ptr(a.x0_out), code(a.x0_out),
+            ptr(a.coefs), np.int64(a.step_stride), np.int64(a.batch_stride), ptr(a.step_index),
+            np.int64(a.num_steps), np.uint32(a.noise_step), ptr(a.noise_step_tensor),
+            np.int64(a.numel), np.int64(a.channels), np.int64(max(a.spatial, 1)), np.int32(bool(a.channels_last)))
+    philox_blocks = (a.numel + 3) // 4
+    grid = ((philox_blocks + _FS_THREADS - 1) // _FS_THREADS, a.batch, 1)
+    if a.x.device.type == "cuda":
+        with torch.cuda.device(a.x.device):
+            fused_step_kernel_launch(grid, (_FS_THREADS, 1, 1), args)
+    else:
+        fused_step_kernel_launch(grid, (_FS_THREADS, 1, 1), args)

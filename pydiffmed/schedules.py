@@ -137,6 +137,7 @@ class NoiseSchedule:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
+        self.beta_schedule = None
         self.num_train_timesteps = int(num_train_timesteps)
         self.time_scale = float(time_scale)
         if time_input not in ("t", "sigma"):
@@ -171,7 +172,9 @@ class NoiseSchedule:
                 raise ValueError("explicit betas must be a sequence of at least 2 values in (0, 1)")
         if rescale_zero_snr:
             b = rescale_zero_terminal_snr(b)
-        return cls("discrete", alphas_cumprod=np.cumprod(1.0 - b), betas=b, num_train_timesteps=b.size)
+        schedule = cls("discrete", alphas_cumprod=np.cumprod(1.0 - b), betas=b, num_train_timesteps=b.size)
+        schedule.beta_schedule = _BETA_ALIASES.get(betas, betas) if isinstance(betas, str) else "explicit"
+        return schedule
 
     @classmethod
     def vp(cls, beta_min=0.1, beta_max=20.0, t_min=1e-3, time_scale=1.0):
@@ -196,6 +199,17 @@ class NoiseSchedule:
     def flow(cls, num_train_timesteps=1000, t_min=0.0, t_max=1.0):
         """Rectified flow x_t = (1-t)·x0 + t·eps; the model time is t·num_train_timesteps (MONAI RFlow)."""
         return cls("flow", num_train_timesteps=num_train_timesteps, t_min=t_min, t_max=t_max)
+
+    def fp32_alphas_cumprod(self):
+        """alpha_bar as the peers store it (float32 betas, float32 cumprod), as float64. diffusers derives its
+        sigma grids (Karras, log-SNR, interpolated sigmas) from these; 1 - alpha_bar[0] then carries a 1e-4
+        relative cancellation error, so reproducing their grid points needs the same values."""
+        import torch
+
+        ac = torch.cumprod(1.0 - torch.tensor(self.betas, dtype=torch.float32), dim=0).double().numpy()
+        if self.alphas_cumprod[-1] == 0:
+            ac[-1] = 0.0
+        return ac
 
     def __repr__(self):
         if self.kind == "discrete":

@@ -99,6 +99,19 @@ def philox_normal_tile(seed, step, block):
 
 
 @triton.jit
+def _cast_for(v, ptr):
+    """v (fp32) in the element type of ptr, rounded to nearest even. bf16 is rounded by hand: the interpreter's
+    conversion truncates, and this keeps every backend's bf16 outputs identical (pdm_common.h f32_to_bf16)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        bits = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _term(coef, v):
     return tl.where(coef != 0.0, coef * v, 0.0)
 
@@ -144,31 +157,31 @@ def _fused_step_kernel(x_ptr, m_ptr, mc_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, 
     else:
         offset = b * numel + index
 
-    x = tl.load(x_ptr + offset, mask=mask & ((p_x != 0.0) | (a != 0.0)), other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offset, mask=mask & (p_m != 0.0), other=0.0).to(tl.float32)
+    # Masks are combined with the (scalar) coefficient tests through tl.where: `tensor & scalar` of int1
+    # fails in the interpreter.
+    x = tl.load(x_ptr + offset, mask=tl.where(p_x != 0.0, mask, tl.where(a != 0.0, mask, False)), other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offset, mask=tl.where(p_m != 0.0, mask, False), other=0.0).to(tl.float32)
     if HAS_MC:
-        m_cond = tl.load(mc_ptr + offset, mask=mask & (p_m != 0.0), other=0.0).to(tl.float32)
+        m_cond = tl.load(mc_ptr + offset, mask=tl.where(p_m != 0.0, mask, False), other=0.0).to(tl.float32)
         m = m + guidance * (m_cond - m)
     x0 = _term(p_x, x) + _term(p_m, m)
     x0 = tl.where(x0 > clip, clip, tl.where(x0 < -clip, -clip, x0))
-    if HAS_X0:
-        tl.store(x0_ptr + offset, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
     acc = _term(a, x) + _term(b_coef, x0)
     if HAS_H1:
-        acc = acc + _term(c1, tl.load(h1_ptr + offset, mask=mask & (c1 != 0.0), other=0.0).to(tl.float32))
+        acc = acc + _term(c1, tl.load(h1_ptr + offset, mask=tl.where(c1 != 0.0, mask, False), other=0.0).to(tl.float32))
     else:
         acc = acc + _missing_term(c1)
     if HAS_H2:
-        acc = acc + _term(c2, tl.load(h2_ptr + offset, mask=mask & (c2 != 0.0), other=0.0).to(tl.float32))
+        acc = acc + _term(c2, tl.load(h2_ptr + offset, mask=tl.where(c2 != 0.0, mask, False), other=0.0).to(tl.float32))
     else:
         acc = acc + _missing_term(c2)
     if HAS_H3:
-        acc = acc + _term(c3, tl.load(h3_ptr + offset, mask=mask & (c3 != 0.0), other=0.0).to(tl.float32))
+        acc = acc + _term(c3, tl.load(h3_ptr + offset, mask=tl.where(c3 != 0.0, mask, False), other=0.0).to(tl.float32))
     else:
         acc = acc + _missing_term(c3)
     if HAS_NOISE:
-        acc = acc + _term(s, tl.load(noise_ptr + offset, mask=mask & (s != 0.0), other=0.0).to(tl.float32))
+        acc = acc + _term(s, tl.load(noise_ptr + offset, mask=tl.where(s != 0.0, mask, False), other=0.0).to(tl.float32))
     elif HAS_SEEDS:
         if HAS_NOISE_STEP_PTR:
             step_word = (tl.load(noise_step_ptr) & 0xFFFFFFFF).to(tl.uint32)
@@ -181,9 +194,12 @@ def _fused_step_kernel(x_ptr, m_ptr, mc_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, 
         acc = acc + _term(s, z)
     else:
         acc = acc + _missing_term(s)
-    tl.store(out_ptr + offset, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # Stores after every load: an output may be one of the inputs (out = x, x0_out = h1, ...).
+    if HAS_X0:
+        tl.store(x0_ptr + offset, _cast_for(x0, x0_ptr), mask=mask)
+    tl.store(out_ptr + offset, _cast_for(acc, out_ptr), mask=mask)
     if HAS_MI:
-        tl.store(mi_ptr + offset, acc.to(mi_ptr.dtype.element_ty), mask=mask)
+        tl.store(mi_ptr + offset, _cast_for(acc, mi_ptr), mask=mask)
 
 
 def fused_step_launch(a, block: int | None = None):

@@ -159,7 +159,6 @@ void step_tile(const StepKernelArgs& a, long long row, long long j0, int n) {
         fill(mb, n, 0.0f);
     }
     for (int j = 0; j < n; ++j) x0b[j] = pdm::step_x0(k, xb[j], mb[j]);
-    if (a.x0_out) store_tile(a.x0_out, a.x0_out_dtype, offset, stride, n, x0b);
 
     for (int j = 0; j < n; ++j) acc[j] = pdm::step_term(k.a, xb[j]) + pdm::step_term(k.b, x0b[j]);
     for (int h = 0; h < 3; ++h) {
@@ -181,6 +180,8 @@ void step_tile(const StepKernelArgs& a, long long row, long long j0, int n) {
         const float s = k.s;
         for (int j = 0; j < n; ++j) acc[j] = acc[j] + s * tb[j];
     }
+    // Stores after every load: an output may be one of the inputs (out = x, x0_out = h1, ...).
+    if (a.x0_out) store_tile(a.x0_out, a.x0_out_dtype, offset, stride, n, x0b);
     store_tile(a.out, a.out_dtype, offset, stride, n, acc);
     if (a.model_input) store_tile(a.model_input, a.model_input_dtype, offset, stride, n, acc);
 }

@@ -174,7 +174,14 @@ def upsample_nearest(x):
 
 
 def avg_pool_2x(x):
-    return (F.avg_pool3d if x.ndim == 5 else F.avg_pool2d)(x, kernel_size=2, stride=2)
+    """2×2(×2) average pooling, stride 2; also for CPU half types, which torch's CPU avg_pool3d lacks."""
+    if x.device.type != "cpu" or x.dtype == torch.float32:
+        return (F.avg_pool3d if x.ndim == 5 else F.avg_pool2d)(x, kernel_size=2, stride=2)
+    blocks = x
+    for axis in range(2, x.ndim):
+        blocks = blocks.unflatten(2 * axis - 2, (x.shape[axis] // 2, 2))
+    pooled = blocks.mean(dim=tuple(range(3, 2 * x.ndim - 2, 2)), dtype=torch.float32).to(x.dtype)
+    return to_channels_last(pooled)
 
 
 __all__ = ["Conv", "FastConv2d", "FastConv3d", "avg_pool_2x", "channels_last_format", "conv_module", "convolution",

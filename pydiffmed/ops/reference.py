@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=None, bias_nc=None):
     """fp32 math, result in x.dtype and x's memory format."""
-    xf = x.float()
+    # contiguous: torch's CPU channels-last GroupNorm loses ~0.2 (absolute) on fp32 data offset by 1000
+    xf = x.float().contiguous()
     if bias_nc is not None:
         xf = xf + bias_nc.float().reshape(*bias_nc.shape, *([1] * (x.ndim - 2)))
     y = F.group_norm(xf, num_groups, None if weight is None else weight.float(),

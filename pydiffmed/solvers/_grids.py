@@ -59,3 +59,76 @@ def alpha_sigma_at(schedule, t):
         return 1.0, 0.0
     a, s = schedule.alpha_sigma(t)
     return float(a), float(s)
+
+
+def diffusers_sigma_to_t(sigma, log_sigmas):
+    """diffusers' `_sigma_to_t`: fractional training timestep of each sigma by log-linear interpolation."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)
+    dists = log_sigma[None, :] - log_sigmas[:, None]
+    low = np.clip(np.cumsum(dists >= 0, axis=0).argmax(axis=0), None, len(log_sigmas) - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+
+MULTISTEP_GRIDS = ("uniform", "karras", "logsnr")
+
+
+def multistep_grid(schedule, n, *, grid="uniform", spacing=None, steps_offset=0, final="zero", variant="dpm"):
+    """Model times (n,) and alpha, sigma (n+1,) of a multistep solver whose last step ends at `final`.
+
+    Discrete schedules follow diffusers' DPMSolverMultistep (variant 'dpm') / UniPCMultistep ('unipc')
+    exactly: `spacing` (default 'linspace', over n+1 points with the last dropped, except 'trailing'),
+    grid 'uniform' (sigma interpolated at the timesteps), 'karras' (rho = 7 between the training sigmas'
+    ends, timesteps rounded) or 'logsnr' (uniform log sigma; diffusers' use_lu_lambdas); sigmas rounded to
+    fp32 like theirs and computed from alpha_bar stored in fp32 as theirs is; a zero-terminal-SNR alpha_bar is floored at 2^-24 as they do. final: 'zero' (sigma = 0,
+    the last step returns the x0 estimate) or 'sigma_min'.
+    Continuous schedules: grid 'uniform' (in t), 'karras' or 'logsnr' between t_max and t_min; final 'zero'
+    (n points, then sigma = 0) or 't_min' (n + 1 points ending at t_min)."""
+    if grid not in MULTISTEP_GRIDS:
+        raise ValueError(f"grid must be one of {MULTISTEP_GRIDS}, got {grid!r}")
+    if schedule.kind == "discrete":
+        if final not in ("zero", "sigma_min"):
+            raise ValueError(f"final must be 'zero' or 'sigma_min' for a discrete schedule, got {final!r}")
+        spacing = spacing or "linspace"
+        if spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(f"spacing must be linspace, leading or trailing, got {spacing!r}")
+        ac = schedule.fp32_alphas_cumprod()
+        if ac[-1] == 0:
+            ac[-1] = 2.0 ** -24
+        train_sigmas = np.sqrt((1 - ac) / ac)
+        log_sigmas = np.log(train_sigmas)
+        n_train = len(ac)
+        times = spaced_timesteps(n_train, n, spacing, steps_offset, extra_point=True).astype(np.float64)
+        if grid == "uniform":
+            sigmas = np.interp(times, np.arange(n_train), train_sigmas)
+        else:
+            if grid == "karras":
+                sigmas = karras_sigmas(train_sigmas[0], train_sigmas[-1], n)
+            else:
+                sigmas = np.exp(np.linspace(log_sigmas[-1], log_sigmas[0], n))
+            times = diffusers_sigma_to_t(sigmas, log_sigmas)
+            if variant == "dpm" and getattr(schedule, "beta_schedule", None) == "cosine":
+                times = np.floor(times)  # diffusers leaves them unrounded, then casts to int64
+            else:
+                times = np.round(times)
+        if final == "zero":
+            last = 0.0
+        elif variant == "unipc" and grid == "karras":
+            last = sigmas[-1]
+        else:
+            last = train_sigmas[0]
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        alpha = 1.0 / np.sqrt(sigmas ** 2 + 1.0)
+        return times.astype(np.int64).astype(np.float64), alpha, sigmas * alpha
+    if final not in ("zero", "t_min"):
+        raise ValueError(f"final must be 'zero' or 't_min' for a continuous schedule, got {final!r}")
+    spacing = {"uniform": "time"}.get(grid, grid)
+    if final == "t_min":
+        points = continuous_points(schedule, n + 1, spacing)
+        alpha, sigma = schedule.alpha_sigma(points)
+        return schedule.model_time(points[:-1]), alpha, sigma
+    points = continuous_points(schedule, n, spacing)
+    alpha, sigma = schedule.alpha_sigma(points)
+    return schedule.model_time(points), np.append(alpha, 1.0), np.append(sigma, 0.0)

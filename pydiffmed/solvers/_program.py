@@ -100,7 +100,10 @@ class Program:
                 if owner is None:
                     raise ValueError(f"evaluation {e}: a vector to keep is not held by any buffer")
                 kept.add(owner)
-        free = sorted(self.live - kept - {state})
+        # any buffer not kept may be overwritten; prefer ones not read in this step, then aliasing a history
+        # input (fused_step reads each element before writing it), then a new buffer
+        unread = sorted(set(self.buffers) - kept - {state} - set(history))
+        free = unread + sorted(set(history) - kept)
         x0_out = None
         if keep_d:
             x0_out = free.pop(0) if free else self._new_buffer()

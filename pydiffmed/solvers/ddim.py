@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from .. import prediction
@@ -55,11 +54,8 @@ class _DDIMCore(Solver):
         for i, (model_time, a_t, s_t, a_s, s_s, s_eta) in enumerate(self._step_list):
             direction = math.sqrt(max(s_s * s_s - s_eta * s_eta, 0.0))
             x, d = program.current, program.d(i)
-            if self._two_pass:
-                # placeholder single-pass form (eps from the clipped x0); step() replaces it by two passes
-                eps = (x - a_t * d) / s_t
-            else:
-                eps = (x - a_t * d) / s_t
+            # (with _two_pass this single-pass form, eps from the clipped x0, is replaced by step()'s two passes)
+            eps = (x - a_t * d) / s_t
             target = a_s * d + direction * eps + s_eta * program.z(i)
             program.add(model_time, self.x0_estimate(a_t, s_t), target, coef_fn=self.estimate_coef_fn)
 
@@ -187,8 +183,8 @@ class DDIMInversion(_DDIMCore):
         if not steps:
             raise ValueError("ddim_inversion with model_time='source' needs num_steps >= 2")
         for model_time, a_t, s_t, *_ in steps:
-            if s_t == 0 and prediction.canonical(self.prediction_type) != "epsilon":
-                raise ValueError("inverting from the clean data (sigma = 0) needs an epsilon model "
+            if s_t == 0 and self.prediction_type not in ("epsilon", "v_prediction"):
+                raise ValueError("inverting from the clean data (sigma = 0) needs an epsilon or v model "
                                  "(or set_alpha_to_one=False)")
         return steps
 
@@ -196,7 +192,7 @@ class DDIMInversion(_DDIMCore):
         for i, (model_time, a_t, s_t, a_s, s_s, _) in enumerate(self._step_list):
             x, d = program.current, program.d(i)
             if s_t == 0:
-                # from the clean data: x0 = x, eps is the model output itself (epsilon models only)
+                # from the clean data: x0 = x and eps is the model output itself (epsilon and v models)
                 target = a_s * x + s_s * d
                 program.add(model_time, (0.0, 1.0, None), target)
                 continue

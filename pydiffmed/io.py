@@ -1,0 +1,499 @@
+"""Files in and out: NIfTI volumes (nibabel), PNG previews (Pillow) and JSON sidecars, every write atomic.
+
+Axis convention: a volume tensor is (C, D, H, W) or (D, H, W); its three spatial axes are the NIfTI voxel axes
+i, j, k in that order (the array is written as is, channels last when C > 1). `spacing` is the voxel size in mm
+along those three axes and `orientation` a nibabel axis code naming the world direction each axis increases
+toward: "RAS" = axis 0 toward the subject's Right, axis 1 Anterior, axis 2 Superior.
+
+Intensity normalisation: a model works in normalised units; `intensity = {"scale": s, "offset": o, "clip":
+[lo, hi] or None}` maps them to physical units as physical = normalised·s + o (then clipped to [lo, hi]), and
+`normalize` inverts it for volumes read from disk.
+
+Atomic writes: every file is written to a temporary file in the destination directory, flushed to disk (fsync)
+and renamed over the destination, so an interrupted write leaves the complete old file, the complete new file,
+or (for a new file) nothing. An existing file is never replaced unless `overwrite=True`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+
+import numpy as np
+import torch
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class FileReadError(ValueError):
+    """A file that exists but cannot be read as what it should be (corrupt, truncated, wrong format). The
+    message starts with the file's path and says what is wrong."""
+
+
+# --- atomic writes -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path, overwrite: bool = False):
+    """Context manager yielding a temporary path next to `path` to write into; on a clean exit the temporary file
+    is fsynced and renamed to `path`, on any exception (KeyboardInterrupt included) it is deleted and `path` is
+    left as it was. Raises FileExistsError if `path` exists and overwrite is False (checked before and, where the
+    filesystem supports hard links, atomically again at the rename). The temporary name ends with the final
+    file name, so writers that pick a format from the extension (nibabel's `.nii.gz`) behave the same."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    if not name:
+        raise ValueError(f"{path!r} names a directory, not a file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory")
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path}: directory {directory} does not exist")
+    temporary = os.path.join(directory, f".pdm-tmp-{secrets.token_hex(6)}-{name}")
+    # Created here (mode 0o666 less the umask, like any new file) so the writer only ever opens an existing path.
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        yield temporary
+        _fsync_file(temporary)
+        _publish(temporary, path, overwrite)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    _fsync_directory(directory)
+
+
+def _publish(temporary, path, overwrite):
+    if overwrite:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)  # fails if path appeared meanwhile: no check-then-rename race
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)") from None
+    except OSError:  # filesystem without hard links
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)") from None
+        os.replace(temporary, path)
+        return
+    os.unlink(temporary)
+
+
+def _fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(directory):
+    """Make the rename itself durable; not every platform can open a directory, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes(path, data: bytes, overwrite: bool = False) -> str:
+    """Write `data` to `path` atomically; returns the path."""
+    with atomic_path(path, overwrite) as temporary:
+        with open(temporary, "wb") as f:
+            f.write(data)
+    return os.fspath(path)
+
+
+# --- JSON sidecars -----------------------------------------------------------------------------------------
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_json(path, data, overwrite: bool = False) -> str:
+    """Write `data` as indented JSON (numpy/torch scalars, arrays, dtypes and paths converted) atomically. NaN and
+    infinity are refused (they are not JSON). Returns the path."""
+    try:
+        text = json.dumps(data, indent=2, default=_json_default, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{os.fspath(path)}: cannot write as JSON: {exc}") from exc
+    return write_bytes(path, (text + "\n").encode("utf-8"), overwrite)
+
+
+def read_json(path):
+    """The JSON document in `path`. FileNotFoundError, or FileReadError naming the file and the problem."""
+    path = _existing_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FileReadError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _existing_file(path) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a directory, expected a file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+# --- geometry ----------------------------------------------------------------------------------------------
+
+def check_orientation(orientation) -> str:
+    """A 3-letter axis code with one letter from each of L/R, A/P, S/I (e.g. "RAS", "LPS"), upper-cased."""
+    from nibabel.orientations import axcodes2ornt
+
+    if not isinstance(orientation, str) or len(orientation) != 3:
+        raise ValueError(f"orientation must be a 3-letter axis code such as 'RAS', got {orientation!r}")
+    code = orientation.upper()
+    try:
+        ornt = axcodes2ornt(tuple(code))
+    except ValueError as exc:
+        raise ValueError(f"orientation {orientation!r} is not a valid axis code ({exc})") from exc
+    if np.isnan(ornt).any() or sorted(ornt[:, 0].astype(int)) != [0, 1, 2]:
+        raise ValueError(f"orientation {orientation!r} must use one letter from each of L/R, A/P and S/I")
+    return code
+
+
+def _check_triple(name, value, positive=False):
+    try:
+        triple = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be 3 numbers, got {value!r}") from None
+    if len(triple) != 3 or not all(math.isfinite(v) for v in triple):
+        raise ValueError(f"{name} must be 3 finite numbers, got {value!r}")
+    if positive and min(triple) <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return triple
+
+
+def make_affine(spacing=(1.0, 1.0, 1.0), orientation: str = "RAS", origin=None, shape=None) -> np.ndarray:
+    """The 4×4 voxel-to-world affine (mm) of a volume whose spatial axes point along `orientation` with voxel
+    sizes `spacing`. origin: world position of voxel (0, 0, 0); if None and `shape` (3 spatial sizes) is given,
+    the volume is centred on the world origin, else voxel (0, 0, 0) sits at the origin."""
+    from nibabel.orientations import axcodes2ornt
+
+    spacing = _check_triple("spacing", spacing, positive=True)
+    ornt = axcodes2ornt(tuple(check_orientation(orientation)))
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for axis, (world_axis, sign) in enumerate(ornt):
+        affine[int(world_axis), axis] = sign * spacing[axis]
+    if origin is not None:
+        affine[:3, 3] = _check_triple("origin", origin)
+    elif shape is not None:
+        centre = (np.asarray(_check_triple("shape", shape)) - 1.0) / 2.0
+        affine[:3, 3] = -affine[:3, :3] @ centre
+    return affine
+
+
+def spacing_from_affine(affine) -> tuple:
+    """Voxel sizes (mm) along the three spatial axes of a 4×4 affine."""
+    affine = np.asarray(affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+
+
+def orientation_from_affine(affine) -> str:
+    from nibabel.orientations import aff2axcodes
+
+    return "".join(aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
+def _check_affine(affine) -> np.ndarray:
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise ValueError(f"affine must be a finite 4×4 matrix, got shape {affine.shape}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError("affine is singular (its 3×3 part has zero determinant)")
+    return affine
+
+
+# --- intensity ---------------------------------------------------------------------------------------------
+
+def check_intensity(intensity) -> dict | None:
+    """Validate an intensity mapping {"scale", "offset", "clip"}; None means identity. Returns a normalised
+    dict (floats, clip a [lo, hi] list or None)."""
+    if intensity is None:
+        return None
+    if not isinstance(intensity, dict):
+        raise TypeError(f"intensity must be a dict with keys scale, offset, clip; got {type(intensity).__name__}")
+    unknown = sorted(set(intensity) - {"scale", "offset", "clip"})
+    if unknown:
+        raise ValueError(f"intensity: unknown key(s) {unknown}; allowed: scale, offset, clip")
+    scale, offset = intensity.get("scale", 1.0), intensity.get("offset", 0.0)
+    for name, value in (("scale", scale), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"intensity: {name} must be a finite number, got {value!r}")
+    if scale == 0:
+        raise ValueError("intensity: scale must be non-zero")
+    clip = intensity.get("clip")
+    if clip is not None:
+        try:
+            lo, hi = (float(v) for v in clip)
+        except (TypeError, ValueError):
+            raise ValueError(f"intensity: clip must be [lo, hi] or null, got {clip!r}") from None
+        if not lo < hi:
+            raise ValueError(f"intensity: clip must have lo < hi, got {clip!r}")
+        clip = [lo, hi]
+    return {"scale": float(scale), "offset": float(offset), "clip": clip}
+
+
+def denormalize(volume, intensity):
+    """Normalised model units → physical units: volume·scale + offset, clipped to `clip` when given."""
+    intensity = check_intensity(intensity)
+    if intensity is None:
+        return volume
+    out = volume * intensity["scale"] + intensity["offset"]
+    if intensity["clip"] is not None:
+        out = out.clip(*intensity["clip"])
+    return out
+
+
+def normalize(volume, intensity):
+    """Physical units → normalised model units (inverse of `denormalize`; clipped to `clip` first)."""
+    intensity = check_intensity(intensity)
+    if intensity is None:
+        return volume
+    if intensity["clip"] is not None:
+        volume = volume.clip(*intensity["clip"])
+    return (volume - intensity["offset"]) / intensity["scale"]
+
+
+# --- volumes -----------------------------------------------------------------------------------------------
+
+def _volume_array(volume) -> np.ndarray:
+    """(C, D, H, W) or (D, H, W) tensor/array → float64 numpy array with the same shape, checked."""
+    if isinstance(volume, torch.Tensor):
+        array = volume.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(volume, np.ndarray):
+        if not (np.issubdtype(volume.dtype, np.floating) or np.issubdtype(volume.dtype, np.integer)
+                or volume.dtype == np.bool_):
+            raise TypeError(f"volume must hold numbers, got dtype {volume.dtype}")
+        array = volume.astype(np.float64)
+    else:
+        raise TypeError(f"volume must be a torch.Tensor or numpy array, got {type(volume).__name__}")
+    if array.ndim not in (3, 4):
+        raise ValueError(f"volume must be (C, D, H, W) or (D, H, W); got shape {tuple(array.shape)} "
+                         f"(save one volume per file)")
+    if array.size == 0:
+        raise ValueError(f"volume is empty (shape {tuple(array.shape)})")
+    bad = int((~np.isfinite(array)).sum())
+    if bad:
+        raise ValueError(f"volume holds {bad} NaN/Inf value(s); refusing to write it")
+    return array
+
+
+def _is_nifti_name(path: str) -> bool:
+    return path.lower().endswith(_NIFTI_SUFFIXES)
+
+
+def save_volume(path, volume, *, spacing=None, affine=None, orientation: str = "RAS", origin=None,
+                intensity=None, dtype="float32", overwrite: bool = False) -> str:
+    """Write one volume as NIfTI-1 (`.nii` or `.nii.gz`, gzip from the name) atomically; returns the path.
+
+    volume: (C, D, H, W) or (D, H, W) tensor or array in normalised units (C > 1 is stored as a 4-D image,
+    channels last). Geometry: either `affine` (4×4), or `spacing` (mm, default 1) + `orientation` + `origin`
+    (default: volume centred on the world origin; see `make_affine`). intensity: mapping to physical units
+    (see `denormalize`). dtype: stored data type, e.g. "float32" or "int16" (integers are rounded and clipped
+    to the type's range)."""
+    import nibabel as nib
+
+    path = os.fspath(path)
+    if not _is_nifti_name(path):
+        raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    array = denormalize(_volume_array(volume), intensity)
+    spatial = array.shape[-3:]
+    if affine is not None:
+        if spacing is not None or origin is not None:
+            raise ValueError("give either affine or spacing/origin, not both")
+        affine = _check_affine(affine)
+    else:
+        affine = make_affine((1.0, 1.0, 1.0) if spacing is None else spacing, orientation, origin, spatial)
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.integer):
+        limits = np.iinfo(dtype)
+        array = np.clip(np.rint(array), limits.min, limits.max)
+    elif not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"dtype must be a float or integer type, got {dtype}")
+    data = array.astype(dtype)
+    if data.ndim == 4:
+        data = np.moveaxis(data, 0, -1)
+        if data.shape[-1] == 1:
+            data = data[..., 0]
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=2)
+    image.set_sform(affine, code=2)
+    image.header.set_xyzt_units("mm")
+    with atomic_path(path, overwrite) as temporary:
+        nib.save(image, temporary)
+    return path
+
+
+class VolumeInfo:
+    """Geometry of a loaded volume: affine (4×4 float64), spacing (mm per axis), orientation (axis code),
+    shape (C, D, H, W) and the source path."""
+
+    def __init__(self, path, affine, shape):
+        self.path = path
+        self.affine = affine
+        self.spacing = spacing_from_affine(affine)
+        self.orientation = orientation_from_affine(affine)
+        self.shape = tuple(shape)
+
+    def __repr__(self):
+        return (f"VolumeInfo({self.path!r}, shape={self.shape}, spacing={self.spacing}, "
+                f"orientation={self.orientation!r})")
+
+
+def load_volume(path, *, intensity=None, dtype=torch.float32):
+    """Read a NIfTI (or any image nibabel reads) → (tensor (C, D, H, W) of `dtype`, VolumeInfo). A 3-D image has
+    C = 1; a 4-D image's last axis is the channel axis. intensity: map physical units to normalised ones (see
+    `normalize`). FileNotFoundError for a missing file; FileReadError naming the file for anything unreadable
+    (not an image, truncated, corrupt compression, NaN/Inf voxels, more than 4 dimensions)."""
+    import nibabel as nib
+
+    path = _existing_file(path)
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.get_fdata(dtype=np.float64))
+        affine = image.affine
+    except MemoryError:
+        raise
+    except Exception as exc:  # nibabel raises many types for a bad file (ImageFileError, EOFError, zlib, ...)
+        raise FileReadError(f"{path}: cannot read as a NIfTI volume ({type(exc).__name__}: {exc})") from exc
+    if affine is None:
+        raise FileReadError(f"{path}: the image has no affine (voxel-to-world geometry)")
+    while data.ndim > 4 and data.shape[3] == 1:  # NIfTI keeps vector components in dim 5 (dim 4 = time = 1)
+        data = data[:, :, :, 0]
+    if data.ndim == 3:
+        data = data[None]
+    elif data.ndim == 4:
+        data = np.moveaxis(data, -1, 0)
+    else:
+        raise FileReadError(f"{path}: expected a 3-D or 4-D image, got shape {data.shape}")
+    bad = int((~np.isfinite(data)).sum())
+    if bad:
+        raise FileReadError(f"{path}: holds {bad} NaN/Inf voxel(s)")
+    data = normalize(data, intensity)
+    tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
+    return tensor, VolumeInfo(path, np.asarray(affine, dtype=np.float64), tensor.shape)
+
+
+# --- previews ----------------------------------------------------------------------------------------------
+
+def _to_ras(array, affine):
+    """Reorient (C, X, Y, Z) data so its axes point to R, A, S; returns the data and the permuted spacing."""
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(("R", "A", "S")))
+    spacing = np.asarray(spacing_from_affine(affine))
+    ras_spacing = np.empty(3)
+    for axis, (target, _) in enumerate(transform):
+        ras_spacing[int(target)] = spacing[axis]
+    channels = [apply_orientation(channel, transform) for channel in array]
+    return np.stack(channels), ras_spacing
+
+
+def auto_window(array, low_percentile: float = 0.5, high_percentile: float = 99.5):
+    """Display window (lo, hi) from intensity percentiles; a constant volume gets a unit-wide window."""
+    lo, hi = np.percentile(array, [low_percentile, high_percentile])
+    if not hi > lo:
+        lo, hi = float(array.min()), float(array.max())
+        if not hi > lo:
+            hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def preview_image(volume, *, affine=None, spacing=None, window=None, zoom=None, gap: int = 4):
+    """A PIL greyscale image of the axial, coronal and sagittal mid-slices side by side (one row per channel).
+
+    The volume is first reoriented to RAS from `affine` (or `spacing` with RAS axes; default 1 mm isotropic), so
+    the views are anatomical whatever the storage order: axial with anterior up, coronal and sagittal with
+    superior up. Anisotropic voxels are shown at their physical aspect ratio. window: (lo, hi) mapped to black and
+    white; default the 0.5–99.5 percentile range of each channel. zoom: display pixels per smallest voxel side
+    (default: enough to make the largest panel side about 192 pixels)."""
+    from PIL import Image
+
+    array = _volume_array(volume)
+    if array.ndim == 3:
+        array = array[None]
+    if affine is None:
+        affine = make_affine((1.0, 1.0, 1.0) if spacing is None else spacing, "RAS")
+    elif spacing is not None:
+        raise ValueError("give either affine or spacing, not both")
+    array, ras_spacing = _to_ras(array, _check_affine(affine))
+    pixel = ras_spacing / ras_spacing.min()
+    extent = np.asarray(array.shape[1:]) * pixel
+    if zoom is None:
+        zoom = max(1, int(round(192 / extent.max())))
+    if not (isinstance(zoom, int) and zoom >= 1):
+        raise ValueError(f"zoom must be a positive int, got {zoom!r}")
+    rows = []
+    for channel in array:
+        lo, hi = auto_window(channel) if window is None else (float(window[0]), float(window[1]))
+        if not hi > lo:
+            raise ValueError(f"window must have lo < hi, got {window!r}")
+        grey = np.clip((channel - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        x, y, z = (s // 2 for s in grey.shape)
+        views = (  # (2-D slice with the horizontal axis first, the two RAS axes it spans)
+            (grey[:, :, z], (0, 1)),  # axial: R-L horizontal, A up
+            (grey[:, y, :], (0, 2)),  # coronal: S up
+            (grey[x, :, :], (1, 2)),  # sagittal: A to the right, S up
+        )
+        panels = []
+        for plane, (h_axis, v_axis) in views:
+            picture = Image.fromarray(np.ascontiguousarray(plane.T[::-1]))
+            size = (max(1, int(round(plane.shape[0] * pixel[h_axis] * zoom))),
+                    max(1, int(round(plane.shape[1] * pixel[v_axis] * zoom))))
+            panels.append(picture.resize(size, Image.NEAREST))
+        rows.append(panels)
+    width = max(sum(p.width for p in panels) + gap * (len(panels) - 1) for panels in rows)
+    heights = [max(p.height for p in panels) for panels in rows]
+    canvas = Image.new("L", (width, sum(heights) + gap * (len(rows) - 1)), 0)
+    top = 0
+    for panels, height in zip(rows, heights):
+        left = 0
+        for panel in panels:
+            canvas.paste(panel, (left, top + (height - panel.height) // 2))
+            left += panel.width + gap
+        top += height + gap
+    return canvas
+
+
+def save_preview(path, volume, *, affine=None, spacing=None, window=None, zoom=None,
+                 overwrite: bool = False) -> str:
+    """Write `preview_image(volume, ...)` as a PNG atomically; returns the path."""
+    path = os.fspath(path)
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"{path}: a preview file name must end in .png")
+    image = preview_image(volume, affine=affine, spacing=spacing, window=window, zoom=zoom)
+    with atomic_path(path, overwrite) as temporary:
+        image.save(temporary, format="PNG")
+    return path
+
+
+__all__ = ["FileReadError", "VolumeInfo", "atomic_path", "auto_window", "check_intensity", "check_orientation",
+           "denormalize", "load_volume", "make_affine", "normalize", "orientation_from_affine", "preview_image",
+           "read_json", "save_preview", "save_volume", "spacing_from_affine", "write_bytes", "write_json"]

@@ -1,0 +1,461 @@
+"""pydiffmed.ops.group_norm on every backend that runs here, against a float64 oracle (DESIGN §4, §6)."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pydiffmed import backends, nn as pdm_nn
+from pydiffmed.ops import group_norm
+from pydiffmed.ops._checks import channels_last_format
+
+from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, run_backend, runnable_backends
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HAS_CUDA = torch.cuda.is_available()
+
+# (N, C, spatial, G): ragged spatial sizes (never a power of two), odd and even C/G, N = 1 and N > 1, 4-D and 5-D.
+SHAPES = [
+    (2, 6, (3, 5, 7), 3),
+    (1, 24, (5, 9, 11), 3),
+    (3, 15, (6, 7), 5),
+    (1, 32, (4, 5, 6), 8),
+    (2, 12, (9, 10), 4),
+]
+# One case big enough for several statistics chunks per channel and for both CPU threads.
+LARGE_SHAPE = (1, 8, (20, 21, 22), 2)
+# The Triton interpreter runs every program in numpy: tiny shapes only.
+TRITON_SHAPES = [(2, 6, (3, 5, 7), 3), (1, 15, (6, 7), 5)]
+
+# Option combinations run for every (backend, shape, dtype, layout): together they cover every option both ways.
+OPTIONS = [
+    dict(act=None, affine="both", bias_nc=False, offset=0.0, token_major=False),
+    dict(act="silu", affine="both", bias_nc=True, offset=0.0, token_major=False),
+    dict(act="silu", affine="none", bias_nc=False, offset=1000.0, token_major=True),
+    dict(act=None, affine="weight", bias_nc=True, offset=1000.0, token_major=False),
+    dict(act="silu", affine="bias", bias_nc=True, offset=0.0, token_major=True),
+]
+
+
+def _triton_import_error():
+    try:
+        importlib.import_module("triton_kernels.group_norm")
+        return None
+    except Exception as exc:  # the kernel is written concurrently; anything but a clean import means "not yet"
+        return f"{type(exc).__name__}: {exc}"
+
+
+def skip_if_unusable(backend):
+    if backend == "triton":
+        reason = _triton_import_error()
+        if reason:
+            pytest.skip(f"triton_kernels.group_norm does not import yet ({reason})")
+
+
+def backends_here():
+    return runnable_backends("group_norm", [torch.empty(1)])
+
+
+# --- inputs and the oracle --------------------------------------------------------------------------------------
+
+def make_inputs(shape, dtype, channels_last, act=None, affine="both", bias_nc=False, offset=0.0, device="cpu",
+                seed=0):
+    n, c, spatial, g = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, *spatial), generator=gen) * 1.5 + offset
+    # per-channel shifts so that groups are not already normalised
+    x = x + torch.randn((1, c) + (1,) * len(spatial), generator=gen)
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=channels_last_format(x.ndim))
+    w = torch.randn(c, generator=gen) if affine in ("both", "weight") else None
+    b = torch.randn(c, generator=gen) if affine in ("both", "bias") else None
+    bnc = torch.randn(n, c, generator=gen) if bias_nc else None
+    move = (lambda t: None if t is None else t.to(device))
+    return move(x), g, move(w), move(b), move(bnc)
+
+
+def oracle(x, num_groups, weight, bias, eps, act, bias_nc):
+    """float64 GroupNorm of the (already rounded) input, written out (no torch GroupNorm kernel involved)."""
+    n, c = x.shape[:2]
+    per_channel = (n, c) + (1,) * (x.ndim - 2)
+    xd = x.double()
+    if bias_nc is not None:
+        xd = xd + bias_nc.double().reshape(per_channel)
+    groups = xd.reshape(n, num_groups, -1)
+    mean = groups.mean(dim=2, keepdim=True)
+    var = ((groups - mean) ** 2).mean(dim=2, keepdim=True)
+    y = ((groups - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    if weight is not None:
+        y = y * weight.double().reshape((1, c) + (1,) * (x.ndim - 2))
+    if bias is not None:
+        y = y + bias.double().reshape((1, c) + (1,) * (x.ndim - 2))
+    return F.silu(y) if act == "silu" else y
+
+
+def torch_at_dtype(x, num_groups, weight, bias, eps, act, bias_nc):
+    """The same math in plain torch at x's dtype (the DESIGN §6 yardstick)."""
+    dt = x.dtype
+    xt = x
+    if bias_nc is not None:
+        xt = xt + bias_nc.to(dt).reshape(*bias_nc.shape, *([1] * (x.ndim - 2)))
+    y = F.group_norm(xt, num_groups, None if weight is None else weight.to(dt),
+                     None if bias is None else bias.to(dt), eps)
+    return F.silu(y) if act == "silu" else y
+
+
+def token_major_of(y):
+    return y.flatten(2).transpose(1, 2)
+
+
+def check_against_oracle(out, x, g, w, b, eps, act, bnc, token_major, offset, what):
+    ref = oracle(x, g, w, b, eps, act, bnc)
+    at_dtype = torch_at_dtype(x, g, w, b, eps, act, bnc)
+    if token_major:
+        ref, at_dtype = token_major_of(ref), token_major_of(at_dtype)
+    assert out.shape == ref.shape, what
+    # fp32 on data with a large offset: ~16 ulp of the offset, far below what E[x^2] - E[x]^2 would lose
+    floor = 1e-3 if (offset and x.dtype == torch.float32) else 1e-5
+    assert_close_by_rule(out, ref, at_dtype, floor=floor, what=what)
+
+
+# --- the main comparison ------------------------------------------------------------------------------------------
+
+def _cases(shapes):
+    return [(shape, dtype, cl) for shape in shapes for dtype in DTYPES for cl in (False, True)]
+
+
+def _ids(case):
+    shape, dtype, cl = case
+    n, c, spatial, g = shape
+    return f"{n}x{c}x{'x'.join(map(str, spatial))}g{g}-{str(dtype)[6:]}-{'cl' if cl else 'ncs'}"
+
+
+def _run_all_options(backend, shape, dtype, channels_last, options=OPTIONS, device="cpu"):
+    for opts in options:
+        x, g, w, b, bnc = make_inputs(shape, dtype, channels_last, device=device,
+                                      **{k: opts[k] for k in ("act", "affine", "bias_nc", "offset")})
+        out = group_norm(x, g, w, b, 1e-5, act=opts["act"], bias_nc=bnc, token_major=opts["token_major"],
+                         backend=backend)
+        assert out.dtype == x.dtype and out.device == x.device
+        if not opts["token_major"]:
+            # layout preserved: channels_last in -> channels_last out (same strides), contiguous -> contiguous
+            assert out.stride() == x.stride()
+        check_against_oracle(out.cpu(), x.cpu(), g, *(None if t is None else t.cpu() for t in (w, b)), 1e-5,
+                             opts["act"], None if bnc is None else bnc.cpu(), opts["token_major"], opts["offset"],
+                             what=f"{backend} {opts}")
+
+
+@pytest.mark.parametrize("case", _cases(SHAPES + [LARGE_SHAPE]), ids=_ids)
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_matches_oracle(backend, case):
+    assert backend in backends_here()
+    _run_all_options(backend, *case)
+
+
+@pytest.mark.parametrize("case", _cases(TRITON_SHAPES), ids=_ids)
+def test_triton_interpreter_matches_oracle(case):
+    assert "triton" in backends_here()
+    skip_if_unusable("triton")
+    _run_all_options("triton", *case)
+
+
+def test_cpu_exact_on_large_offset():
+    """fp32 statistics and apply keep full precision on x + 1000 (pivoted sums, split center), both layouts."""
+    for cl in (False, True):
+        x, g, w, b, bnc = make_inputs(LARGE_SHAPE, torch.float32, cl, bias_nc=True, offset=1000.0)
+        out = group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend="cpu")
+        assert max_abs_err(out, oracle(x, g, w, b, 1e-5, "silu", bnc)) < 1e-5
+
+
+def test_weight_fp32_with_half_input_equals_half_weight_cast():
+    x, g, w, b, _ = make_inputs(SHAPES[1], torch.bfloat16, False)
+    for backend in ("torch", "cpu"):
+        out32 = group_norm(x, g, w, b, backend=backend)
+        check_against_oracle(out32, x, g, w, b, 1e-5, None, None, False, 0.0, what=backend)
+        # weight and bias given in bf16 (exactly representable values) give the same result
+        wb, bb = w.bfloat16(), b.bfloat16()
+        torch.testing.assert_close(group_norm(x, g, wb, bb, backend=backend),
+                                   group_norm(x, g, wb.float(), bb.float(), backend=backend), rtol=0, atol=0)
+
+
+def test_non_contiguous_views():
+    base, g, w, b, bnc = make_inputs((2, 12, (6, 8, 10), 4), torch.float32, False, bias_nc=True)
+    views = {
+        "sliced W": base[..., ::2],
+        "permuted D/H": base.transpose(2, 3),
+        "channel slice": base[:, 4:],
+        "channels_last then sliced": base.to(memory_format=torch.channels_last_3d)[:, :, 1:],
+    }
+    for backend in ("torch", "cpu"):
+        for name, x in views.items():
+            c = x.shape[1]
+            gg = 2 if c == 8 else g
+            out = group_norm(x, gg, w[:c], b[:c], act="silu", bias_nc=bnc[:, :c], backend=backend)
+            ref = oracle(x, gg, w[:c], b[:c], 1e-5, "silu", bnc[:, :c])
+            assert max_abs_err(out, ref) < 2e-5, f"{backend} {name}"
+
+
+def test_channels_last_input_reaches_the_kernel_without_a_copy(monkeypatch):
+    seen = []
+    impl = backends._REGISTRY["group_norm"]["cpu"]
+
+    def spy(x, y, *args):
+        seen.append((x.data_ptr(), y.is_contiguous(memory_format=torch.channels_last_3d)))
+        return impl.run(x, y, *args)
+
+    monkeypatch.setitem(backends._REGISTRY["group_norm"], "cpu", backends.OpImpl(spy, impl.reasons))
+    x, g, w, b, _ = make_inputs(SHAPES[0], torch.float32, True)
+    out = group_norm(x, g, w, b, backend="cpu")
+    assert seen == [(x.data_ptr(), True)]
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_token_major_is_the_transposed_output():
+    for cl in (False, True):
+        x, g, w, b, bnc = make_inputs(SHAPES[1], torch.float32, cl, bias_nc=True)
+        for backend in ("torch", "cpu"):
+            full = group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)
+            tokens = group_norm(x, g, w, b, act="silu", bias_nc=bnc, token_major=True, backend=backend)
+            n, c = x.shape[:2]
+            assert tokens.shape == (n, math.prod(x.shape[2:]), c) and tokens.is_contiguous()
+            torch.testing.assert_close(tokens, token_major_of(full), rtol=0, atol=0)
+
+
+def test_cpu_backend_uses_threads_consistently():
+    """The split of the work between threads must not change the statistics beyond rounding."""
+    x, g, w, b, bnc = make_inputs(LARGE_SHAPE, torch.float32, False, bias_nc=True)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = group_norm(x, g, w, b, bias_nc=bnc, backend="cpu")
+        torch.set_num_threads(2)
+        two = group_norm(x, g, w, b, bias_nc=bnc, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(one, two, rtol=0, atol=1e-6)
+
+
+def test_fp16_subnormal_outputs_round_like_torch():
+    """fp16 stores (the CPU kernel's branch-free conversion) round tiny results to the same subnormals as torch."""
+    x, g, _, _, _ = make_inputs(SHAPES[0], torch.float16, False)
+    c = x.shape[1]
+    w = torch.full((c,), 3e-6)  # outputs ~1e-6: fp16 subnormals (below 6.1e-5)
+    out = group_norm(x, g, w, None, backend="cpu")
+    expected = oracle(x, g, w, None, 1e-5, None, None).float().half()
+    assert (out != 0).any()
+    assert max_abs_err(out, expected) <= 2 ** -24  # at most one subnormal step (double rounding in the oracle)
+
+
+# --- NaN canary: nothing written outside the output ---------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_nan_canary(backend, dtype):
+    assert backend in backends_here()
+    skip_if_unusable(backend)
+    shape = TRITON_SHAPES[0] if backend == "triton" else LARGE_SHAPE
+    for cl in (False, True):
+        x, g, w, b, bnc = make_inputs(shape, dtype, cl, bias_nc=True)
+        fmt = channels_last_format(x.ndim) if cl else torch.contiguous_format
+        n, c = x.shape[:2]
+        for token_major in (False, True):
+            if token_major:
+                y, buf = canary_like(x, shape=(n, math.prod(x.shape[2:]), c))
+            else:
+                y, buf = canary_like(x, memory_format=fmt)
+            run_backend("group_norm", backend, x, y, g, w, b, 1e-5, True, bnc)
+            assert canary_intact(y, buf), f"{backend} cl={cl} token_major={token_major}: wrote outside the output"
+            check_against_oracle(y, x, g, w, b, 1e-5, "silu", bnc, token_major, 0.0,
+                                 what=f"{backend} canary cl={cl} token_major={token_major}")
+
+
+# --- property tests -----------------------------------------------------------------------------------------------
+
+@st.composite
+def small_problems(draw):
+    n = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 4))
+    c = g * draw(st.integers(1, 4))
+    ndim = draw(st.sampled_from([4, 5]))
+    spatial = tuple(draw(st.integers(1, 7)) for _ in range(ndim - 2))
+    return (n, c, spatial, g), draw(st.booleans()), draw(st.sampled_from([None, "silu"])), draw(st.booleans())
+
+
+@settings(max_examples=30, deadline=None)
+@given(problem=small_problems(), seed=st.integers(0, 2 ** 16))
+def test_property_small_shapes(problem, seed):
+    shape, channels_last, act, with_bias_nc = problem
+    x, g, w, b, bnc = make_inputs(shape, torch.float32, channels_last, act=act, bias_nc=with_bias_nc, seed=seed)
+    ref = oracle(x, g, w, b, 1e-5, act, bnc)
+    n, _, spatial, _ = shape
+    # torch's GroupNorm refuses one value per channel (N * D*H*W == 1) even when a group has several channels
+    for backend in ("torch", "cpu") if n * math.prod(spatial) > 1 else ("cpu",):
+        out = group_norm(x, g, w, b, act=act, bias_nc=bnc, backend=backend)
+        # groups of a single value normalise to 0 (variance 0): exact; otherwise fp32 rounding
+        assert max_abs_err(out, ref) < 5e-5, backend
+
+
+# --- custom op registration --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(channels_last):
+    x, g, w, b, bnc = make_inputs(SHAPES[0], torch.float32, channels_last, bias_nc=True)
+    for args in ((x, g, w, b, 1e-5, "silu", bnc, False, "cpu"), (x, g, None, None, 1e-6, "", None, True, "cpu")):
+        torch.library.opcheck(torch.ops.pydiffmed.group_norm.default, args)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(2, 6, 3, 4, 5)
+    w, b = torch.randn(6), torch.randn(6)
+    cases = [
+        (ValueError, "x", lambda: group_norm(torch.randn(2, 6, 5), 3)),
+        (ValueError, "x", lambda: group_norm(torch.randn(1, 2, 6, 3, 4, 5), 3)),
+        (ValueError, "num_groups", lambda: group_norm(x, 4)),
+        (ValueError, "num_groups", lambda: group_norm(x, 0)),
+        (ValueError, "num_groups", lambda: group_norm(x, 3.0)),
+        (ValueError, "weight", lambda: group_norm(x, 3, torch.randn(5), b)),
+        (ValueError, "bias", lambda: group_norm(x, 3, w, torch.randn(6, 1))),
+        (ValueError, "bias_nc", lambda: group_norm(x, 3, bias_nc=torch.randn(2, 5))),
+        (ValueError, "bias_nc", lambda: group_norm(x, 3, bias_nc=torch.randn(6))),
+        (TypeError, "x", lambda: group_norm(torch.ones(2, 6, 3, 4, 5, dtype=torch.int32), 3)),
+        (TypeError, "x", lambda: group_norm(x.double(), 3)),
+        (TypeError, "weight", lambda: group_norm(x, 3, torch.ones(6, dtype=torch.int64))),
+        (TypeError, "x", lambda: group_norm(x.numpy(), 3)),
+        (ValueError, "weight", lambda: group_norm(x, 3, w.to("meta"), b)),
+        (ValueError, "bias_nc", lambda: group_norm(x, 3, bias_nc=torch.randn(2, 6, device="meta"))),
+        (ValueError, "act", lambda: group_norm(x, 3, act="relu")),
+        (ValueError, "eps", lambda: group_norm(x, 3, eps=0.0)),
+        (ValueError, "eps", lambda: group_norm(x, 3, eps=float("nan"))),
+    ]
+    for exc, name, call in cases:
+        with pytest.raises(exc, match=name):
+            call()
+
+
+# --- dispatch ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_forced_cuda_backend_lists_reasons():
+    x = torch.randn(1, 4, 2, 3, 5)
+    with pytest.raises(backends.BackendUnavailable, match="cuda.*no CUDA device"):
+        group_norm(x, 2, backend="cuda")
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="backend"):
+        group_norm(torch.randn(1, 4, 2, 3, 5), 2, backend="fortran")
+
+
+def _spy_backends(monkeypatch):
+    called = []
+    for name, impl in list(backends._REGISTRY["group_norm"].items()):
+        def spy(*args, _name=name, _run=impl.run):
+            called.append(_name)
+            return _run(*args)
+        monkeypatch.setitem(backends._REGISTRY["group_norm"], name, backends.OpImpl(spy, impl.reasons))
+    return called
+
+
+def test_env_var_forces_the_backend(monkeypatch):
+    called = _spy_backends(monkeypatch)
+    x = torch.randn(1, 4, 2, 3, 5)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    group_norm(x, 2)
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    group_norm(x, 2)
+    monkeypatch.delenv(backends.ENV_VAR)
+    group_norm(x, 2)
+    # default on a CPU tensor: triton is interpreter-only (never picked unforced), cuda needs a GPU -> cpu
+    assert called == ["torch", "cpu", "cpu"]
+    if not HAS_CUDA:
+        monkeypatch.setenv(backends.ENV_VAR, "cuda")
+        with pytest.raises(backends.BackendUnavailable, match="no CUDA device"):
+            group_norm(x, 2)
+
+
+def test_backend_argument_overrides_env_var(monkeypatch):
+    called = _spy_backends(monkeypatch)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    group_norm(torch.randn(1, 4, 2, 3, 5), 2, backend="cpu")
+    assert called == ["cpu"]
+
+
+# --- nn modules ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_modules_match_torch_nn(channels_last):
+    torch_gn = torch.nn.GroupNorm(4, 12, eps=1e-6)
+    with torch.no_grad():
+        torch_gn.weight.normal_()
+        torch_gn.bias.normal_()
+    ours = pdm_nn.GroupNorm3d(4, 12, eps=1e-6)
+    ours_silu = pdm_nn.GroupNormSiLU(4, 12, eps=1e-6)
+    assert set(ours.state_dict()) == set(torch_gn.state_dict()) == set(ours_silu.state_dict())
+    ours.load_state_dict(torch_gn.state_dict())
+    ours_silu.load_state_dict(torch_gn.state_dict())
+    x = torch.randn(2, 12, 5, 6, 7)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        expected = torch_gn(x)
+        torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours_silu(x), F.silu(expected), rtol=1e-5, atol=1e-5)
+        bnc = torch.randn(2, 12)
+        torch.testing.assert_close(ours_silu(x, bias_nc=bnc), F.silu(torch_gn(x + bnc[:, :, None, None, None])),
+                                   rtol=1e-5, atol=1e-5)
+
+
+# --- GPU (skipped without CUDA) --------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+class TestGPU:
+    @pytest.mark.parametrize("case", _cases(SHAPES + [LARGE_SHAPE, (2, 320, (9, 10, 11), 32)]), ids=_ids)
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    def test_matches_oracle(self, backend, case):
+        skip_if_unusable(backend)
+        _run_all_options(backend, *case, device="cuda")
+
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+    def test_nan_canary(self, backend, dtype):
+        skip_if_unusable(backend)
+        for cl in (False, True):
+            x, g, w, b, bnc = make_inputs(LARGE_SHAPE, dtype, cl, bias_nc=True, device="cuda")
+            fmt = channels_last_format(x.ndim) if cl else torch.contiguous_format
+            n, c = x.shape[:2]
+            for token_major in (False, True):
+                shape = (n, math.prod(x.shape[2:]), c) if token_major else None
+                y, buf = canary_like(x, shape=shape, memory_format=torch.contiguous_format if token_major else fmt)
+                run_backend("group_norm", backend, x, y, g, w, b, 1e-5, True, bnc)
+                torch.cuda.synchronize()
+                assert canary_intact(y, buf), f"{backend} cl={cl} token_major={token_major}"
+                check_against_oracle(y.cpu(), x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu(), token_major,
+                                     0.0, what=f"{backend} canary")
+
+    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    def test_cuda_graph_capture(self, backend):
+        skip_if_unusable(backend)
+        x, g, w, b, bnc = make_inputs((2, 64, (16, 16, 16), 32), torch.bfloat16, True, bias_nc=True, device="cuda")
+        run = lambda: group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)  # noqa: E731
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()  # warm-up: compilation and caches outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        x.copy_(torch.randn_like(x) + 3)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, run())
+        check_against_oracle(out.cpu(), x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu(), False, 0.0,
+                             what=f"{backend} graph replay")
