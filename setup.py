@@ -36,6 +36,7 @@ setup(
     version="0.1.0",
     description="Fast sampler engine for diffusion models on 3-D medical volumes",
     packages=["pydiffmed", "pydiffmed.ops", "pydiffmed.models", "pydiffmed.solvers", "triton_kernels"],
+    package_data={"pydiffmed": ["models_data/README.md", "models_data/*/*", "models_data/*.safetensors"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext, "build_py": BuildPyWithKernelSources},
     python_requires=">=3.9",
@@ -46,9 +47,9 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "io": ["nibabel>=5", "safetensors", "pillow"],
+        "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml"],
         "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "nibabel>=5",
-                 "safetensors", "pillow"],
+                 "safetensors", "pillow", "pyyaml"],
     },
     entry_points={"console_scripts": ["pydiffmed=pydiffmed.cli:main"]},
 )

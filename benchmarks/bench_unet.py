@@ -13,7 +13,7 @@ fraction of a same-run convolution peak (a 64→64 3×3×3 convolution on a 32³
 path torch offers, in the row's dtype). On a GPU it adds UNet3D replayed from a CUDA graph and
 torch.compile(MONAI, mode="max-autotune").
 
-    python benchmarks/bench_unet.py [--quick] [--repeats N]
+    python benchmarks/bench_unet.py [--quick] [--repeats N] [--threads N]
 
 --quick (the CPU default for CI-sized runs): 32³ for both configurations and 64³ for the small one.
 """
@@ -54,7 +54,8 @@ def randomize_(model, seed=0):
 
 
 def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
-    """Median wall time of each callable, timing them in turn within every round."""
+    """(median wall time, median process CPU time) of each callable, timing them in turn within every round.
+    CPU time (all threads of this process) is less sensitive than wall time to other processes on the cores."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -62,11 +63,12 @@ def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dic
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+            for name, ts in times.items()}
 
 
 def conv_peak(dtype, device, repeats=10) -> float:
@@ -78,7 +80,7 @@ def conv_peak(dtype, device, repeats=10) -> float:
     b = torch.zeros(64, device=device, dtype=dtype)
     flops = 2 * 64 * 64 * 27 * 32 ** 3
     with torch.no_grad():
-        t = interleaved_medians({"conv": lambda: convolution(x, w, b, 1, 1)}, device, repeats)["conv"]
+        t = interleaved_medians({"conv": lambda: convolution(x, w, b, 1, 1)}, device, repeats)["conv"][0]
     return flops / t / 1e9
 
 
@@ -115,17 +117,19 @@ def run_case(config_name, size, dtypes, device, repeats, peaks):
         if device == "cuda":
             fns.update(_gpu_variants(monai, x, t))
         medians = interleaved_medians(fns, device, repeats)
-    base = medians["MONAI fp32"]
+    base, base_cpu = medians["MONAI fp32"]
     rows = []
-    for name, seconds in medians.items():
+    for name, (seconds, cpu_seconds) in medians.items():
         dtype_name = name.split()[-1]
         rate = flops / seconds / 1e9
         peak = peaks.get(dtype_name)
         rows.append({"config": config_name, "volume": f"{size}³", "variant": name, "ms": seconds * 1e3,
-                     "MONAI_fp32_ms": base * 1e3, "speedup": base / seconds, "GFLOP": flops / 1e9,
-                     "GFLOP/s": rate, "conv_peak_GFLOP/s": peak, "of_peak": rate / peak if peak else None})
-        print(f"{config_name} {size}³ {name:28s} {seconds * 1e3:9.1f} ms  ×{base / seconds:5.2f} vs MONAI fp32  "
-              f"{rate:7.1f} GFLOP/s" + (f"  {rate / peak:5.1%} of conv peak" if peak else ""), flush=True)
+                     "MONAI_fp32_ms": base * 1e3, "speedup": base / seconds, "cpu_ms": cpu_seconds * 1e3,
+                     "cpu_speedup": base_cpu / cpu_seconds, "GFLOP": flops / 1e9, "GFLOP/s": rate,
+                     "conv_peak_GFLOP/s": peak, "of_peak": rate / peak if peak else None})
+        print(f"{config_name} {size}³ {name:40s} {seconds * 1e3:9.1f} ms  ×{base / seconds:5.2f} vs MONAI fp32 "
+              f"(CPU time ×{base_cpu / cpu_seconds:5.2f})  {rate:7.1f} GFLOP/s"
+              + (f"  {rate / peak:5.1%} of conv peak" if peak else ""), flush=True)
     return rows
 
 
@@ -153,7 +157,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU-sized run: 32³ both configs, 64³ small only")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     cases = [("small", 32), ("large", 32), ("small", 64), ("large", 64)]
@@ -167,10 +174,12 @@ def main():
         rows += run_case(config_name, size, dtypes, device, repeats, peaks)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"{'--quick ' if args.quick else ''}repeats={repeats}, batch 1, torch threads "
-             f"{torch.get_num_threads()}, 1-min load average at the end {load:.2f}. GFLOP = MONAI's forward as "
-             "counted by torch.utils.flop_counter; conv peak = same-run 64→64 3×3×3 conv on 32³, channels_last.")
-    columns = ["config", "volume", "variant", "ms", "MONAI_fp32_ms", "speedup", "GFLOP", "GFLOP/s",
-               "conv_peak_GFLOP/s", "of_peak"]
+             f"{torch.get_num_threads()}, 1-min load average at the end {load:.2f}. ms = median wall time, "
+             "cpu_ms = median process CPU time (all threads; less disturbed by other processes), speed-ups vs "
+             "MONAI fp32 eager timed interleaved in the same run. GFLOP = MONAI's forward as counted by "
+             "torch.utils.flop_counter; conv peak = same-run 64→64 3×3×3 conv on 32³, channels_last.")
+    columns = ["config", "volume", "variant", "ms", "MONAI_fp32_ms", "speedup", "cpu_ms", "cpu_speedup", "GFLOP",
+               "GFLOP/s", "conv_peak_GFLOP/s", "of_peak"]
     print(save("bench_unet", rows, columns, notes))
 
 

@@ -5,3 +5,9 @@ from . import backends, ops  # noqa: E402,F401
 from .accelerate import accelerate  # noqa: E402
 
 __all__ = ["accelerate", "backends", "ops", "__version__"]
+
+from .modelfile import load_model  # noqa: E402
+__all__.append("load_model")
+
+from .solvers import get_solver  # noqa: E402
+__all__.append("get_solver")

@@ -209,14 +209,22 @@ def _fused_step_module():
     return cupy.RawModule(code=code, options=options)
 
 
-def fused_step_kernel_launch(grid, block, args) -> None:
-    """Launch fused_step_kernel on torch's current stream (the tests replace this with a CPU emulation)."""
+def fused_step_kernel_launch(name, grid, block, args) -> None:
+    """Launch kernel `name` of fused_step.cu on torch's current stream (the tests replace this with a CPU
+    emulation)."""
     import cupy
 
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
     with cupy.cuda.Device(torch.cuda.current_device()):
-        _fused_step_module().get_function("fused_step_kernel")(tuple(grid), tuple(block), tuple(args),
-                                                               stream=stream)
+        _fused_step_module().get_function(name)(tuple(grid), tuple(block), tuple(args), stream=stream)
+
+
+def _fs_launch_on(device, name, grid, block, args) -> None:
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            fused_step_kernel_launch(name, grid, block, args)
+    else:  # CPU tensors reach here only from the test suite's emulation of the kernels
+        fused_step_kernel_launch(name, grid, block, args)
 
 
 def fused_step_launch(a) -> None:
@@ -240,8 +248,19 @@ def fused_step_launch(a) -> None:
             np.int64(a.numel), np.int64(a.channels), np.int64(max(a.spatial, 1)), np.int32(bool(a.channels_last)))
     philox_blocks = (a.numel + 3) // 4
     grid = ((philox_blocks + _FS_THREADS - 1) // _FS_THREADS, a.batch, 1)
-    if a.x.device.type == "cuda":
-        with torch.cuda.device(a.x.device):
-            fused_step_kernel_launch(grid, (_FS_THREADS, 1, 1), args)
-    else:
-        fused_step_kernel_launch(grid, (_FS_THREADS, 1, 1), args)
+    _fs_launch_on(a.x.device, "fused_step_kernel", grid, (_FS_THREADS, 1, 1), args)
+
+
+def per_sample_sumsq_launch(flat, batch: int):
+    """fp32 partial sums of squares (batch, T) of the `batch` contiguous sample blocks of `flat`, T threads per
+    sample each summing >= 16 elements (at most 64K threads per sample)."""
+    from .backends import DTYPE_CODES
+
+    if batch > 65535:
+        raise ValueError(f"the cuda backend handles at most 65535 samples per call, got {batch}")
+    numel = flat.numel() // batch
+    blocks = max(1, min(256, -(-numel // (16 * _FS_THREADS))))
+    partial = torch.empty((batch, blocks * _FS_THREADS), dtype=torch.float32, device=flat.device)
+    _fs_launch_on(flat.device, "per_sample_sumsq_kernel", (blocks, batch, 1), (_FS_THREADS, 1, 1),
+                  (ptr(flat), np.int32(DTYPE_CODES[flat.dtype]), np.int64(numel), ptr(partial)))
+    return partial

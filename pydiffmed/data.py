@@ -2,18 +2,24 @@
 
 `head_phantom(seed, index)` draws one head: a skull shell with a smoothly perturbed ellipsoidal outline, brain
 with a low-frequency texture, two lateral ventricles (CSF), one to four lesions, a random rotation and shift, a
-smooth multiplicative bias field and a little noise; edges are partial-volume ramps one voxel wide. Every
+smooth multiplicative bias field and a little noise; edges are partial-volume ramps half a voxel wide. Every
 phantom depends only on (seed, index), so any subset can be regenerated, in any order or batch size.
 
-Intensities (before the final map to [-1, 1] as 2·v − 1) sit in disjoint class bands, so classes can be read back
-from a volume by thresholds (`tissue_labels`) — what the statistics below use on generated volumes:
+Contrast is T2-weighted-MRI-like. Intensities (before the final map to [-1, 1] as 2·v − 1) sit in disjoint class
+bands, so classes can be read back from a volume by thresholds (`tissue_labels`) — what the statistics below use
+on generated volumes:
 
-    background 0 · CSF 0.12–0.20 · brain 0.42–0.50 (±0.03 texture) · lesion 0.66–0.72 · bone 0.90–1.00
-    all × bias field in [0.92, 1.08], + N(0, 0.008²) noise
+    background 0 · bone 0.14–0.20 · brain 0.40–0.48 (±0.03 texture) · lesion 0.66–0.72 · CSF 0.90–1.00
+    all × a bias field within [0.94, 1.06], + N(0, 0.008²) noise
+
+The band order follows the anatomy (air | bone | brain | lesions, ventricles), so a partial-volume voxel on the
+air–bone, bone–brain or brain–lesion boundaries falls in one of its two neighbours' classes; only the brain–CSF
+boundary crosses the lesion band (a thin rim, a few small components).
 
 Statistics (vectorised torch, batch-first): `tissue_fractions` (fraction of voxels in each class),
 `intensity_histogram_distance` (1-D Wasserstein distance between pooled intensity histograms), and
-`connected_components` / `component_counts` (6-connected components per class).
+`connected_components` / `component_statistics` (6-connected components per class: counts and the share of the
+largest).
 """
 from __future__ import annotations
 
@@ -22,9 +28,9 @@ import math
 import numpy as np
 import torch
 
-TISSUE_CLASSES = ("background", "csf", "brain", "lesion", "bone")
-# Class boundaries on the [-1, 1] scale, between the class bands above (0.06, 0.30, 0.60, 0.80 before 2·v − 1).
-TISSUE_THRESHOLDS = (-0.88, -0.40, 0.20, 0.60)
+TISSUE_CLASSES = ("background", "bone", "brain", "lesion", "csf")
+# Class boundaries on the [-1, 1] scale, between the class bands above (0.06, 0.27, 0.58, 0.80 before 2·v − 1).
+TISSUE_THRESHOLDS = (-0.88, -0.46, 0.16, 0.60)
 _LABEL = {name: i for i, name in enumerate(TISSUE_CLASSES)}
 
 
@@ -65,10 +71,13 @@ def _ellipsoid_radius(points, centre, semi_axes, rotation=None):
     return torch.linalg.vector_norm(local / _t(semi_axes), dim=-1)
 
 
+EDGE_WIDTH = 0.5
+
+
 def _occupancy(radius, surface_scale_voxels):
-    """Partial-volume occupancy: 1 inside, 0 outside, a linear ramp one voxel wide across the surface radius = 1.
-    surface_scale_voxels converts a radius difference into voxels (the shape's size in voxels)."""
-    return (0.5 - (radius - 1.0) * surface_scale_voxels).clamp(0.0, 1.0)
+    """Partial-volume occupancy: 1 inside, 0 outside, a linear ramp EDGE_WIDTH voxels wide across the surface
+    radius = 1. surface_scale_voxels converts a radius difference into voxels (the shape's size in voxels)."""
+    return (0.5 - (radius - 1.0) * surface_scale_voxels / EDGE_WIDTH).clamp(0.0, 1.0)
 
 
 def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool = False):
@@ -88,8 +97,8 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
 
     # Head frame: rotate and shift, then divide by the head's semi-axes (head-normalised coordinates u).
     rotation = _rotation(rng, 0.35)
-    shift = rng.uniform(-0.04, 0.04, size=3)
-    head_axes = np.array([0.72, 0.86, 0.78]) * rng.uniform(0.88, 1.0) * rng.uniform(0.95, 1.05, size=3)
+    shift = rng.uniform(-0.03, 0.03, size=3)
+    head_axes = np.array([0.80, 0.92, 0.86]) * rng.uniform(0.92, 1.0) * rng.uniform(0.97, 1.03, size=3)
     u = ((grid - _t(shift)) @ _t(rotation)) / _t(head_axes)
     radius = torch.linalg.vector_norm(u, dim=-1)
     direction = u / radius.clamp_min(1e-6).unsqueeze(-1)
@@ -101,14 +110,14 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
     radius = radius / (1.0 + bumps)
     head_scale = float(head_axes.mean()) * voxels_per_unit
     skull = _occupancy(radius, head_scale)
-    inner = 1.0 - rng.uniform(0.10, 0.14)  # inner skull surface (radius in head units)
+    inner = 1.0 - rng.uniform(0.14, 0.18)  # inner skull surface (radius in head units)
     brain = _occupancy(radius / inner, head_scale * inner)
 
     # Lateral ventricles: mirrored ellipsoids either side of the midline, slightly above the centre.
-    ventricle_axes = np.array([rng.uniform(0.09, 0.12), rng.uniform(0.25, 0.35), rng.uniform(0.12, 0.18)])
+    ventricle_axes = np.array([rng.uniform(0.12, 0.16), rng.uniform(0.28, 0.38), rng.uniform(0.16, 0.22)])
     ventricle_centres = []
     ventricles = torch.zeros_like(radius)
-    offset_x, offset_y, offset_z = rng.uniform(0.10, 0.15), rng.uniform(-0.06, 0.06), rng.uniform(0.02, 0.12)
+    offset_x, offset_y, offset_z = rng.uniform(0.15, 0.20), rng.uniform(-0.06, 0.06), rng.uniform(0.02, 0.12)
     yaw = rng.uniform(0.05, 0.25)
     for side in (-1.0, 1.0):
         centre = np.array([side * offset_x, offset_y, offset_z])
@@ -122,10 +131,10 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
     lesions = []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(100):
-            centre = _unit_vectors(rng, 1)[0] * rng.uniform(0.25, 0.62)
+            centre = _unit_vectors(rng, 1)[0] * rng.uniform(0.25, 0.58)
             if all(np.linalg.norm((centre - vc) / (ventricle_axes + 0.15)) > 1.0 for vc in ventricle_centres):
                 break
-        lesion_axes = rng.uniform(0.09, 0.16) * rng.uniform(0.75, 1.25, size=3)
+        lesion_axes = rng.uniform(0.14, 0.22) * rng.uniform(0.75, 1.25, size=3)
         r = _ellipsoid_radius(u, centre, lesion_axes, _rotation(rng, math.pi))
         lesions.append((_occupancy(r, float(lesion_axes.mean()) * head_scale), rng.uniform(0.66, 0.72)))
 
@@ -134,21 +143,21 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
     for _ in range(4):
         wave = _unit_vectors(rng, 1)[0] * rng.uniform(3.0, 6.0)
         texture += torch.cos(u @ _t(wave) + float(rng.uniform(0, 2 * math.pi)))
-    image = skull * float(rng.uniform(0.90, 1.0))
-    image = torch.lerp(image, float(rng.uniform(0.42, 0.50)) + 0.03 * texture / 4.0, brain)
+    image = skull * float(rng.uniform(0.14, 0.20))
+    image = torch.lerp(image, float(rng.uniform(0.40, 0.48)) + 0.03 * texture / 4.0, brain)
     csf = ventricles * brain
-    image = torch.lerp(image, torch.full_like(image, float(rng.uniform(0.12, 0.20))), csf)
+    image = torch.lerp(image, torch.full_like(image, float(rng.uniform(0.90, 1.0))), csf)
     lesion_cover = torch.zeros_like(radius)
     for occupancy, level in lesions:
         occupancy = occupancy * brain
         image = torch.lerp(image, torch.full_like(image, float(level)), occupancy)
         lesion_cover = torch.maximum(lesion_cover, occupancy)
 
-    # Bias field: a random quadratic polynomial of the grid position, scaled to a peak deviation of 3–8 %.
+    # Bias field: a random quadratic polynomial of the grid position, scaled to a peak deviation of 2–6 %.
     linear, quadratic = _t(rng.normal(size=3)), _t(rng.normal(size=(3, 3)))
     field = grid @ linear + torch.einsum("...i,ij,...j->...", grid, quadratic, grid)
     field = field - field.mean()
-    field = 1.0 + float(rng.uniform(0.03, 0.08)) * field / field.abs().max().clamp_min(1e-6)
+    field = 1.0 + float(rng.uniform(0.02, 0.06)) * field / field.abs().max().clamp_min(1e-6)
     image = image * field + 0.008 * torch.randn(shape, generator=noise_generator)
     volume = (image.clamp(0.0, 1.0) * 2.0 - 1.0).unsqueeze(0).contiguous()
     if not return_labels:
@@ -242,12 +251,43 @@ def intensity_histogram_distance(a, b, bins: int = 128, value_range=(-1.0, 1.0))
     return float((cdfs[0] - cdfs[1]).abs().sum() * (hi - lo) / bins)
 
 
+def _component_roots(classes: torch.Tensor) -> torch.Tensor:
+    """For an int64 class map (B, D, H, W) (−1: belongs to no component), the flat index of each voxel's root: the
+    first voxel, in scan order, of its 6-connected same-class component (its own index where the class is −1).
+
+    Runs of one class along the last axis start out pointing at the run's first voxel (a cumulative max); then
+    each round hooks the larger of the two roots of every same-class edge along the other axes under the smaller
+    (scatter-min) and compresses paths by pointer jumping, until both ends of every edge share a root."""
+    index = torch.arange(classes.numel()).reshape(classes.shape)
+    continues = torch.zeros(classes.shape, dtype=torch.bool)
+    continues[..., 1:] = (classes[..., 1:] == classes[..., :-1]) & (classes[..., 1:] >= 0)
+    parent = torch.cummax(torch.where(continues, 0, index), dim=-1).values.reshape(-1)
+    sources, targets = [], []
+    for dim in (1, 2):
+        n = classes.shape[dim]
+        first, second = classes.narrow(dim, 0, n - 1), classes.narrow(dim, 1, n - 1)
+        same = (first == second) & (first >= 0)
+        sources.append(index.narrow(dim, 0, n - 1)[same])
+        targets.append(index.narrow(dim, 1, n - 1)[same])
+    u, v = torch.cat(sources), torch.cat(targets)
+    while True:
+        root_u, root_v = parent[u], parent[v]
+        differ = root_u != root_v
+        if not bool(differ.any()):
+            return parent
+        low, high = torch.minimum(root_u, root_v)[differ], torch.maximum(root_u, root_v)[differ]
+        parent.scatter_reduce_(0, high, low, reduce="amin")
+        while True:  # every pointer goes to a smaller index, so jumping ends with each voxel at its root
+            grand = parent[parent]
+            if torch.equal(grand, parent):
+                break
+            parent = grand
+
+
 def connected_components(mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """6-connected components of a boolean mask (B, D, H, W) (or (D, H, W)): labels (same shape, int64, 0 outside
-    the mask, 1..n_b numbering the components of volume b) and, per volume, the component sizes in voxels.
-
-    Label propagation: each voxel starts with its own index; repeatedly take the maximum over the six neighbours
-    (inside the mask) and follow labels to the voxel they name (pointer jumping), until nothing changes."""
+    the mask, 1..n_b numbering the components of volume b in scan order, as scipy.ndimage.label does) and, per
+    volume, the component sizes in voxels (a tensor of n_b counts, in label order)."""
     mask = torch.as_tensor(mask)
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
@@ -256,49 +296,42 @@ def connected_components(mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
         mask = mask[None]
     if mask.ndim != 4:
         raise ValueError(f"mask must be (B, D, H, W) or (D, H, W), got shape {tuple(mask.shape)}")
-    batch = mask.shape[0]
-    index = torch.arange(1, mask.numel() + 1, dtype=torch.int64).reshape(mask.shape)  # unique across the batch
-    labels = torch.where(mask, index, 0)
-    while True:
-        spread = labels.clone()
-        for dim in (1, 2, 3):
-            n = labels.shape[dim]
-            forward, backward = labels.narrow(dim, 0, n - 1), labels.narrow(dim, 1, n - 1)
-            spread.narrow(dim, 1, n - 1).copy_(torch.maximum(spread.narrow(dim, 1, n - 1), forward))
-            spread.narrow(dim, 0, n - 1).copy_(torch.maximum(spread.narrow(dim, 0, n - 1), backward))
-        spread = torch.where(mask, spread, 0)
-        flat = spread.reshape(-1)
-        for _ in range(2):  # a label names a voxel of the same component, whose label is at least as large
-            jumped = torch.where(flat > 0, flat[(flat - 1).clamp_min(0)], 0)
-            flat = torch.maximum(flat, jumped)
-        spread = flat.reshape(mask.shape)
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    compact = torch.zeros_like(labels)
-    sizes = []
-    for b in range(batch):
-        inside = labels[b][mask[b]]
-        _, inverse, counts = torch.unique(inside, return_inverse=True, return_counts=True)
-        compact[b][mask[b]] = inverse + 1
-        sizes.append(counts)
-    return (compact[0] if squeeze else compact), sizes
+    mask = mask.cpu()
+    batch, voxels = mask.shape[0], mask[0].numel()
+    roots = _component_roots(torch.where(mask, 0, -1).to(torch.int64))
+    inside = mask.reshape(-1)
+    unique_roots, component, sizes = torch.unique(roots[inside], return_inverse=True, return_counts=True)
+    # A root is its component's first voxel, so sorted roots are grouped by volume and in scan order within it.
+    root_volume = unique_roots // voxels
+    per_volume = torch.bincount(root_volume, minlength=batch)
+    first = torch.cumsum(per_volume, 0) - per_volume
+    labels = torch.zeros(mask.numel(), dtype=torch.int64)
+    labels[inside] = component - first[root_volume[component]] + 1
+    labels = labels.reshape(mask.shape)
+    return (labels[0] if squeeze else labels), list(torch.split(sizes, per_volume.tolist()))
 
 
-def component_counts(volume, min_size: int = 1, thresholds=TISSUE_THRESHOLDS) -> torch.Tensor:
-    """Number of 6-connected components with at least `min_size` voxels of each class of TISSUE_CLASSES per
-    volume: (B, 5) int64. A clean phantom has one bone shell, one brain, one or two ventricle components and a
-    few lesions; noise has hundreds of components per class."""
+def component_statistics(volume, min_size: int = 5, thresholds=TISSUE_THRESHOLDS) -> dict:
+    """Connected-component statistics of each class of TISSUE_CLASSES (voxels classified by `tissue_labels`),
+    per volume:
+      "counts": (B, 5) int64, the number of 6-connected components with at least `min_size` voxels;
+      "largest_fraction": (B, 5) float64, the share of the class's voxels in its largest component (0 if absent).
+    A phantom has one background, one bone shell and one brain component holding nearly all of their class, one
+    or two ventricle components and its lesions, plus a few small fragments of the lesion class on the ventricle
+    rims (hence min_size). Noise splits every class into hundreds of components, each a tiny share of its class."""
     if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1:
         raise ValueError(f"min_size must be a positive int, got {min_size!r}")
     labels = tissue_labels(volume, thresholds)
-    counts = torch.zeros(labels.shape[0], len(TISSUE_CLASSES), dtype=torch.int64)
-    for c in range(len(TISSUE_CLASSES)):
-        _, sizes = connected_components(labels == c)
-        for b, s in enumerate(sizes):
-            counts[b, c] = int((s >= min_size).sum())
-    return counts
+    batch, voxels, classes = labels.shape[0], labels[0].numel(), len(TISSUE_CLASSES)
+    roots = _component_roots(labels)
+    unique_roots, sizes = torch.unique(roots, return_counts=True)
+    slot = (unique_roots // voxels) * classes + labels.reshape(-1)[unique_roots]  # (volume, class) of each
+    counts = torch.bincount(slot[sizes >= min_size], minlength=batch * classes).reshape(batch, classes)
+    largest = torch.zeros(batch * classes, dtype=torch.int64).scatter_reduce_(0, slot, sizes, reduce="amax")
+    class_voxels = torch.bincount(slot, weights=sizes.double(), minlength=batch * classes)
+    share = largest.double() / class_voxels.clamp_min(1.0)
+    return {"counts": counts, "largest_fraction": share.reshape(batch, classes)}
 
 
-__all__ = ["TISSUE_CLASSES", "TISSUE_THRESHOLDS", "PhantomDataset", "component_counts", "connected_components",
+__all__ = ["TISSUE_CLASSES", "TISSUE_THRESHOLDS", "PhantomDataset", "component_statistics", "connected_components",
            "head_phantom", "intensity_histogram_distance", "phantoms", "tissue_fractions", "tissue_labels"]

@@ -83,7 +83,7 @@ def _publish(temporary, path, overwrite):
 
 
 def _fsync_file(path):
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR)  # some platforms only flush descriptors open for writing
     try:
         os.fsync(fd)
     finally:
@@ -284,14 +284,16 @@ def normalize(volume, intensity):
 # --- volumes -----------------------------------------------------------------------------------------------
 
 def _volume_array(volume) -> np.ndarray:
-    """(C, D, H, W) or (D, H, W) tensor/array → float64 numpy array with the same shape, checked."""
+    """(C, D, H, W) or (D, H, W) tensor/array → numpy array with the same shape (float64 for float64 input, else
+    float32: large volumes are not doubled in memory), checked."""
     if isinstance(volume, torch.Tensor):
-        array = volume.detach().to("cpu", torch.float64).numpy()
+        wide = volume.dtype == torch.float64
+        array = volume.detach().to("cpu", torch.float64 if wide else torch.float32).numpy()
     elif isinstance(volume, np.ndarray):
         if not (np.issubdtype(volume.dtype, np.floating) or np.issubdtype(volume.dtype, np.integer)
                 or volume.dtype == np.bool_):
             raise TypeError(f"volume must hold numbers, got dtype {volume.dtype}")
-        array = volume.astype(np.float64)
+        array = volume.astype(np.float64 if volume.dtype == np.float64 else np.float32)
     else:
         raise TypeError(f"volume must be a torch.Tensor or numpy array, got {type(volume).__name__}")
     if array.ndim not in (3, 4):
@@ -377,7 +379,7 @@ def load_volume(path, *, intensity=None, dtype=torch.float32):
     path = _existing_file(path)
     try:
         image = nib.load(path)
-        data = np.asarray(image.get_fdata(dtype=np.float64))
+        data = np.asarray(image.get_fdata(dtype=np.float64 if dtype == torch.float64 else np.float32))
         affine = image.affine
     except MemoryError:
         raise

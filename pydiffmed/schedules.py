@@ -170,9 +170,11 @@ class NoiseSchedule:
             b = np.asarray(betas, dtype=np.float64).reshape(-1)
             if b.size < 2 or not np.all((b > 0) & (b < 1)):
                 raise ValueError("explicit betas must be a sequence of at least 2 values in (0, 1)")
+        raw = b
         if rescale_zero_snr:
             b = rescale_zero_terminal_snr(b)
         schedule = cls("discrete", alphas_cumprod=np.cumprod(1.0 - b), betas=b, num_train_timesteps=b.size)
+        schedule._beta_range, schedule._raw_betas, schedule._zero_snr = (beta_start, beta_end), raw, rescale_zero_snr
         schedule.beta_schedule = _BETA_ALIASES.get(betas, betas) if isinstance(betas, str) else "explicit"
         return schedule
 
@@ -201,15 +203,29 @@ class NoiseSchedule:
         return cls("flow", num_train_timesteps=num_train_timesteps, t_min=t_min, t_max=t_max)
 
     def fp32_alphas_cumprod(self):
-        """alpha_bar as the peers store it (float32 betas, float32 cumprod), as float64. diffusers derives its
-        sigma grids (Karras, log-SNR, interpolated sigmas) from these; 1 - alpha_bar[0] then carries a 1e-4
+        """alpha_bar as diffusers stores it: betas made in float32 torch arithmetic (linspace, sigmoid, the
+        zero-SNR rescale), cumulative product in float32; returned as float64. diffusers derives its sigma
+        grids (Karras, log-SNR, interpolated sigmas) from these; 1 - alpha_bar[0] then carries a ~1e-4
         relative cancellation error, so reproducing their grid points needs the same values."""
         import torch
 
-        ac = torch.cumprod(1.0 - torch.tensor(self.betas, dtype=torch.float32), dim=0).double().numpy()
-        if self.alphas_cumprod[-1] == 0:
-            ac[-1] = 0.0
-        return ac
+        n, f32 = self.num_train_timesteps, torch.float32
+        start, end = self._beta_range
+        if self.beta_schedule == "linear":
+            betas = torch.linspace(start, end, n, dtype=f32)
+        elif self.beta_schedule == "scaled_linear":
+            betas = torch.linspace(start ** 0.5, end ** 0.5, n, dtype=f32) ** 2
+        elif self.beta_schedule == "sigmoid":
+            betas = torch.sigmoid(torch.linspace(-6, 6, n)) * (end - start) + start
+        else:
+            betas = torch.tensor(self._raw_betas, dtype=f32)
+        if self._zero_snr:
+            ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+            first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+            ab_sqrt = (ab_sqrt - last) * (first / (first - last))
+            ab = ab_sqrt ** 2
+            betas = 1 - torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+        return torch.cumprod(1.0 - betas, dim=0).double().numpy()
 
     def __repr__(self):
         if self.kind == "discrete":
@@ -232,6 +248,8 @@ class NoiseSchedule:
         return 1.0 - t, t.copy()  # flow
 
     def _discrete_alpha_sigma(self, t):
+        shape = t.shape
+        t = t.reshape(-1)
         n = len(self.alphas_cumprod)
         if np.any(t < 0) or np.any(t > n - 1):
             raise ValueError(f"discrete timesteps must lie in [0, {n - 1}]")
@@ -251,7 +269,7 @@ class NoiseSchedule:
             sigma = sigma.copy()
             alpha[between] = np.where(np.isinf(s), 0.0, a)
             sigma[between] = np.where(np.isinf(s), 1.0, s * a)
-        return alpha, sigma
+        return alpha.reshape(shape), sigma.reshape(shape)
 
     def _log_alpha(self, t):
         return -(0.5 * self.beta_min * t + 0.25 * (self.beta_max - self.beta_min) * t * t)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -52,16 +53,20 @@ _CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_longlong, np.int32: ct
 
 @pytest.fixture(scope="module")
 def cuda_emulation_library(tmp_path_factory):
+    """Every kernel of fused_step.cu (they use no shared memory or barriers, so CUDA threads can run one
+    after another), each behind an entry point emu_<kernel>(dims[6], void** args)."""
     source_text = open(os.path.join(ROOT, "csrc", "cuda", "fused_step.cu")).read()
-    (name, params), = KERNEL_SIGNATURE.findall(source_text)
-    types = [re.sub(r"\w+\s*$", "", p.strip()).strip() for p in params.split(",")]
-    call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types))
-    wrapper = (f'extern "C" void emu_{name}(const unsigned* dims, void** args) {{\n'
-               f'  gridDim = {{dims[0], dims[1], dims[2]}}; blockDim = {{dims[3], dims[4], dims[5]}};\n'
-               f'  for (unsigned by = 0; by < gridDim.y; ++by) for (unsigned bx = 0; bx < gridDim.x; ++bx)\n'
-               f'    for (unsigned tx = 0; tx < blockDim.x; ++tx) {{\n'
-               f'      blockIdx = {{bx, by, 0}}; threadIdx = {{tx, 0, 0}}; {name}({call});\n'
-               f'    }}\n}}\n')
+    wrapper = ""
+    for name, params in KERNEL_SIGNATURE.findall(source_text):
+        types = [re.sub(r"\w+\s*$", "", p.strip()).strip() for p in params.split(",")]
+        call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types))
+        wrapper += (f'extern "C" void emu_{name}(const unsigned* dims, void** args) {{\n'
+                    f'  gridDim = {{dims[0], dims[1], dims[2]}}; blockDim = {{dims[3], dims[4], dims[5]}};\n'
+                    f'  for (unsigned by = 0; by < gridDim.y; ++by) for (unsigned bx = 0; bx < gridDim.x; ++bx)\n'
+                    f'    for (unsigned tx = 0; tx < blockDim.x; ++tx) {{\n'
+                    f'      blockIdx = {{bx, by, 0}}; threadIdx = {{tx, 0, 0}}; {name}({call});\n'
+                    f'    }}\n}}\n')
+    assert "emu_fused_step_kernel" in wrapper and "emu_per_sample_sumsq_kernel" in wrapper
     work = tmp_path_factory.mktemp("fused_step_emu")
     source = work / "fused_step_emu.cpp"
     source.write_text(EMULATION + '#include "cuda/fused_step.cu"\n' + wrapper)
@@ -81,11 +86,11 @@ def cuda_emu(request, monkeypatch):
         return
     lib = request.getfixturevalue("cuda_emulation_library")
 
-    def kernel_launch(grid, block, args):
+    def kernel_launch(name, grid, block, args):
         assert all(g >= 1 for g in grid) and block[0] <= 1024 and grid[1] <= 65535
         values = [_CTYPES[type(a)](a) for a in args]
         pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        lib.emu_fused_step_kernel((ctypes.c_uint * 6)(*grid, *block), pointers)
+        getattr(lib, f"emu_{name}")((ctypes.c_uint * 6)(*grid, *block), pointers)
 
     real_select = backends.select
 
@@ -487,12 +492,15 @@ def test_dynamic_threshold_table_on_device_step_and_small_ratio():
         ops.dynamic_threshold(x, m, table[0], max_value=0.5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16])
-def test_per_sample_norm(dtype):
-    t = torch.randn(3, 2, 5, 7, 4).to(dtype).contiguous(memory_format=torch.channels_last_3d)
-    got = ops.per_sample_norm(t)
-    assert got.dtype == torch.float32 and got.shape == (3,)
-    torch.testing.assert_close(got.double(), t.double().reshape(3, -1).norm(dim=1), atol=1e-4, rtol=1e-5)
+@pytest.mark.parametrize("shape,layout", [((3, 2, 5, 7, 4), "cl"), ((2, 1, 9000), "ncs"), ((2, 4, 6), "strided"),
+                                          ((1, 3, 0, 4), "ncs")])
+def test_per_sample_norm(backend, dtype, shape, layout, cuda_emu):
+    t = _tensor(shape, dtype, layout, torch.Generator().manual_seed(6))
+    got = ops.per_sample_norm(t, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), t.double().reshape(shape[0], -1).norm(dim=1), atol=1e-5, rtol=1e-6)
 
 
 # --- custom op -----------------------------------------------------------------------------------------------
@@ -505,6 +513,53 @@ def test_opcheck(backend):
     args = (x, m, None, 0.0, coefs, torch.tensor(1), h, None, None, None, torch.tensor([3, 4]), 0, None,
             torch.empty(shape), torch.empty(shape, dtype=torch.float16), torch.empty(shape), backend)
     torch.library.opcheck(torch.ops.pydiffmed.fused_step.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in BACKENDS])
+def test_opcheck_per_sample_norm(backend):
+    t = torch.randn(3, 2, 4, 5).half()
+    torch.library.opcheck(torch.ops.pydiffmed.per_sample_norm.default, (t, backend))
+
+
+AOT_SCRIPT = r"""
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton_kernels.fused_step as F
+
+def compile_kernel(fn, types, constexprs, **options):
+    names = fn.arg_names
+    signature = {n: types.get(n, "*fp32") for n in names}
+    signature.update({k: "constexpr" for k in constexprs})
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+ints = {n: "i64" for n in ("noise_step_value", "step_stride", "batch_stride", "num_steps", "numel", "channels",
+                           "spatial")}
+types = dict(ints, guidance="fp32", m_ptr="*fp16", mi_ptr="*bf16", x0_ptr="*fp16", seeds_ptr="*i64",
+             step_index_ptr="*i64", noise_step_ptr="*i64")
+for cl, seeds, present in itertools.product((False, True), (False, True), (False, True)):
+    flags = dict(HAS_MC=present, HAS_H1=present, HAS_H2=present, HAS_H3=present, HAS_NOISE=not seeds,
+                 HAS_SEEDS=seeds, HAS_MI=present, HAS_X0=present, HAS_STEP_INDEX=present,
+                 HAS_NOISE_STEP_PTR=present, CHANNELS_LAST=cl, BLOCK=1024)
+    ptx = compile_kernel(F._fused_step_kernel, types, flags, num_warps=4, enable_fp_fusion=False).asm["ptx"]
+    assert "fma.rn.f32" not in ptx, "multiply-adds were contracted"
+    assert not seeds or ("div.rn.f32" in ptx and "sqrt.rn.f32" in ptx), "Box-Muller must use IEEE div/sqrt"
+compile_kernel(F._sumsq_kernel, {"t_ptr": "*fp16", "numel": "i64", "chunks": "i32"}, {"BLOCK": 4096})
+print("ok")
+"""
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The Triton kernels through the real compiler (to PTX for sm_90, no GPU needed), which the interpreter
+    does not exercise: typing, constexpr branches, no multiply-add fusion, IEEE division and sqrt."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --- GPU -----------------------------------------------------------------------------------------------------
@@ -579,3 +634,14 @@ def test_gpu_cuda_graph_replays_every_step(backend):
     torch.cuda.synchronize()
     torch.testing.assert_close(x.cpu(), want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(model_input.cpu().float(), want.half().float(), atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_gpu_per_sample_norm(backend, dtype):
+    if backend == "cuda":
+        pytest.importorskip("cupy")
+    t = torch.randn(3, 4, 17, 33, 20).to(dtype)
+    got = ops.per_sample_norm(t.cuda().contiguous(memory_format=torch.channels_last_3d), backend=backend)
+    torch.testing.assert_close(got.cpu().double(), t.double().reshape(3, -1).norm(dim=1), atol=1e-4, rtol=1e-6)

@@ -95,7 +95,6 @@ def test_accuracy_against_float64_formula(million):
 
 def test_moments(million):
     z = million[0].double().flatten()
-    n = z.numel()
     mean, var = z.mean().item(), z.var().item()
     centred = (z - mean) / math.sqrt(var)
     skew, kurt = (centred ** 3).mean().item(), (centred ** 4).mean().item()

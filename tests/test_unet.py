@@ -155,6 +155,27 @@ def test_accelerate_matches_monai_in_place(name):
         assert_relative_close(pydiffmed.accelerate(monai)(x, t, **kwargs), ref, what="again")
 
 
+def test_controlnet_residuals_match_monai():
+    config, monai, x, t, kwargs = build("attn_two_levels_2res_updown", seed=8)
+    shapes = []
+    hooks = [monai.conv_in.register_forward_hook(lambda m, i, out: shapes.append(out.shape))]
+    hooks += [block.register_forward_hook(lambda m, i, out: shapes.extend(r.shape for r in out[1]))
+              for block in monai.down_blocks]
+    with torch.no_grad():
+        monai(x, t)
+    for hook in hooks:
+        hook.remove()
+    gen = torch.Generator().manual_seed(9)
+    residuals = [torch.randn(shape, generator=gen) for shape in shapes]
+    mid = torch.randn(shapes[-1], generator=gen)
+    model = UNet3D.from_monai(monai).eval()
+    with torch.no_grad():
+        ref = monai(x, t, down_block_additional_residuals=residuals, mid_block_additional_residual=mid)
+        out = model(x, t, down_block_additional_residuals=residuals, mid_block_additional_residual=mid)
+    assert_relative_close(out, ref, what="ControlNet residuals")
+    assert max_abs_err(ref, monai(x, t)) > 1e-3 * ref.abs().max().item()  # the residuals did change the output
+
+
 def test_from_monai_copies_config_weights_dtype():
     config, monai, x, t, kwargs = build("cross_attention")
     model = UNet3D.from_monai(monai).eval()

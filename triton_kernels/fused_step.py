@@ -117,8 +117,16 @@ def _term(coef, v):
 
 
 @triton.jit
+def _load_if(ptr, offset, mask, coef):
+    """ptr[offset] as fp32 where mask and coef != 0; 0 elsewhere, where nothing is read. (The scalar test joins
+    the mask through tl.where: `tensor & scalar` of int1 fails in the interpreter.)"""
+    return tl.load(ptr + offset, mask=tl.where(coef != 0.0, mask, False), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _missing_term(coef):
-    return tl.where(coef != 0.0, float("nan"), 0.0)
+    nan = tl.full([], 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
+    return tl.where(coef != 0.0, nan, 0.0)
 
 
 @triton.jit(do_not_specialize=["guidance", "noise_step_value"])
@@ -157,40 +165,38 @@ def _fused_step_kernel(x_ptr, m_ptr, mc_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, 
     else:
         offset = b * numel + index
 
-    # Masks are combined with the (scalar) coefficient tests through tl.where: `tensor & scalar` of int1
-    # fails in the interpreter.
-    x = tl.load(x_ptr + offset, mask=tl.where(p_x != 0.0, mask, tl.where(a != 0.0, mask, False)), other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offset, mask=tl.where(p_m != 0.0, mask, False), other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offset, mask=tl.where(a != 0.0, mask, tl.where(p_x != 0.0, mask, False)),
+                other=0.0).to(tl.float32)
+    m = _load_if(m_ptr, offset, mask, p_m)
     if HAS_MC:
-        m_cond = tl.load(mc_ptr + offset, mask=tl.where(p_m != 0.0, mask, False), other=0.0).to(tl.float32)
-        m = m + guidance * (m_cond - m)
+        m = m + guidance * (_load_if(mc_ptr, offset, mask, p_m) - m)
     x0 = _term(p_x, x) + _term(p_m, m)
     x0 = tl.where(x0 > clip, clip, tl.where(x0 < -clip, -clip, x0))
 
     acc = _term(a, x) + _term(b_coef, x0)
     if HAS_H1:
-        acc = acc + _term(c1, tl.load(h1_ptr + offset, mask=tl.where(c1 != 0.0, mask, False), other=0.0).to(tl.float32))
+        acc = acc + _term(c1, _load_if(h1_ptr, offset, mask, c1))
     else:
         acc = acc + _missing_term(c1)
     if HAS_H2:
-        acc = acc + _term(c2, tl.load(h2_ptr + offset, mask=tl.where(c2 != 0.0, mask, False), other=0.0).to(tl.float32))
+        acc = acc + _term(c2, _load_if(h2_ptr, offset, mask, c2))
     else:
         acc = acc + _missing_term(c2)
     if HAS_H3:
-        acc = acc + _term(c3, tl.load(h3_ptr + offset, mask=tl.where(c3 != 0.0, mask, False), other=0.0).to(tl.float32))
+        acc = acc + _term(c3, _load_if(h3_ptr, offset, mask, c3))
     else:
         acc = acc + _missing_term(c3)
     if HAS_NOISE:
-        acc = acc + _term(s, tl.load(noise_ptr + offset, mask=tl.where(s != 0.0, mask, False), other=0.0).to(tl.float32))
+        acc = acc + _term(s, _load_if(noise_ptr, offset, mask, s))
     elif HAS_SEEDS:
         if HAS_NOISE_STEP_PTR:
             step_word = (tl.load(noise_step_ptr) & 0xFFFFFFFF).to(tl.uint32)
         else:
             step_word = (noise_step_value.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
-        seed = tl.load(seeds_ptr + b)
-        z0, z1, z2, z3 = philox_normal_tile(seed, step_word, block)
-        z = tl.where(lane[None, :] == 0, z0[:, None],
-                     tl.where(lane[None, :] == 1, z1[:, None], tl.where(lane[None, :] == 2, z2[:, None], z3[:, None])))
+        z0, z1, z2, z3 = philox_normal_tile(tl.load(seeds_ptr + b), step_word, block)
+        col = lane[None, :]
+        z = tl.where(col == 0, z0[:, None], tl.where(col == 1, z1[:, None],
+                                                     tl.where(col == 2, z2[:, None], z3[:, None])))
         acc = acc + _term(s, z)
     else:
         acc = acc + _missing_term(s)
@@ -225,3 +231,25 @@ def fused_step_launch(a, block: int | None = None):
         HAS_X0=a.x0_out is not None, HAS_STEP_INDEX=a.step_index is not None,
         HAS_NOISE_STEP_PTR=a.noise_step_tensor is not None, CHANNELS_LAST=bool(a.channels_last), BLOCK=block,
         num_warps=4, enable_fp_fusion=False)
+
+
+# --- per-sample sums of squares (pydiffmed.ops.per_sample_norm) ----------------------------------------------
+
+@triton.jit
+def _sumsq_kernel(t_ptr, partial_ptr, numel, chunks, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    index = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(t_ptr + b * numel + index, mask=index < numel, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + b * chunks + pid, tl.sum(v * v, axis=0))
+
+
+def per_sample_sumsq_launch(flat, batch: int, block: int = 4096):
+    """fp32 partial sums of squares (batch, chunks) of the `batch` contiguous sample blocks of `flat`."""
+    import torch
+
+    numel = flat.numel() // batch
+    chunks = triton.cdiv(numel, block)
+    partial = torch.empty((batch, chunks), dtype=torch.float32, device=flat.device)
+    _sumsq_kernel[(chunks, batch)](flat, partial, numel, chunks, BLOCK=block, num_warps=8)
+    return partial

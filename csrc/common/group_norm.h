@@ -13,7 +13,7 @@
 //      bias_nc is a constant per (sample, channel): it shifts a channel's mean and leaves its m2 unchanged,
 //      so add it to the mean of a per-channel partial (gn_add_to_mean) instead of to every element.
 //   2. Merge. mean_m2_merge() combines partials with Chan et al.'s parallel formula, in any order or tree
-//      shape; gn_rstd() turns the merged group into 1/sqrt(var + eps) with the biased (population) variance,
+//      shape; mean_m2_combine() does the same for an array of partials in two passes; gn_rstd() turns the merged group into 1/sqrt(var + eps) with the biased (population) variance,
 //      as torch.nn.GroupNorm does.
 //   3. Apply. gn_channel() folds mean, rstd, weight, bias and bias_nc into a per-(sample, channel) center,
 //      scale and shift, so the per-element work is gn_apply(): (v - center) * scale + shift, then SiLU.
@@ -55,6 +55,25 @@ PDM_HD void mean_m2_merge(MeanM2<T>& a, T count_b, T mean_b, T m2_b) {
 template <typename T, typename U>
 PDM_HD void mean_m2_merge(MeanM2<T>& a, const MeanM2<U>& b) {
     mean_m2_merge(a, T(b.count), T(b.mean), T(b.m2));
+}
+
+// The same for `count` parts at parts[0], parts[stride], ...: two passes over the parts (count and mean, then
+// m2 = sum(m2_j) + sum(n_j * (mean_j - mean)^2)), no division per part, so it is cheap for many parts.
+template <typename T, typename U>
+PDM_HD MeanM2<T> mean_m2_combine(const MeanM2<U>* parts, long long count, long long stride) {
+    MeanM2<T> s = mean_m2_empty<T>();
+    T weighted = T(0);
+    for (long long j = 0; j < count; ++j) {
+        s.count += T(parts[j * stride].count);
+        weighted += T(parts[j * stride].count) * T(parts[j * stride].mean);
+    }
+    if (s.count <= T(0)) return s;
+    s.mean = weighted / s.count;
+    for (long long j = 0; j < count; ++j) {
+        const T d = T(parts[j * stride].mean) - s.mean;
+        s.m2 += T(parts[j * stride].m2) + T(parts[j * stride].count) * d * d;
+    }
+    return s;
 }
 
 // bias_nc is added to every value of a channel: the mean moves, the deviations (m2) do not.

@@ -12,9 +12,15 @@
 
 #include <pybind11/pybind11.h>
 
+// GCC 12 warns about its own AVX-512 intrinsic headers (_mm512_undefined_*) where they are inlined here.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "common/fused_step.h"
 #include "common/philox.h"
@@ -52,6 +58,63 @@ struct StepKernelArgs {
     bool channels_last;
 };
 
+// fp16 <-> fp32 of contiguous runs with the F16C / AVX-512 conversion instructions where the CPU has them
+// (GCC does not vectorise the portable bit manipulation or _Float16 casts); all round to nearest even, so
+// every path gives the same values. Chosen once at run time.
+void f16_load_portable(const pdm_u16* src, int n, float* dst) {
+    for (int j = 0; j < n; ++j) dst[j] = pdm::f16_to_f32(src[j]);
+}
+
+void f16_store_portable(pdm_u16* dst, int n, const float* src) {
+    for (int j = 0; j < n; ++j) dst[j] = pdm::f32_to_f16(src[j]);
+}
+
+__attribute__((target("avx2,f16c"))) void f16_load_f16c(const pdm_u16* src, int n, float* dst) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+    f16_load_portable(src + j, n - j, dst + j);
+}
+
+__attribute__((target("avx2,f16c"))) void f16_store_f16c(pdm_u16* dst, int n, const float* src) {
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    f16_store_portable(dst + j, n - j, src + j);
+}
+
+__attribute__((target("avx512f"))) void f16_load_avx512(const pdm_u16* src, int n, float* dst) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j))));
+    f16_load_portable(src + j, n - j, dst + j);
+}
+
+__attribute__((target("avx512f"))) void f16_store_avx512(pdm_u16* dst, int n, const float* src) {
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    f16_store_portable(dst + j, n - j, src + j);
+}
+
+struct F16Converters {
+    void (*load)(const pdm_u16*, int, float*);
+    void (*store)(pdm_u16*, int, const float*);
+};
+
+const F16Converters& f16_converters() {
+    static const F16Converters converters = [] {
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f")) return F16Converters{f16_load_avx512, f16_store_avx512};
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+            return F16Converters{f16_load_f16c, f16_store_f16c};
+        return F16Converters{f16_load_portable, f16_store_portable};
+    }();
+    return converters;
+}
+
 template <int D>
 PDM_CPU_INLINE void load_as(const void* base, long long offset, long long stride, int n, float* dst) {
     typedef typename pdm::Convert<D>::T T;
@@ -75,6 +138,10 @@ PDM_CPU_INLINE void store_as(void* base, long long offset, long long stride, int
 }
 
 PDM_CPU_INLINE void load_tile(const void* base, int dtype, long long offset, long long stride, int n, float* dst) {
+    if (dtype == pdm::kFloat16 && stride == 1) {
+        f16_converters().load(static_cast<const pdm_u16*>(base) + offset, n, dst);
+        return;
+    }
     switch (dtype) {
         case pdm::kFloat16: load_as<pdm::kFloat16>(base, offset, stride, n, dst); break;
         case pdm::kBFloat16: load_as<pdm::kBFloat16>(base, offset, stride, n, dst); break;
@@ -83,6 +150,10 @@ PDM_CPU_INLINE void load_tile(const void* base, int dtype, long long offset, lon
 }
 
 PDM_CPU_INLINE void store_tile(void* base, int dtype, long long offset, long long stride, int n, const float* src) {
+    if (dtype == pdm::kFloat16 && stride == 1) {
+        f16_converters().store(static_cast<pdm_u16*>(base) + offset, n, src);
+        return;
+    }
     switch (dtype) {
         case pdm::kFloat16: store_as<pdm::kFloat16>(base, offset, stride, n, src); break;
         case pdm::kBFloat16: store_as<pdm::kBFloat16>(base, offset, stride, n, src); break;
@@ -94,20 +165,91 @@ PDM_CPU_INLINE void fill(float* dst, int n, float v) {
     for (int j = 0; j < n; ++j) dst[j] = v;
 }
 
-// Normals of the logical indices [first, first + n) of one sample into dst.
-PDM_CPU_INLINE void philox_normals(pdm_u64 seed, pdm_u32 step, long long first, int n, float* dst) {
-    alignas(64) float lane[4][kTile / 4 + 2];
-    long long block0 = first >> 2;
-    int blocks = (int)(((first + n + 3) >> 2) - block0);
-    pdm_u32 k0 = (pdm_u32)seed, k1 = (pdm_u32)(seed >> 32);
-    for (int q = 0; q < blocks; ++q) {
-        pdm_u64 block = (pdm_u64)(block0 + q);
+// Philox4x32-10 output words of `count` consecutive blocks starting at `block0` (counter = (block lo, block hi,
+// step, 0), key = seed) into four word arrays. The AVX-512 version runs 16 blocks per vector with 32x32->64
+// even/odd multiplies (GCC vectorises the portable loop with slow 64-bit multiplies instead).
+void philox_words_portable(pdm_u64 seed, pdm_u32 step, long long block0, int count, pdm_u32* w0, pdm_u32* w1,
+                           pdm_u32* w2, pdm_u32* w3) {
+    const pdm_u32 k0 = (pdm_u32)seed, k1 = (pdm_u32)(seed >> 32);
+    for (int q = 0; q < count; ++q) {
+        const pdm_u64 block = (pdm_u64)(block0 + q);
         pdm_u32 c0 = (pdm_u32)block, c1 = (pdm_u32)(block >> 32), c2 = step, c3 = 0u;
         pdm::philox4x32_10(c0, c1, c2, c3, k0, k1);
-        pdm::box_muller(c0, c1, lane[0][q], lane[1][q]);
-        pdm::box_muller(c2, c3, lane[2][q], lane[3][q]);
+        w0[q] = c0;
+        w1[q] = c1;
+        w2[q] = c2;
+        w3[q] = c3;
     }
-    int skip = (int)(first - 4 * block0);
+}
+
+__attribute__((target("avx512f"))) inline void mulhilo16(__m512i a, __m512i multiplier, __m512i& hi,
+                                                        __m512i& lo) {
+    const __m512i even = _mm512_mul_epu32(a, multiplier);                        // 64-bit products, even lanes
+    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), multiplier);  // odd lanes
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+__attribute__((target("avx512f"))) void philox_words_avx512(pdm_u64 seed, pdm_u32 step, long long block0,
+                                                            int count, pdm_u32* w0, pdm_u32* w1, pdm_u32* w2,
+                                                            pdm_u32* w3) {
+    const pdm_u64 first = (pdm_u64)block0;
+    int q = 0;
+    // 16 blocks per vector while their low counter words do not wrap (they always do not below 2^34 elements)
+    if ((first & 0xffffffffull) + (pdm_u64)count <= 0x100000000ull) {
+        const __m512i m0 = _mm512_set1_epi64(pdm::kPhiloxM0), m1 = _mm512_set1_epi64(pdm::kPhiloxM1);
+        const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (; q + 16 <= count; q += 16) {
+            __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(pdm_u32)(first + q)), iota);
+            __m512i c1 = _mm512_set1_epi32((int)(pdm_u32)((first + q) >> 32));
+            __m512i c2 = _mm512_set1_epi32((int)step);
+            __m512i c3 = _mm512_setzero_si512();
+            __m512i k0 = _mm512_set1_epi32((int)(pdm_u32)seed), k1 = _mm512_set1_epi32((int)(pdm_u32)(seed >> 32));
+            for (int round = 0; round < 10; ++round) {
+                if (round) {
+                    k0 = _mm512_add_epi32(k0, _mm512_set1_epi32((int)pdm::kPhiloxW0));
+                    k1 = _mm512_add_epi32(k1, _mm512_set1_epi32((int)pdm::kPhiloxW1));
+                }
+                __m512i hi0, lo0, hi1, lo1;
+                mulhilo16(c0, m0, hi0, lo0);
+                mulhilo16(c2, m1, hi1, lo1);
+                c0 = _mm512_ternarylogic_epi32(hi1, c1, k0, 0x96);  // three-way xor
+                c1 = lo1;
+                c2 = _mm512_ternarylogic_epi32(hi0, c3, k1, 0x96);
+                c3 = lo0;
+            }
+            _mm512_storeu_si512(w0 + q, c0);
+            _mm512_storeu_si512(w1 + q, c1);
+            _mm512_storeu_si512(w2 + q, c2);
+            _mm512_storeu_si512(w3 + q, c3);
+        }
+    }
+    philox_words_portable(seed, step, block0 + q, count - q, w0 + q, w1 + q, w2 + q, w3 + q);
+}
+
+typedef void (*PhiloxWords)(pdm_u64, pdm_u32, long long, int, pdm_u32*, pdm_u32*, pdm_u32*, pdm_u32*);
+
+PhiloxWords philox_words() {
+    static const PhiloxWords chosen = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") ? philox_words_avx512 : philox_words_portable;
+    }();
+    return chosen;
+}
+
+// Normals of the logical indices [first, first + n) of one sample into dst.
+PDM_CPU_INLINE void philox_normals(pdm_u64 seed, pdm_u32 step, long long first, int n, float* dst) {
+    constexpr int kBlocks = kTile / 4 + 1;  // a tile may start and end inside a block
+    alignas(64) pdm_u32 words[4][kBlocks];
+    alignas(64) float lane[4][kBlocks];
+    const long long block0 = first >> 2;
+    const int blocks = (int)(((first + n + 3) >> 2) - block0);
+    philox_words()(seed, step, block0, blocks, words[0], words[1], words[2], words[3]);
+    for (int q = 0; q < blocks; ++q) {
+        pdm::box_muller(words[0][q], words[1][q], lane[0][q], lane[1][q]);
+        pdm::box_muller(words[2][q], words[3][q], lane[2][q], lane[3][q]);
+    }
+    const int skip = (int)(first - 4 * block0);
     if (skip == 0) {
         for (int q = 0; q < n / 4; ++q) {
             dst[4 * q] = lane[0][q];
@@ -118,14 +260,14 @@ PDM_CPU_INLINE void philox_normals(pdm_u64 seed, pdm_u32 step, long long first, 
         for (int j = n & ~3; j < n; ++j) dst[j] = lane[j & 3][j >> 2];
     } else {
         for (int j = 0; j < n; ++j) {
-            int i = j + skip;
+            const int i = j + skip;
             dst[j] = lane[i & 3][i >> 2];
         }
     }
 }
 
 // One tile: elements [j0, j0 + n) of row `row`.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void step_tile(const StepKernelArgs& a, long long row, long long j0, int n) {
     alignas(64) float xb[kTile], mb[kTile], tb[kTile], x0b[kTile], acc[kTile];
     const long long numel = a.channels * a.spatial;
@@ -192,12 +334,45 @@ void run_fused_step(const StepKernelArgs& a, int num_threads) {
     if (rows == 0 || row_len == 0) return;
     const long long tiles_per_row = (row_len + kTile - 1) / kTile;
     const long long tiles = rows * tiles_per_row;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (tiles > 1)
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (tiles > 1)
     for (long long t = 0; t < tiles; ++t) {
         long long row = t / tiles_per_row;
         long long j0 = (t - row * tiles_per_row) * kTile;
         int n = (int)std::min<long long>(kTile, row_len - j0);
         step_tile(a, row, j0, n);
+    }
+}
+
+// Sum of squares of elements [offset, offset + n) (n <= kTile): fp32 in 16 independent lanes, then fp64.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+double sumsq_chunk(const void* base, int dtype, long long offset, int n) {
+    alignas(64) float buf[kTile];
+    load_tile(base, dtype, offset, 1, n, buf);
+    float lanes[16] = {0.0f};
+    int j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; ++l) lanes[l] += buf[j + l] * buf[j + l];
+    double total = 0.0;
+    for (; j < n; ++j) total += (double)buf[j] * buf[j];
+    for (int l = 0; l < 16; ++l) total += lanes[l];
+    return total;
+}
+
+// Per-sample sums of squares of `batch` contiguous blocks of `numel` elements, into out[batch] (fp64). The
+// chunk partials are combined in a fixed order: the result does not depend on the thread count.
+void run_per_sample_sumsq(const void* base, int dtype, long long batch, long long numel, double* out,
+                          int num_threads) {
+    const long long chunks = (numel + kTile - 1) / kTile;
+    std::vector<double> partial((size_t)(batch * chunks));
+#pragma omp parallel for schedule(dynamic, 2) num_threads(num_threads) if (batch * chunks > 1)
+    for (long long t = 0; t < batch * chunks; ++t) {
+        long long b = t / chunks, j0 = (t - b * chunks) * kTile;
+        partial[(size_t)t] = sumsq_chunk(base, dtype, b * numel + j0, (int)std::min<long long>(kTile, numel - j0));
+    }
+    for (long long b = 0; b < batch; ++b) {
+        double total = 0.0;
+        for (long long c = 0; c < chunks; ++c) total += partial[(size_t)(b * chunks + c)];
+        out[b] = total;
     }
 }
 
@@ -249,4 +424,12 @@ void register_fused_step(py::module_& m) {
             run_fused_step(a, std::max(1, num_threads));
         },
         "One fused solver step over raw pointers (validated by pydiffmed.ops.fused_step)");
+    m.def(
+        "per_sample_sumsq",
+        [](std::uintptr_t t, int dtype, long long batch, long long numel, std::uintptr_t out, int num_threads) {
+            py::gil_scoped_release release;
+            run_per_sample_sumsq(as_ptr<const void>(t), dtype, batch, numel, as_ptr<double>(out),
+                                 std::max(1, num_threads));
+        },
+        "Per-sample sums of squares (fp64) of contiguous sample blocks (pydiffmed.ops.per_sample_norm)");
 }

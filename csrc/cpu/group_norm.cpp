@@ -7,10 +7,16 @@
 //   1. stats: tasks are (n, chunk); a chunk is <= kChunkElems values that stay in L1/L2 between its mean pass
 //      and its centred m2 pass. NCS chunks lie inside one channel; channels-last chunks are blocks of rows, with
 //      per-channel accumulators merged into per-group partials before they are stored.
-//   2. merge: per (n, group), Chan's formula over its partials (in double), then per-channel scale/shift.
+//   2. merge: per (n, group), Chan's formula over its partials (in double), then per-channel parameters.
 //   3. apply: y = (x - center) * scale + shift (+ SiLU), loops vectorised along the contiguous axis.
-// x is read from memory twice (phases 1 and 3) and y written once. The hot loops are compiled for AVX-512,
-// AVX2 and baseline x86-64 (GCC target_clones) and the best one is picked at load time.
+// x is read from memory twice (phases 1 and 3) and y written once.
+//
+// Two implementations of the hot loops, picked at run time:
+//   * Avx512: intrinsics, on CPUs with AVX-512 F/BW/VL/DQ and BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
+//     later). The kernel is compute-bound there for 16-bit data, so it uses the hardware fp16/bf16 conversions,
+//     an exp built on vscalefps, and rcp14 + one Newton step instead of a division.
+//   * Generic: plain loops the compiler vectorises, compiled for AVX-512, AVX2 and baseline x86-64 (GCC
+//     target_clones, resolved at load time); pdm::silu and pdm::Convert as in the CUDA code.
 #include <pybind11/pybind11.h>
 #include <omp.h>
 
@@ -19,6 +25,11 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define PDM_HAVE_AVX512_PATH 1
+#endif
 
 #include "common/group_norm.h"
 
@@ -31,6 +42,24 @@ namespace py = pybind11;
 namespace pdm_gn_cpu {
 
 using pdm::MeanM2;
+
+// Values per statistics/apply chunk: 32 KB of fp32, so the second (centred) pass over a chunk hits L1/L2.
+constexpr int64_t kChunkElems = 8192;
+// Side of the square tiles used to transpose between NCS and channels-last in the apply pass.
+constexpr int64_t kTile = 32;
+// Below this many elements per thread, threads cost more than they save.
+constexpr int64_t kMinElemsPerThread = 16384;
+
+// Per-(sample, channel) apply parameters: y = (x - center) * scale + shift. From pdm::GNChannel with center_lo
+// folded into the shift (shift - center_lo * scale), one array each so that channel loops vectorise.
+struct ChannelParams {
+    const float *center, *scale, *shift;
+    ChannelParams at(int64_t i) const { return {center + i, scale + i, shift + i}; }
+};
+
+// =============================================================================================================
+// Generic loops
+// =============================================================================================================
 
 // fp16 <-> fp32 with the same results as pdm::f16_to_f32 / pdm::f32_to_f16 for every input (checked
 // exhaustively), but written as selects instead of branches so that loops over them vectorise.
@@ -59,7 +88,7 @@ inline pdm_u16 float_to_half(float value) {
     return (pdm_u16)(r | sign);
 }
 
-// Element load/store for the kernels: pdm::Convert, except fp16 uses the vectorisable forms above.
+// Element load/store for the generic loops: pdm::Convert, except fp16 uses the vectorisable forms above.
 template <int D>
 struct IO : pdm::Convert<D> {};
 template <>
@@ -69,24 +98,21 @@ struct IO<pdm::kFloat16> {
     static T store(float v) { return float_to_half(v); }
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(PDM_HAVE_AVX512_PATH)
 #define PDM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PDM_CLONES
 #endif
 
-// Values per statistics/apply chunk: 32 KB of fp32, so the second (centred) pass over a chunk hits L1/L2.
-constexpr int64_t kChunkElems = 8192;
-// Side of the square tiles used to transpose between NCS and channels-last in the apply pass.
-constexpr int64_t kTile = 32;
-// Below this many elements in total, threads cost more than they save.
-constexpr int64_t kMinElemsPerThread = 16384;
-
-// ---- hot loops ------------------------------------------------------------------------------------------------
+template <bool SILU>
+inline float apply_one(float v, float center, float scale, float shift) {
+    const float y = (v - center) * scale + shift;
+    return SILU ? pdm::silu(y) : y;
+}
 
 // Mean (relative to the pivot x[0]) and centred m2 of len contiguous values: one chunk of one channel.
 template <int D>
-PDM_CLONES void span_mean_m2(const typename IO<D>::T* __restrict x, int64_t len, MeanM2<double>* out) {
+PDM_CLONES void generic_span_mean_m2(const typename IO<D>::T* __restrict x, int64_t len, MeanM2<double>* out) {
     const float pivot = IO<D>::load(x[0]);
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -107,8 +133,8 @@ PDM_CLONES void span_mean_m2(const typename IO<D>::T* __restrict x, int64_t len,
 // Per-channel statistics over `rows` channels-last rows of C channels: mean = pivot[c] + offset[c] (pivot: the
 // first row), and centred m2.
 template <int D>
-PDM_CLONES void rows_mean_m2(const typename IO<D>::T* __restrict x, int64_t rows, int64_t C,
-                             float* __restrict pivot, float* __restrict offset, float* __restrict m2) {
+PDM_CLONES void generic_rows_mean_m2(const typename IO<D>::T* __restrict x, int64_t rows, int64_t C,
+                                     float* __restrict pivot, float* __restrict offset, float* __restrict m2) {
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
         pivot[c] = IO<D>::load(x[c]);
@@ -133,34 +159,24 @@ PDM_CLONES void rows_mean_m2(const typename IO<D>::T* __restrict x, int64_t rows
     }
 }
 
-// Per-(sample, channel) apply parameters, one array each so channel loops vectorise (see pdm::GNChannel).
-struct ChannelParams {
-    const float *center_hi, *center_lo, *scale, *shift;
-    ChannelParams at(int64_t i) const { return {center_hi + i, center_lo + i, scale + i, shift + i}; }
-};
-
-// y = act(((x - center) * scale + shift) over len contiguous values of one channel.
+// y = act((x - center) * scale + shift) over len contiguous values of one channel.
 template <int D, bool SILU>
-PDM_CLONES void apply_span(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
-                           int64_t len, float center_hi, float center_lo, float scale, float shift) {
+PDM_CLONES void generic_apply_span(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
+                                   int64_t len, float center, float scale, float shift) {
 #pragma omp simd
-    for (int64_t i = 0; i < len; ++i)
-        y[i] = IO<D>::store(pdm::gn_apply(IO<D>::load(x[i]), center_hi, center_lo, scale, shift, SILU));
+    for (int64_t i = 0; i < len; ++i) y[i] = IO<D>::store(apply_one<SILU>(IO<D>::load(x[i]), center, scale, shift));
 }
 
 // The same over `rows` channels-last rows, parameters per channel.
 template <int D, bool SILU>
-PDM_CLONES void apply_rows(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
-                           int64_t rows, int64_t C, const float* __restrict center_hi,
-                           const float* __restrict center_lo, const float* __restrict scale,
-                           const float* __restrict shift) {
+PDM_CLONES void generic_apply_rows(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
+                                   int64_t rows, int64_t C, const float* __restrict center,
+                                   const float* __restrict scale, const float* __restrict shift) {
     for (int64_t r = 0; r < rows; ++r) {
         const typename IO<D>::T* xr = x + r * C;
         typename IO<D>::T* yr = y + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c)
-            yr[c] = IO<D>::store(
-                pdm::gn_apply(IO<D>::load(xr[c]), center_hi[c], center_lo[c], scale[c], shift[c], SILU));
+        for (int64_t c = 0; c < C; ++c) yr[c] = IO<D>::store(apply_one<SILU>(IO<D>::load(xr[c]), center[c], scale[c], shift[c]));
     }
 }
 
@@ -168,15 +184,15 @@ PDM_CLONES void apply_rows(const typename IO<D>::T* __restrict x, typename IO<D>
 // channels-last; a channels-last side has row stride C, an NCS side channel stride S. The tile goes through
 // tmp (kTile x kTile floats, in L1) so that reads and writes both run along contiguous memory.
 template <int D, bool SILU>
-PDM_CLONES void apply_tile_transposed(const typename IO<D>::T* __restrict x,
-                                      typename IO<D>::T* __restrict y, int64_t rows, int64_t chans, int64_t S,
-                                      int64_t C, bool x_cl, ChannelParams ch, float* __restrict tmp) {
+PDM_CLONES void apply_tile_transposed(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
+                                      int64_t rows, int64_t chans, int64_t S, int64_t C, bool x_cl,
+                                      ChannelParams ch, float* __restrict tmp) {
     if (!x_cl) {  // NCS -> channels-last: read channel rows, write spatial rows
         for (int64_t c = 0; c < chans; ++c) {
             const typename IO<D>::T* xc = x + c * S;
-            const float hi = ch.center_hi[c], lo = ch.center_lo[c], sc = ch.scale[c], sh = ch.shift[c];
+            const float center = ch.center[c], scale = ch.scale[c], shift = ch.shift[c];
             for (int64_t s = 0; s < rows; ++s)
-                tmp[s * kTile + c] = pdm::gn_apply(IO<D>::load(xc[s]), hi, lo, sc, sh, SILU);
+                tmp[s * kTile + c] = apply_one<SILU>(IO<D>::load(xc[s]), center, scale, shift);
         }
         for (int64_t s = 0; s < rows; ++s) {
             typename IO<D>::T* ys = y + s * C;
@@ -188,8 +204,7 @@ PDM_CLONES void apply_tile_transposed(const typename IO<D>::T* __restrict x,
             const typename IO<D>::T* xs = x + s * C;
 #pragma omp simd
             for (int64_t c = 0; c < chans; ++c)
-                tmp[c * kTile + s] = pdm::gn_apply(IO<D>::load(xs[c]), ch.center_hi[c], ch.center_lo[c],
-                                                   ch.scale[c], ch.shift[c], SILU);
+                tmp[c * kTile + s] = apply_one<SILU>(IO<D>::load(xs[c]), ch.center[c], ch.scale[c], ch.shift[c]);
         }
         for (int64_t c = 0; c < chans; ++c) {
             typename IO<D>::T* yc = y + c * S;
@@ -199,7 +214,336 @@ PDM_CLONES void apply_tile_transposed(const typename IO<D>::T* __restrict x,
     }
 }
 
-// ---- driver ---------------------------------------------------------------------------------------------------
+struct Generic {
+    template <int D>
+    static void span_mean_m2(const typename IO<D>::T* x, int64_t len, MeanM2<double>* out) {
+        generic_span_mean_m2<D>(x, len, out);
+    }
+    template <int D>
+    static void rows_mean_m2(const typename IO<D>::T* x, int64_t rows, int64_t C, float* pivot, float* offset,
+                             float* m2) {
+        generic_rows_mean_m2<D>(x, rows, C, pivot, offset, m2);
+    }
+    template <int D, bool SILU>
+    static void apply_span(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t len, float center,
+                           float scale, float shift) {
+        generic_apply_span<D, SILU>(x, y, len, center, scale, shift);
+    }
+    template <int D, bool SILU>
+    static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
+                           ChannelParams ch) {
+        generic_apply_rows<D, SILU>(x, y, rows, C, ch.center, ch.scale, ch.shift);
+    }
+};
+
+// =============================================================================================================
+// AVX-512 loops (16 fp32 lanes; tails through masks)
+// =============================================================================================================
+#if defined(PDM_HAVE_AVX512_PATH)
+#define PDM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+bool avx512_supported() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+}
+
+PDM_AVX512 inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1u); }  // n < 16
+
+// Sixteen elements of dtype D <-> fp32 lanes. fp16 and bf16 use the hardware conversions (round to nearest
+// even; vcvtneps2bf16 flushes fp32 subnormals, < 1.2e-38, to zero).
+template <int D>
+struct V16;
+template <>
+struct V16<pdm::kFloat32> {
+    typedef float T;
+    static PDM_AVX512 inline __m512 load(const T* p) { return _mm512_loadu_ps(p); }
+    static PDM_AVX512 inline __m512 load(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+    static PDM_AVX512 inline void store(T* p, __m512 v) { _mm512_storeu_ps(p, v); }
+    static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+};
+template <>
+struct V16<pdm::kFloat16> {
+    typedef pdm_u16 T;
+    static PDM_AVX512 inline __m512 load(const T* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    }
+    static PDM_AVX512 inline __m512 load(const T* p, __mmask16 m) {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+    }
+    static PDM_AVX512 inline __m256i pack(__m512 v) {
+        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    static PDM_AVX512 inline void store(T* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, pack(v)); }
+    static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, pack(v)); }
+};
+template <>
+struct V16<pdm::kBFloat16> {
+    typedef pdm_u16 T;
+    static PDM_AVX512 inline __m512 widen(__m256i h) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    static PDM_AVX512 inline __m512 load(const T* p) { return widen(_mm256_loadu_si256((const __m256i*)p)); }
+    static PDM_AVX512 inline __m512 load(const T* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+    static PDM_AVX512 inline __m256i pack(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+    static PDM_AVX512 inline void store(T* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, pack(v)); }
+    static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, pack(v)); }
+};
+
+// silu(v) = v / (1 + e^-v), with e^-v = 2^t, t = -v*log2(e) = n + f (n integer, |f| <= 1/2), 2^f by its Taylor
+// polynomial and 2^n applied by vscalefps, which also gives exact 0 and inf at the ends of the range; the
+// reciprocal by rcp14 (relative error < 2^-14), then one Newton step (~1e-8) unless the result is bf16.
+// Polynomial degree per output type: 6 for fp32 (error ~1e-7), 5 for fp16 (~3e-6), 4 for bf16 (~5e-5), each well
+// below half an ulp of the output. t is capped at 126 so that the reciprocal never sees inf; silu(v < -87) then
+// comes out as v * 2^-126 instead of v * e^v: both below 1e-36 in magnitude.
+template <int D>
+PDM_AVX512 inline __m512 silu16(__m512 v) {
+    constexpr int degree = D == pdm::kFloat32 ? 6 : (D == pdm::kFloat16 ? 5 : 4);
+    static const float coef[7] = {1.0f, 0.6931471805599453f, 0.2402265069591007f, 5.550410866482158e-2f,
+                                  9.618129107628477e-3f, 1.3333558146428443e-3f, 1.5403530393381606e-4f};  // ln2^k/k!
+    __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(-1.44269504088896341f));
+    t = _mm512_min_ps(t, _mm512_set1_ps(126.0f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(coef[degree]);
+    for (int k = degree - 1; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(coef[k]));
+    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.0f));
+    __m512 r = _mm512_rcp14_ps(d);
+    if (D != pdm::kBFloat16) r = _mm512_fmadd_ps(_mm512_fnmadd_ps(d, r, _mm512_set1_ps(1.0f)), r, r);
+    return _mm512_mul_ps(v, r);
+}
+
+template <int D, bool SILU>
+PDM_AVX512 inline __m512 apply16(__m512 v, __m512 center, __m512 scale, __m512 shift) {
+    const __m512 y = _mm512_fmadd_ps(_mm512_sub_ps(v, center), scale, shift);
+    return SILU ? silu16<D>(y) : y;
+}
+
+template <int D>
+PDM_AVX512 void avx512_span_mean_m2(const typename V16<D>::T* x, int64_t len, MeanM2<double>* out) {
+    typedef V16<D> L;
+    const float pivot_f = IO<D>::load(x[0]);
+    const __m512 pivot = _mm512_set1_ps(pivot_f);
+    // four accumulators: the adds are latency-bound with fewer
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+        s0 = _mm512_add_ps(s0, _mm512_sub_ps(L::load(x + i), pivot));
+        s1 = _mm512_add_ps(s1, _mm512_sub_ps(L::load(x + i + 16), pivot));
+        s2 = _mm512_add_ps(s2, _mm512_sub_ps(L::load(x + i + 32), pivot));
+        s3 = _mm512_add_ps(s3, _mm512_sub_ps(L::load(x + i + 48), pivot));
+    }
+    for (; i < len; i += 16) {
+        const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : tail_mask(len - i);
+        s0 = _mm512_mask_add_ps(s0, m, s0, _mm512_sub_ps(L::load(x + i, m), pivot));
+    }
+    const float offset = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) / (float)len;
+    const __m512 mean = _mm512_set1_ps(pivot_f + offset);
+    s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    i = 0;
+    for (; i + 64 <= len; i += 64) {
+        __m512 d0 = _mm512_sub_ps(L::load(x + i), mean), d1 = _mm512_sub_ps(L::load(x + i + 16), mean);
+        __m512 d2 = _mm512_sub_ps(L::load(x + i + 32), mean), d3 = _mm512_sub_ps(L::load(x + i + 48), mean);
+        s0 = _mm512_fmadd_ps(d0, d0, s0);
+        s1 = _mm512_fmadd_ps(d1, d1, s1);
+        s2 = _mm512_fmadd_ps(d2, d2, s2);
+        s3 = _mm512_fmadd_ps(d3, d3, s3);
+    }
+    for (; i < len; i += 16) {
+        const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : tail_mask(len - i);
+        const __m512 d = _mm512_sub_ps(L::load(x + i, m), mean);
+        s0 = _mm512_mask3_fmadd_ps(d, d, s0, m);
+    }
+    out->count = (double)len;
+    out->mean = (double)pivot_f + (double)offset;
+    out->m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+// Channels-last statistics of NB blocks of 16 channels (the last block masked by last_mask) over `rows` rows of
+// stride C, x pointing at the first of those channels in row 0. Accumulators stay in registers; rows are
+// taken P at a time into separate accumulators so that at least four addition chains run side by side.
+template <int D, int NB, bool MASKED>
+PDM_AVX512 inline __m512 block_load(const typename V16<D>::T* p, int b, __mmask16 last_mask) {
+    return MASKED && b == NB - 1 ? V16<D>::load(p, last_mask) : V16<D>::load(p);
+}
+
+template <int D, int NB, bool MASKED>
+PDM_AVX512 void avx512_rows_block(const typename V16<D>::T* x, int64_t rows, int64_t C, __mmask16 last_mask,
+                                  float* pivot, float* offset, float* m2) {
+    typedef V16<D> L;
+    constexpr int P = NB >= 4 ? 1 : 4 / NB;
+    __mmask16 mask[NB];
+    __m512 piv[NB], mean[NB], acc[P][NB];
+    for (int b = 0; b < NB; ++b) {
+        mask[b] = b == NB - 1 ? last_mask : (__mmask16)0xffff;
+        piv[b] = L::load(x + 16 * b, mask[b]);
+        for (int q = 0; q < P; ++q) acc[q][b] = _mm512_setzero_ps();
+    }
+    int64_t r = 0;
+    for (; r + P <= rows; r += P)
+        for (int q = 0; q < P; ++q)
+            for (int b = 0; b < NB; ++b)
+                acc[q][b] = _mm512_add_ps(acc[q][b], _mm512_sub_ps(block_load<D, NB, MASKED>(x + (r + q) * C + 16 * b, b, last_mask), piv[b]));
+    for (; r < rows; ++r)
+        for (int b = 0; b < NB; ++b)
+            acc[0][b] = _mm512_add_ps(acc[0][b], _mm512_sub_ps(block_load<D, NB, MASKED>(x + r * C + 16 * b, b, last_mask), piv[b]));
+    const __m512 inv_rows = _mm512_set1_ps(1.0f / (float)rows);
+    for (int b = 0; b < NB; ++b) {
+        for (int q = 1; q < P; ++q) acc[0][b] = _mm512_add_ps(acc[0][b], acc[q][b]);
+        const __m512 off = _mm512_mul_ps(acc[0][b], inv_rows);
+        _mm512_mask_storeu_ps(pivot + 16 * b, mask[b], piv[b]);
+        _mm512_mask_storeu_ps(offset + 16 * b, mask[b], off);
+        mean[b] = _mm512_add_ps(piv[b], off);
+        for (int q = 0; q < P; ++q) acc[q][b] = _mm512_setzero_ps();
+    }
+    for (r = 0; r + P <= rows; r += P)
+        for (int q = 0; q < P; ++q)
+            for (int b = 0; b < NB; ++b) {
+                const __m512 d = _mm512_sub_ps(block_load<D, NB, MASKED>(x + (r + q) * C + 16 * b, b, last_mask), mean[b]);
+                acc[q][b] = _mm512_fmadd_ps(d, d, acc[q][b]);
+            }
+    for (; r < rows; ++r)
+        for (int b = 0; b < NB; ++b) {
+            const __m512 d = _mm512_sub_ps(block_load<D, NB, MASKED>(x + r * C + 16 * b, b, last_mask), mean[b]);
+            acc[0][b] = _mm512_fmadd_ps(d, d, acc[0][b]);
+        }
+    for (int b = 0; b < NB; ++b) {
+        for (int q = 1; q < P; ++q) acc[0][b] = _mm512_add_ps(acc[0][b], acc[q][b]);
+        _mm512_mask_storeu_ps(m2 + 16 * b, mask[b], acc[0][b]);
+    }
+}
+
+template <int D, bool MASKED>
+PDM_AVX512 void rows_block_dispatch(int nb, const typename V16<D>::T* x, int64_t rows, int64_t C, __mmask16 last,
+                                    float* pivot, float* offset, float* m2) {
+    switch (nb) {
+        case 1: avx512_rows_block<D, 1, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 2: avx512_rows_block<D, 2, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 3: avx512_rows_block<D, 3, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 4: avx512_rows_block<D, 4, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 5: avx512_rows_block<D, 5, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 6: avx512_rows_block<D, 6, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        case 7: avx512_rows_block<D, 7, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+        default: avx512_rows_block<D, 8, MASKED>(x, rows, C, last, pivot, offset, m2); break;
+    }
+}
+
+// Channels-last block of rows: slabs of up to 128 channels, each by avx512_rows_block.
+template <int D>
+PDM_AVX512 void avx512_rows_mean_m2(const typename V16<D>::T* x, int64_t rows, int64_t C, float* pivot,
+                                    float* offset, float* m2) {
+    for (int64_t c0 = 0; c0 < C; c0 += 128) {
+        const int64_t chans = std::min<int64_t>(128, C - c0);
+        const int nb = (int)((chans + 15) / 16);
+        const __mmask16 last = chans % 16 ? tail_mask(chans % 16) : (__mmask16)0xffff;
+        const typename V16<D>::T* xc = x + c0;
+        float *pv = pivot + c0, *of = offset + c0, *sq = m2 + c0;
+        if (chans % 16) {
+            rows_block_dispatch<D, true>(nb, xc, rows, C, last, pv, of, sq);
+        } else {
+            rows_block_dispatch<D, false>(nb, xc, rows, C, last, pv, of, sq);
+        }
+    }
+}
+
+template <int D, bool SILU>
+PDM_AVX512 void avx512_apply_span(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t len, float center_f,
+                                  float scale_f, float shift_f) {
+    typedef V16<D> L;
+    const __m512 center = _mm512_set1_ps(center_f), scale = _mm512_set1_ps(scale_f), shift = _mm512_set1_ps(shift_f);
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {  // two vectors per iteration: independent work for the long silu chain
+        const __m512 a = apply16<D, SILU>(L::load(x + i), center, scale, shift);
+        const __m512 b = apply16<D, SILU>(L::load(x + i + 16), center, scale, shift);
+        L::store(y + i, a);
+        L::store(y + i + 16, b);
+    }
+    for (; i < len; i += 16) {
+        const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : tail_mask(len - i);
+        L::store(y + i, apply16<D, SILU>(L::load(x + i, m), center, scale, shift), m);
+    }
+}
+
+// Channels-last apply of NB blocks of 16 channels (the last one masked when MASKED) over `rows` rows of stride
+// C, parameters held in registers.
+template <int D, bool SILU, int NB, bool MASKED>
+PDM_AVX512 void avx512_apply_block(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t C,
+                                   __mmask16 last_mask, ChannelParams ch) {
+    typedef V16<D> L;
+    __m512 center[NB], scale[NB], shift[NB];
+    for (int b = 0; b < NB; ++b) {
+        const __mmask16 m = MASKED && b == NB - 1 ? last_mask : (__mmask16)0xffff;
+        center[b] = _mm512_maskz_loadu_ps(m, ch.center + 16 * b);
+        scale[b] = _mm512_maskz_loadu_ps(m, ch.scale + 16 * b);
+        shift[b] = _mm512_maskz_loadu_ps(m, ch.shift + 16 * b);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        const typename L::T* xr = x + r * C;
+        typename L::T* yr = y + r * C;
+        for (int b = 0; b < NB; ++b) {
+            if (MASKED && b == NB - 1) {
+                L::store(yr + 16 * b, apply16<D, SILU>(L::load(xr + 16 * b, last_mask), center[b], scale[b], shift[b]),
+                         last_mask);
+            } else {
+                L::store(yr + 16 * b, apply16<D, SILU>(L::load(xr + 16 * b), center[b], scale[b], shift[b]));
+            }
+        }
+    }
+}
+
+template <int D, bool SILU, bool MASKED>
+PDM_AVX512 void apply_block_dispatch(int nb, const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows,
+                                     int64_t C, __mmask16 last, ChannelParams ch) {
+    switch (nb) {
+        case 1: avx512_apply_block<D, SILU, 1, MASKED>(x, y, rows, C, last, ch); break;
+        case 2: avx512_apply_block<D, SILU, 2, MASKED>(x, y, rows, C, last, ch); break;
+        case 3: avx512_apply_block<D, SILU, 3, MASKED>(x, y, rows, C, last, ch); break;
+        default: avx512_apply_block<D, SILU, 4, MASKED>(x, y, rows, C, last, ch); break;
+    }
+}
+
+// Channels-last block of rows: slabs of up to 64 channels (their parameters fill 12 registers).
+template <int D, bool SILU>
+PDM_AVX512 void avx512_apply_rows(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t C,
+                                  ChannelParams ch) {
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+        const int64_t chans = std::min<int64_t>(64, C - c0);
+        const int nb = (int)((chans + 15) / 16);
+        const __mmask16 last = chans % 16 ? tail_mask(chans % 16) : (__mmask16)0xffff;
+        if (chans % 16)
+            apply_block_dispatch<D, SILU, true>(nb, x + c0, y + c0, rows, C, last, ch.at(c0));
+        else
+            apply_block_dispatch<D, SILU, false>(nb, x + c0, y + c0, rows, C, last, ch.at(c0));
+    }
+}
+
+struct Avx512 {
+    template <int D>
+    static void span_mean_m2(const typename IO<D>::T* x, int64_t len, MeanM2<double>* out) {
+        avx512_span_mean_m2<D>(x, len, out);
+    }
+    template <int D>
+    static void rows_mean_m2(const typename IO<D>::T* x, int64_t rows, int64_t C, float* pivot, float* offset,
+                             float* m2) {
+        avx512_rows_mean_m2<D>(x, rows, C, pivot, offset, m2);
+    }
+    template <int D, bool SILU>
+    static void apply_span(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t len, float center,
+                           float scale, float shift) {
+        avx512_apply_span<D, SILU>(x, y, len, center, scale, shift);
+    }
+    template <int D, bool SILU>
+    static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
+                           ChannelParams ch) {
+        avx512_apply_rows<D, SILU>(x, y, rows, C, ch);
+    }
+};
+#endif  // PDM_HAVE_AVX512_PATH
+
+// =============================================================================================================
+// Driver
+// =============================================================================================================
 
 struct Problem {
     int64_t N, C, S, G;
@@ -229,9 +573,9 @@ Chunking cl_chunking(int64_t S, int64_t C) {
     return {(S + rows - 1) / rows, rows};
 }
 
-template <int D, bool SILU>
-void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y,
-                 const ChannelParams& ch, const Chunking& ncs, const Chunking& cl, float* tmp) {
+template <class K, int D, bool SILU>
+void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y, const ChannelParams& ch,
+                 const Chunking& ncs, const Chunking& cl, float* tmp) {
     const int64_t N = p.N, C = p.C, S = p.S;
     if (!p.x_cl && !p.y_cl) {
 #pragma omp for schedule(static)
@@ -239,8 +583,7 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
             const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
             const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
             const int64_t off = nc * S + start;
-            apply_span<D, SILU>(x + off, y + off, len, ch.center_hi[nc], ch.center_lo[nc], ch.scale[nc],
-                                ch.shift[nc]);
+            K::template apply_span<D, SILU>(x + off, y + off, len, ch.center[nc], ch.scale[nc], ch.shift[nc]);
         }
     } else if (p.x_cl && p.y_cl) {
 #pragma omp for schedule(static)
@@ -248,8 +591,7 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
             const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
             const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
             const int64_t off = (n * S + r0) * C;
-            const ChannelParams chn = ch.at(n * C);
-            apply_rows<D, SILU>(x + off, y + off, rows, C, chn.center_hi, chn.center_lo, chn.scale, chn.shift);
+            K::template apply_rows<D, SILU>(x + off, y + off, rows, C, ch.at(n * C));
         }
     } else {
         const int64_t tiles = (S + kTile - 1) / kTile;
@@ -267,7 +609,7 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
     }
 }
 
-template <int D>
+template <class K, int D>
 void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     typedef typename IO<D>::T T;
     const T* x = static_cast<const T*>(x_raw);
@@ -279,8 +621,8 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     // Partial statistics: NCS: one per (n, c, chunk); channels-last: one per (n, chunk, group).
     const int64_t num_partials = p.x_cl ? N * cl.per_unit * G : N * C * ncs.per_unit;
     std::vector<MeanM2<double>> partials(num_partials);
-    std::vector<float> center_hi(N * C), center_lo(N * C), scale(N * C), shift(N * C);
-    const ChannelParams ch{center_hi.data(), center_lo.data(), scale.data(), shift.data()};
+    std::vector<float> center(N * C), scale(N * C), shift(N * C);
+    const ChannelParams ch{center.data(), scale.data(), shift.data()};
 
     const int64_t total = N * C * S;
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
@@ -289,6 +631,7 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     {
         // Per-thread scratch: channel accumulators (channels-last stats) and one transpose tile.
         std::vector<float> pivot(p.x_cl ? C : 0), offset(p.x_cl ? C : 0), m2(p.x_cl ? C : 0);
+        std::vector<double> mean_c(p.x_cl ? C : 0);
         std::vector<float> tile((p.x_cl != p.y_cl) ? kTile * kTile : 0);
 
         // 1. partial statistics
@@ -297,22 +640,30 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
             for (int64_t task = 0; task < N * C * ncs.per_unit; ++task) {
                 const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
                 const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
-                span_mean_m2<D>(x + nc * S + start, len, &partials[task]);
+                K::template span_mean_m2<D>(x + nc * S + start, len, &partials[task]);
+                if (p.bias_nc) pdm::gn_add_to_mean(partials[task], (double)p.bias_nc[nc]);
             }
         } else {
 #pragma omp for schedule(static)
             for (int64_t task = 0; task < N * cl.per_unit; ++task) {
                 const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
                 const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
-                rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
+                K::template rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
+                // group partials from channel partials of equal count (rows): mean_g = average of the
+                // channel means, m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2)
                 for (int64_t g = 0; g < G; ++g) {
-                    MeanM2<double> acc = pdm::mean_m2_empty<double>();
+                    double sum_means = 0.0;
                     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                        double mean_c = (double)pivot[c] + (double)offset[c];
-                        if (p.bias_nc) mean_c += (double)p.bias_nc[n * C + c];
-                        pdm::mean_m2_merge(acc, (double)rows, mean_c, (double)m2[c]);
+                        mean_c[c] = (double)pivot[c] + (double)offset[c] + (p.bias_nc ? p.bias_nc[n * C + c] : 0.0);
+                        sum_means += mean_c[c];
                     }
-                    partials[task * G + g] = acc;
+                    const double mean_g = sum_means / (double)Cg;
+                    double m2_g = 0.0, spread = 0.0;
+                    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                        m2_g += (double)m2[c];
+                        spread += (mean_c[c] - mean_g) * (mean_c[c] - mean_g);
+                    }
+                    partials[task * G + g] = {(double)(rows * Cg), mean_g, m2_g + (double)rows * spread};
                 }
             }
         }
@@ -321,37 +672,45 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
 #pragma omp for schedule(static)
         for (int64_t ng = 0; ng < N * G; ++ng) {
             const int64_t n = ng / G, g = ng % G;
-            MeanM2<double> group = pdm::mean_m2_empty<double>();
-            if (!p.x_cl) {
-                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                    MeanM2<double> chan = pdm::mean_m2_empty<double>();
-                    const MeanM2<double>* part = &partials[(n * C + c) * ncs.per_unit];
-                    for (int64_t j = 0; j < ncs.per_unit; ++j) pdm::mean_m2_merge(chan, part[j]);
-                    if (p.bias_nc) pdm::gn_add_to_mean(chan, (double)p.bias_nc[n * C + c]);
-                    pdm::mean_m2_merge(group, chan);
-                }
-            } else {
-                for (int64_t j = 0; j < cl.per_unit; ++j)
-                    pdm::mean_m2_merge(group, partials[(n * cl.per_unit + j) * G + g]);
-            }
+            // NCS: the group's channels, hence their chunks, are consecutive; channels-last: one per row block
+            const MeanM2<double> group =
+                p.x_cl ? pdm::mean_m2_combine<double>(&partials[n * cl.per_unit * G + g], cl.per_unit, G)
+                       : pdm::mean_m2_combine<double>(&partials[(n * C + g * Cg) * ncs.per_unit], Cg * ncs.per_unit, 1);
             const float rstd = pdm::gn_rstd((float)group.m2, (float)group.count, p.eps);
             for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
                 const pdm::GNChannel chan =
                     pdm::gn_channel(group.mean, rstd, p.weight ? p.weight[c] : 1.0f, p.bias ? p.bias[c] : 0.0f,
                                     p.bias_nc ? p.bias_nc[n * C + c] : 0.0f);
-                center_hi[n * C + c] = chan.center_hi;
-                center_lo[n * C + c] = chan.center_lo;
+                center[n * C + c] = chan.center_hi;
                 scale[n * C + c] = chan.scale;
-                shift[n * C + c] = chan.shift;
+                shift[n * C + c] = chan.shift - chan.center_lo * chan.scale;
             }
         }
 
         // 3. apply
         if (p.silu)
-            apply_phase<D, true>(p, x, y, ch, ncs, cl, tile.data());
+            apply_phase<K, D, true>(p, x, y, ch, ncs, cl, tile.data());
         else
-            apply_phase<D, false>(p, x, y, ch, ncs, cl, tile.data());
+            apply_phase<K, D, false>(p, x, y, ch, ncs, cl, tile.data());
     }
+}
+
+// Which loops run: the AVX-512 ones where the CPU has them, unless switched off (tests cover both).
+bool use_avx512 = false;
+
+bool init_isa() {
+#if defined(PDM_HAVE_AVX512_PATH)
+    use_avx512 = avx512_supported();
+#endif
+    return use_avx512;
+}
+
+template <int D>
+void run_best(const Problem& p, const void* x, void* y, int num_threads) {
+#if defined(PDM_HAVE_AVX512_PATH)
+    if (use_avx512) return run<Avx512, D>(p, x, y, num_threads);
+#endif
+    run<Generic, D>(p, x, y, num_threads);
 }
 
 void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int64_t N, int64_t C, int64_t S,
@@ -360,6 +719,8 @@ void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int6
     if (N < 0 || C < 1 || S < 0 || G < 1) throw std::invalid_argument("group_norm: sizes must be N>=0, C>=1, S>=0, G>=1");
     if (C % G) throw std::invalid_argument("group_norm: num_groups must divide C");
     if (!(eps > 0)) throw std::invalid_argument("group_norm: eps must be positive");
+    if (dtype_code < pdm::kFloat32 || dtype_code > pdm::kBFloat16)
+        throw std::invalid_argument("group_norm: dtype_code must be 0 (f32), 1 (f16) or 2 (bf16)");
     if (N * S == 0) return;
     if (!x_ptr || !y_ptr) throw std::invalid_argument("group_norm: x and y pointers must be non-null");
     Problem p{N, C, S, G, x_channels_last, y_channels_last,
@@ -370,16 +731,37 @@ void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int6
     num_threads = std::max(1, num_threads);
     py::gil_scoped_release no_gil;
     switch (dtype_code) {
-        case pdm::kFloat32: run<pdm::kFloat32>(p, x, y, num_threads); break;
-        case pdm::kFloat16: run<pdm::kFloat16>(p, x, y, num_threads); break;
-        case pdm::kBFloat16: run<pdm::kBFloat16>(p, x, y, num_threads); break;
-        default: throw std::invalid_argument("group_norm: dtype_code must be 0 (f32), 1 (f16) or 2 (bf16)");
+        case pdm::kFloat32: run_best<pdm::kFloat32>(p, x, y, num_threads); break;
+        case pdm::kFloat16: run_best<pdm::kFloat16>(p, x, y, num_threads); break;
+        default: run_best<pdm::kBFloat16>(p, x, y, num_threads); break;
     }
+}
+
+// "avx512" or "generic": the loops group_norm runs now.
+std::string isa() { return use_avx512 ? "avx512" : "generic"; }
+
+// Chooses the loops: "generic" always works, "avx512" only where the CPU has it; returns the previous choice.
+std::string set_isa(const std::string& name) {
+    const std::string previous = isa();
+    if (name == "generic") {
+        use_avx512 = false;
+    } else if (name == "avx512") {
+#if defined(PDM_HAVE_AVX512_PATH)
+        if (!avx512_supported()) throw std::invalid_argument("group_norm_set_isa: this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
+        use_avx512 = true;
+#else
+        throw std::invalid_argument("group_norm_set_isa: built without the AVX-512 path");
+#endif
+    } else {
+        throw std::invalid_argument("group_norm_set_isa: expected 'avx512' or 'generic', got '" + name + "'");
+    }
+    return previous;
 }
 
 }  // namespace pdm_gn_cpu
 
 void register_group_norm(py::module_& m) {
+    pdm_gn_cpu::init_isa();
     m.def("group_norm", &pdm_gn_cpu::group_norm,
           "y = act(GroupNorm(x + bias_nc) * w + b). Pointers are addresses (0 = absent); dtype_code 0/1/2 = "
           "f32/f16/bf16 for x and y; w, b fp32 C-vectors; bias_nc fp32 N x C; S = spatial size; *_channels_last: "
@@ -387,4 +769,7 @@ void register_group_norm(py::module_& m) {
           py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dtype_code"), py::arg("N"), py::arg("C"), py::arg("S"),
           py::arg("G"), py::arg("x_channels_last"), py::arg("y_channels_last"), py::arg("w_ptr"), py::arg("b_ptr"),
           py::arg("bias_nc_ptr"), py::arg("eps"), py::arg("silu"), py::arg("num_threads"));
+    m.def("group_norm_isa", &pdm_gn_cpu::isa, "The group_norm loops in use: 'avx512' or 'generic'.");
+    m.def("group_norm_set_isa", &pdm_gn_cpu::set_isa, py::arg("name"),
+          "Select the group_norm loops ('avx512' where supported, or 'generic'); returns the previous choice.");
 }

@@ -86,3 +86,18 @@ extern "C" __global__ void fused_step_kernel(
         if (model_input) store_f32(model_input, model_input_dtype, offset, v);
     }
 }
+
+// Per-sample sums of squares for pydiffmed.ops.per_sample_norm: thread g of sample b (grid y) sums elements
+// g, g + T, g + 2T, ... of the sample's contiguous block (T = threads per sample: coalesced reads) into
+// partial[b·T + g]; the caller adds the partials in fp64. No shared memory, no atomics: deterministic.
+extern "C" __global__ void per_sample_sumsq_kernel(const void* t, int dtype, long long numel, float* partial) {
+    const long long b = blockIdx.y;
+    const long long threads = (long long)gridDim.x * blockDim.x;
+    const long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    float sum = 0.0f;
+    for (long long i = g; i < numel; i += threads) {
+        const float v = load_f32(t, dtype, b * numel + i);
+        sum += v * v;
+    }
+    partial[b * threads + g] = sum;
+}

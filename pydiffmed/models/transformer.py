@@ -178,11 +178,12 @@ class SpatialTransformer(nn.Module):
             tokens = block(tokens, context)
         n, inner = tokens.shape[1], tokens.shape[2]
         w_out = self.proj_out.conv.weight.reshape(c, inner)
-        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
-        x_tokens = x.movedim(1, -1).reshape(b * n, c)  # a view when x is channels_last
         if torch.is_grad_enabled() and (x.requires_grad or tokens.requires_grad):
-            return x + (F.linear(tokens, w_out, self.proj_out.conv.bias).movedim(-1, 1).reshape(x.shape))
-        y_tokens = y.movedim(1, -1).view(b * n, c)
+            projected = F.linear(tokens, w_out, self.proj_out.conv.bias)
+            return x + projected.movedim(-1, 1).reshape(x.shape)
+        x_tokens = x.movedim(1, -1).reshape(b * n, c)  # a view when x is channels_last
+        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
+        y_tokens = y.movedim(1, -1).view(b * n, c)  # y's memory, token-major
         torch.add(x_tokens, self.proj_out.conv.bias, out=y_tokens)
         y_tokens.addmm_(tokens.reshape(b * n, inner), w_out.t())
         return y

@@ -297,7 +297,11 @@ class UNet3D(nn.Module):
     # --- forward ---------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                class_labels: torch.Tensor | None = None,
+                down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The last two arguments are MONAI's ControlNet inputs: tensors added to the skip connections (in the
+        order they are produced, conv_in's output first) and to the middle block's output."""
         self._check_input(x, context, class_labels)
         weight = self.conv_in.conv.weight
         batch = x.shape[0]
@@ -311,7 +315,12 @@ class UNet3D(nn.Module):
         skips = [h]
         for level in self.down_blocks:
             h = level(h, silu_emb, context, skips)
+        if down_block_additional_residuals is not None:
+            for i, residual in enumerate(down_block_additional_residuals[:len(skips)]):
+                skips[i] = skips[i] + residual
         h = self.middle_block(h, silu_emb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
         for level in self.up_blocks:
             h = level(h, silu_emb, context, skips)
         norm = self.out[0]

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backends
-from ._checks import FLOAT_DTYPES, as_float32, check_float_tensor, check_same_device, check_shape
+from ._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape
 from . import reference
 
 COEF_NAMES = ("p_x", "p_m", "clip", "a", "b", "c1", "c2", "c3", "s")
@@ -112,18 +112,17 @@ def _coefficient_tensor(coefs, b, table, device):
 
 def _check_coefficient_values(rows, history, has_noise):
     """Host-side checks of the coefficient rows that can be used (CPU coefficients only)."""
-    rows = rows.reshape(-1, K).double()
-    clip = rows[:, _COL["clip"]]
-    if bool(torch.isnan(clip).any()) or bool((clip <= 0).any()):
-        raise ValueError("coefs: clip must be positive (+inf for no clamp)")
-    others = torch.cat((rows[:, :_COL["clip"]], rows[:, _COL["clip"] + 1:]), dim=1)
-    if not bool(torch.isfinite(others).all()):
-        raise ValueError("coefs: every coefficient except clip must be finite")
-    for j, col in enumerate(_HISTORY_COLS):
-        if bool((rows[:, col] != 0).any()) and history[j] is None:
-            raise ValueError(f"coefs use history h{j + 1} (c{j + 1} != 0) but history has no h{j + 1}")
-    if bool((rows[:, _COL["s"]] != 0).any()) and not has_noise:
-        raise ValueError("coefs have s != 0 but neither noise nor seeds is given")
+    clip_col, s_col = _COL["clip"], _COL["s"]
+    for row in rows.reshape(-1, K).tolist():
+        if not row[clip_col] > 0:
+            raise ValueError(f"coefs: clip must be positive (+inf for no clamp), got {row[clip_col]}")
+        if not all(math.isfinite(v) for k, v in enumerate(row) if k != clip_col):
+            raise ValueError(f"coefs: every coefficient except clip must be finite, got {row}")
+        for j, col in enumerate(_HISTORY_COLS):
+            if row[col] != 0 and history[j] is None:
+                raise ValueError(f"coefs use history h{j + 1} (c{j + 1} != 0) but history has no h{j + 1}")
+        if row[s_col] != 0 and not has_noise:
+            raise ValueError("coefs have s != 0 but neither noise nor seeds is given")
 
 
 def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None, model_input=None, x0_out=None,
@@ -427,10 +426,66 @@ def apply_dynamic_threshold(row, s) -> torch.Tensor:
     return rows
 
 
-def per_sample_norm(t) -> torch.Tensor:
-    """(B,) fp32 L2 norms of each sample over all non-batch dims (Langevin corrector step sizes); fp32
-    accumulation, no host sync."""
+def per_sample_norm(t, *, backend=None) -> torch.Tensor:
+    """(B,) fp32 L2 norms of each sample of t (B, ...) over all its other dims (Langevin corrector step sizes).
+    One pass, any float dtype, contiguous or channels_last (a sample is one contiguous block of memory either
+    way); partial sums in fp32 per chunk, combined in fp64; no host sync."""
     check_float_tensor("t", t, FLOAT_DTYPES)
-    if t.ndim < 1:
-        raise ValueError("t must have a batch dimension")
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1, dtype=torch.float32)
+    if t.ndim < 1 or t.shape[0] < 1:
+        raise ValueError(f"t must have a batch dimension of size >= 1, got shape {tuple(t.shape)}")
+    if _layout(t) == "strided":
+        t = t.contiguous()
+    name, _ = backends.select("per_sample_norm", backend, (t,), t=t)
+    return torch.ops.pydiffmed.per_sample_norm(t, name)
+
+
+@torch.library.custom_op("pydiffmed::per_sample_norm", mutates_args=())
+def _per_sample_norm_op(t: torch.Tensor, backend: str) -> torch.Tensor:
+    if t.numel() == 0:
+        return torch.zeros(t.shape[0], dtype=torch.float32, device=t.device)
+    partial_sums = backends._REGISTRY["per_sample_norm"][backend].run(t.reshape(-1), t.shape[0])
+    return partial_sums.double().sum(dim=1).sqrt().float()
+
+
+@_per_sample_norm_op.register_fake
+def _(t, backend):
+    return t.new_empty((t.shape[0],), dtype=torch.float32)
+
+
+# Each run returns fp32 partial sums of squares (B, P), P >= 1, for the flat sample blocks of `flat`.
+
+@backends.register("per_sample_norm", "torch")
+def _norm_torch(flat, batch):
+    return flat.reshape(batch, -1).float().square().sum(dim=1, keepdim=True)
+
+
+def _cpu_norm_reasons(**_):
+    try:
+        from .. import _C
+    except Exception:
+        return []
+    return [] if hasattr(_C, "per_sample_sumsq") else ["pydiffmed._C was built without per_sample_sumsq"]
+
+
+@backends.register("per_sample_norm", "cpu", reasons=_cpu_norm_reasons)
+def _norm_cpu(flat, batch):
+    from .. import _C
+
+    out = torch.empty((batch, 1), dtype=torch.float64)
+    _C.per_sample_sumsq(flat.data_ptr(), _code(flat), batch, flat.numel() // batch, out.data_ptr(),
+                        torch.get_num_threads())
+    return out
+
+
+@backends.register("per_sample_norm", "triton")
+def _norm_triton(flat, batch):
+    from triton_kernels.fused_step import per_sample_sumsq_launch
+
+    return per_sample_sumsq_launch(flat, batch)
+
+
+@backends.register("per_sample_norm", "cuda")
+def _norm_cuda(flat, batch):
+    from .._cuda import per_sample_sumsq_launch
+
+    return per_sample_sumsq_launch(flat, batch)

@@ -2,32 +2,53 @@
 
     solver = pydiffmed.get_solver("dpmpp_2m", schedule, 20, prediction_type="epsilon")
     solver.timesteps, solver.num_model_evals, solver.plan(device), solver.step(i, x, model_output)
+
+One file per family: ddpm, ddim (+ inversion), pndm, ald (NCSN), sde (Euler-Maruyama, predictor-corrector),
+ode (Heun, RK4, adaptive Dormand-Prince), dpmpp (DPM-Solver++ 2M / 3M / 2M-SDE), unipc, edm (Euler, Heun),
+rflow (rectified-flow Euler).
 """
+from .ald import AnnealedLangevin
 from .base import Solver
 from .ddim import DDIM, DDIMInversion
 from .ddpm import DDPM
 from .dpmpp import DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP3M
-from .pndm import PNDM
-from .unipc import UniPC
+from .edm import EDMEuler, EDMHeun
+from .ode import ODEDopri5, ODEHeun, ODERK4
 from .plan import SamplingPlan, StepForm
+from .pndm import PNDM
+from .rflow import RFlowEuler
+from .sde import EulerMaruyama, PredictorCorrector
+from .unipc import UniPC
 
 SOLVERS = {
     "ddpm": DDPM,
     "ddim": DDIM,
     "ddim_inversion": DDIMInversion,
+    "pndm": PNDM,
+    "ald": AnnealedLangevin,
+    "euler_maruyama": EulerMaruyama,
+    "pc": PredictorCorrector,
+    "ode_heun": ODEHeun,
+    "ode_rk4": ODERK4,
+    "ode_dopri5": ODEDopri5,
     "dpmpp_2m": DPMSolverPP2M,
     "dpmpp_3m": DPMSolverPP3M,
     "dpmpp_2m_sde": DPMSolverPP2MSDE,
     "unipc": UniPC,
-    "pndm": PNDM,
+    "edm_euler": EDMEuler,
+    "edm_heun": EDMHeun,
+    "rflow_euler": RFlowEuler,
 }
 
 
-def get_solver(name, schedule, num_steps, **opts) -> Solver:
-    """A solver by name (see SOLVERS) for `schedule` with `num_steps` steps; opts are the solver's options."""
-    if name not in SOLVERS:
+def get_solver(name, schedule, num_steps=None, **opts):
+    """A solver by name (see SOLVERS) for `schedule` with `num_steps` steps; opts are the solver's options
+    (prediction_type, clip, thresholding, spacing, grid, ... — see each class). ode_dopri5 is adaptive and
+    takes no num_steps."""
+    if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; available: {sorted(SOLVERS)}")
     return SOLVERS[name](schedule, num_steps, **opts)
 
 
-__all__ = ["SOLVERS", "get_solver", "Solver", "SamplingPlan", "StepForm", "DDPM", "DDIM", "DDIMInversion"]
+__all__ = ["SOLVERS", "get_solver", "Solver", "SamplingPlan", "StepForm"] + sorted(
+    cls.__name__ for cls in SOLVERS.values())

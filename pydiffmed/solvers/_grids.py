@@ -62,7 +62,8 @@ def alpha_sigma_at(schedule, t):
 
 
 def diffusers_sigma_to_t(sigma, log_sigmas):
-    """diffusers' `_sigma_to_t`: fractional training timestep of each sigma by log-linear interpolation."""
+    """diffusers' `_sigma_to_t`: fractional training timestep of each sigma by log-linear interpolation
+    (log_sigmas float32 as theirs, so the mixed-precision arithmetic matches)."""
     sigma = np.asarray(sigma, dtype=np.float64)
     log_sigma = np.log(np.maximum(sigma, 1e-10)).reshape(-1)
     dists = log_sigma[None, :] - log_sigmas[:, None]
@@ -97,7 +98,7 @@ def multistep_grid(schedule, n, *, grid="uniform", spacing=None, steps_offset=0,
         ac = schedule.fp32_alphas_cumprod()
         if ac[-1] == 0:
             ac[-1] = 2.0 ** -24
-        train_sigmas = np.sqrt((1 - ac) / ac)
+        train_sigmas = _fp32_train_sigmas(ac)
         log_sigmas = np.log(train_sigmas)
         n_train = len(ac)
         times = spaced_timesteps(n_train, n, spacing, steps_offset, extra_point=True).astype(np.float64)
@@ -132,3 +133,78 @@ def multistep_grid(schedule, n, *, grid="uniform", spacing=None, steps_offset=0,
     points = continuous_points(schedule, n, spacing)
     alpha, sigma = schedule.alpha_sigma(points)
     return schedule.model_time(points), np.append(alpha, 1.0), np.append(sigma, 0.0)
+
+
+def alpha_of_edm_sigma(schedule, s):
+    """alpha at the time where sigma/alpha = s (so x_t = alpha·x_sigma)."""
+    s = np.asarray(s, dtype=np.float64)
+    if schedule.kind in ("discrete", "vp"):
+        return 1.0 / np.sqrt(1.0 + s * s)
+    if schedule.kind == "subvp":
+        return (np.sqrt(s * s + 4.0) - s) / 2.0
+    if schedule.kind == "ve":
+        return np.ones_like(s)
+    return 1.0 / (1.0 + s)  # flow
+
+
+SIGMA_GRIDS = ("karras", "uniform", "logsnr")
+
+
+def sigma_grid(schedule, n, *, grid="karras", spacing="linspace", steps_offset=0, final="zero", rho=7.0):
+    """Model times (n,) and Karras-style sigmas = sigma/alpha (n+1,) for the EDM / Euler / Heun family.
+
+    Discrete schedules reproduce diffusers' Euler/Heun discrete schedulers: `spacing` timesteps (float, not
+    rounded, for linspace), sigmas linearly interpolated at them from the fp32 training sigmas ('uniform'),
+    or the Karras / log-uniform grid between those interpolated ends with timesteps from `_sigma_to_t`
+    (fractional). final 'zero' appends sigma = 0, 'sigma_min' the smallest training sigma.
+    Continuous schedules: the grid between sigma(t_max) and sigma(t_min); final 'zero' (n points, then 0)
+    or 't_min' (n + 1 points)."""
+    if grid not in SIGMA_GRIDS:
+        raise ValueError(f"grid must be one of {SIGMA_GRIDS}, got {grid!r}")
+    if schedule.kind == "discrete":
+        if final not in ("zero", "sigma_min"):
+            raise ValueError(f"final must be 'zero' or 'sigma_min' for a discrete schedule, got {final!r}")
+        if spacing not in ("linspace", "leading", "trailing"):
+            raise ValueError(f"spacing must be linspace, leading or trailing, got {spacing!r}")
+        ac = schedule.fp32_alphas_cumprod()
+        if ac[-1] == 0:
+            raise ValueError("sigma-space solvers need a finite terminal sigma (no zero-terminal-SNR schedule)")
+        train_sigmas = _fp32_train_sigmas(ac)
+        log_sigmas = np.log(train_sigmas)
+        n_train = len(ac)
+        times = spaced_timesteps(n_train, n, spacing, steps_offset, integer=False).astype(np.float32)
+        sigmas = np.interp(times.astype(np.float64), np.arange(n_train), train_sigmas)
+        if grid == "karras":
+            sigmas = karras_sigmas(sigmas[-1], sigmas[0], n, rho)
+            times = diffusers_sigma_to_t(sigmas, log_sigmas)
+        elif grid == "logsnr":
+            sigmas = np.exp(np.linspace(np.log(sigmas[0]), np.log(sigmas[-1]), n))
+            times = diffusers_sigma_to_t(sigmas, log_sigmas)
+        last = 0.0 if final == "zero" else train_sigmas[0]
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32).astype(np.float64)
+        return np.asarray(times, dtype=np.float32).astype(np.float64), sigmas
+    if final not in ("zero", "t_min"):
+        raise ValueError(f"final must be 'zero' or 't_min' for a continuous schedule, got {final!r}")
+    spacing = {"uniform": "time"}.get(grid, grid)
+    count = n + 1 if final == "t_min" else n
+    points = continuous_points(schedule, count, spacing, rho)
+    sigmas = schedule.edm_sigma(points)
+    if final == "zero":
+        sigmas = np.append(sigmas, 0.0)
+    return schedule.model_time(points[:n]), sigmas
+
+
+def model_time_of_edm_sigma(schedule, s):
+    """The model time at sigma/alpha = s (discrete: diffusers' _sigma_to_t over the fp32 training sigmas)."""
+    if schedule.kind == "discrete":
+        return diffusers_sigma_to_t(s, np.log(_fp32_train_sigmas(schedule.fp32_alphas_cumprod())))
+    return schedule.model_time(schedule.t_from_edm_sigma(s))
+
+
+def _fp32_train_sigmas(alphas_cumprod):
+    """sqrt((1 - ab)/ab) evaluated and kept in float32 as diffusers does (its grids and _sigma_to_t use
+    these, with numpy's float32/float64 promotion)."""
+    import torch
+
+    ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
+    return (((1 - ab) / ab) ** 0.5).numpy()

@@ -160,12 +160,17 @@ class Solver:
         bufs = self._buffers_like(x)
         bufs[form.x].copy_(x)
         row = torch.from_numpy(self._rows[i]).to(x.device)
+        noise_args = self._noise_args(form.noisy, x, noise, seeds)
         if form.coef_fn is not None:
-            row = form.coef_fn(bufs[form.x], model_output, row, torch.tensor(i, device=x.device))
+            row = self._coef_row(form, bufs[form.x], model_output, row, i, noise_args)
         fused_step(bufs[form.x], model_output, row, history=tuple(bufs[h] for h in form.history),
                    out=bufs[form.out], x0_out=None if form.x0_out is None else bufs[form.x0_out],
-                   noise_step=i, **self._noise_args(form.noisy, x, noise, seeds))
+                   noise_step=i, **noise_args)
         return bufs[form.out].clone()
+
+    def _coef_row(self, form, x, m, row, i, noise_args):
+        """The (B, K) row of a coef_fn form (noise_args: the noise/seeds fused_step will use)."""
+        return form.coef_fn(x, m, row, torch.tensor(i, device=x.device))
 
     def initial_noise(self, shape, seed=0, seeds=None, device=None):
         """x_T = init_noise_scale · philox_normal(seeds, step=E): what the engine starts from."""

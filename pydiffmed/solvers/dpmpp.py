@@ -59,7 +59,9 @@ class DPMSolverPP(Solver):
             d = program.d(i)
             outputs.append(d)
             x = program.current
-            if self.order == 1 or lower_order_nums < 1 or lower_final:
+            if self._sigma[i + 1] == self._sigma[i] and self._alpha[i + 1] == self._alpha[i]:
+                target = x  # zero-length step (e.g. a Karras grid ending at final='sigma_min')
+            elif self.order == 1 or lower_order_nums < 1 or lower_final:
                 target = self._first_order(i, x, d, program)
             elif self.order == 2 or lower_order_nums < 2 or lower_second:
                 target = self._second_order(i, x, outputs[-1], outputs[-2], program)

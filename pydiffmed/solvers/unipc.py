@@ -86,7 +86,7 @@ class UniPC(Solver):
         alpha_s, sigma_s = self._alpha[s_index], self._sigma[s_index]
         h = self._lambda(t_index) - self._lambda(s_index)
         if h == 0:
-            raise ValueError(f"grid points {s_index} and {t_index} have the same noise level (zero-length step)")
+            return x  # zero-length step (a Karras grid ending at final='sigma_min'): the identity
         rks, d1s = [], []
         for k in range(1, order):
             rk = (self._lambda(rk_indices[k - 1]) - self._lambda(s_index)) / h
