@@ -28,6 +28,7 @@ SHAPES = [
     (3, 15, (6, 7), 5),
     (1, 32, (4, 5, 6), 8),
     (2, 12, (9, 10), 4),
+    (1, 200, (3, 4, 5), 8),  # more channels than one register block of the CPU loops, and not a multiple of 16
 ]
 # One case big enough for several statistics chunks per channel and for both CPU threads.
 LARGE_SHAPE = (1, 8, (20, 21, 22), 2)

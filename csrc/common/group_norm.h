@@ -13,8 +13,8 @@
 //      bias_nc is a constant per (sample, channel): it shifts a channel's mean and leaves its m2 unchanged,
 //      so add it to the mean of a per-channel partial (gn_add_to_mean) instead of to every element.
 //   2. Merge. mean_m2_merge() combines partials with Chan et al.'s parallel formula, in any order or tree
-//      shape; mean_m2_combine() does the same for an array of partials in two passes; gn_rstd() turns the merged group into 1/sqrt(var + eps) with the biased (population) variance,
-//      as torch.nn.GroupNorm does.
+//      shape; mean_m2_combine() does the same for an array of partials in two passes; gn_rstd() turns the
+//      merged group into 1/sqrt(var + eps) with the biased (population) variance, as torch.nn.GroupNorm does.
 //   3. Apply. gn_channel() folds mean, rstd, weight, bias and bias_nc into a per-(sample, channel) center,
 //      scale and shift, so the per-element work is gn_apply(): (v - center) * scale + shift, then SiLU.
 #pragma once

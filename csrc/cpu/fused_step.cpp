@@ -32,7 +32,7 @@ namespace {
 // Helpers are forced inline so each target_clones copy of step_tile gets them compiled for its ISA.
 #define PDM_CPU_INLINE inline __attribute__((always_inline))
 
-constexpr int kTile = 2048;  // elements; a multiple of 4 so tiles of contiguous rows start on Philox blocks
+constexpr int kTile = 1024;  // elements; a multiple of 4 so tiles of contiguous rows start on Philox blocks
 
 struct Buffer {
     const void* ptr;

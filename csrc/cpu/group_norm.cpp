@@ -176,7 +176,8 @@ PDM_CLONES void generic_apply_rows(const typename IO<D>::T* __restrict x, typena
         const typename IO<D>::T* xr = x + r * C;
         typename IO<D>::T* yr = y + r * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) yr[c] = IO<D>::store(apply_one<SILU>(IO<D>::load(xr[c]), center[c], scale[c], shift[c]));
+        for (int64_t c = 0; c < C; ++c)
+            yr[c] = IO<D>::store(apply_one<SILU>(IO<D>::load(xr[c]), center[c], scale[c], shift[c]));
     }
 }
 
@@ -360,19 +361,24 @@ PDM_AVX512 void avx512_span_mean_m2(const typename V16<D>::T* x, int64_t len, Me
     out->m2 = (double)_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
+// Block b of NB blocks of 16 channels; only the last one of a MASKED set is partial.
+template <int D, int NB, bool MASKED>
+struct Blocks {
+    static PDM_AVX512 inline __m512 load(const typename V16<D>::T* p, int b, __mmask16 last_mask) {
+        return MASKED && b == NB - 1 ? V16<D>::load(p, last_mask) : V16<D>::load(p);
+    }
+};
+
 // Channels-last statistics of NB blocks of 16 channels (the last block masked by last_mask) over `rows` rows of
 // stride C, x pointing at the first of those channels in row 0. Accumulators stay in registers; rows are
 // taken P at a time into separate accumulators so that at least four addition chains run side by side.
-template <int D, int NB, bool MASKED>
-PDM_AVX512 inline __m512 block_load(const typename V16<D>::T* p, int b, __mmask16 last_mask) {
-    return MASKED && b == NB - 1 ? V16<D>::load(p, last_mask) : V16<D>::load(p);
-}
 
 template <int D, int NB, bool MASKED>
 PDM_AVX512 void avx512_rows_block(const typename V16<D>::T* x, int64_t rows, int64_t C, __mmask16 last_mask,
                                   float* pivot, float* offset, float* m2) {
     typedef V16<D> L;
     constexpr int P = NB >= 4 ? 1 : 4 / NB;
+    typedef Blocks<D, NB, MASKED> B;
     __mmask16 mask[NB];
     __m512 piv[NB], mean[NB], acc[P][NB];
     for (int b = 0; b < NB; ++b) {
@@ -384,10 +390,11 @@ PDM_AVX512 void avx512_rows_block(const typename V16<D>::T* x, int64_t rows, int
     for (; r + P <= rows; r += P)
         for (int q = 0; q < P; ++q)
             for (int b = 0; b < NB; ++b)
-                acc[q][b] = _mm512_add_ps(acc[q][b], _mm512_sub_ps(block_load<D, NB, MASKED>(x + (r + q) * C + 16 * b, b, last_mask), piv[b]));
+                acc[q][b] =
+                    _mm512_add_ps(acc[q][b], _mm512_sub_ps(B::load(x + (r + q) * C + 16 * b, b, last_mask), piv[b]));
     for (; r < rows; ++r)
         for (int b = 0; b < NB; ++b)
-            acc[0][b] = _mm512_add_ps(acc[0][b], _mm512_sub_ps(block_load<D, NB, MASKED>(x + r * C + 16 * b, b, last_mask), piv[b]));
+            acc[0][b] = _mm512_add_ps(acc[0][b], _mm512_sub_ps(B::load(x + r * C + 16 * b, b, last_mask), piv[b]));
     const __m512 inv_rows = _mm512_set1_ps(1.0f / (float)rows);
     for (int b = 0; b < NB; ++b) {
         for (int q = 1; q < P; ++q) acc[0][b] = _mm512_add_ps(acc[0][b], acc[q][b]);
@@ -400,12 +407,12 @@ PDM_AVX512 void avx512_rows_block(const typename V16<D>::T* x, int64_t rows, int
     for (r = 0; r + P <= rows; r += P)
         for (int q = 0; q < P; ++q)
             for (int b = 0; b < NB; ++b) {
-                const __m512 d = _mm512_sub_ps(block_load<D, NB, MASKED>(x + (r + q) * C + 16 * b, b, last_mask), mean[b]);
+                const __m512 d = _mm512_sub_ps(B::load(x + (r + q) * C + 16 * b, b, last_mask), mean[b]);
                 acc[q][b] = _mm512_fmadd_ps(d, d, acc[q][b]);
             }
     for (; r < rows; ++r)
         for (int b = 0; b < NB; ++b) {
-            const __m512 d = _mm512_sub_ps(block_load<D, NB, MASKED>(x + r * C + 16 * b, b, last_mask), mean[b]);
+            const __m512 d = _mm512_sub_ps(B::load(x + r * C + 16 * b, b, last_mask), mean[b]);
             acc[0][b] = _mm512_fmadd_ps(d, d, acc[0][b]);
         }
     for (int b = 0; b < NB; ++b) {
@@ -716,7 +723,8 @@ void run_best(const Problem& p, const void* x, void* y, int num_threads) {
 void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int64_t N, int64_t C, int64_t S,
                 int64_t G, bool x_channels_last, bool y_channels_last, std::uintptr_t w_ptr, std::uintptr_t b_ptr,
                 std::uintptr_t bias_nc_ptr, double eps, bool silu, int num_threads) {
-    if (N < 0 || C < 1 || S < 0 || G < 1) throw std::invalid_argument("group_norm: sizes must be N>=0, C>=1, S>=0, G>=1");
+    if (N < 0 || C < 1 || S < 0 || G < 1)
+        throw std::invalid_argument("group_norm: sizes must be N>=0, C>=1, S>=0, G>=1");
     if (C % G) throw std::invalid_argument("group_norm: num_groups must divide C");
     if (!(eps > 0)) throw std::invalid_argument("group_norm: eps must be positive");
     if (dtype_code < pdm::kFloat32 || dtype_code > pdm::kBFloat16)
@@ -747,7 +755,8 @@ std::string set_isa(const std::string& name) {
         use_avx512 = false;
     } else if (name == "avx512") {
 #if defined(PDM_HAVE_AVX512_PATH)
-        if (!avx512_supported()) throw std::invalid_argument("group_norm_set_isa: this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
+        if (!avx512_supported())
+            throw std::invalid_argument("group_norm_set_isa: this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
         use_avx512 = true;
 #else
         throw std::invalid_argument("group_norm_set_isa: built without the AVX-512 path");

@@ -27,7 +27,7 @@ from .. import ops
 from ..nn import GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
 from .checkpoint import check_state_dict, convert_monai_state_dict, load_state_dict_file
-from .layers import Conv, avg_pool_2x, conv_module, to_channels_last, upsample_conv, upsample_nearest
+from .layers import Conv, avg_pool_2x, conv_module, upsample_conv, upsample_nearest
 from .transformer import SpatialTransformer
 
 

@@ -64,14 +64,20 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
-def philox_words(seeds, step, shape, device=None):
-    """The four Philox words of every block of 4 logical elements: tensors (B, ceil(n/4)) int64 each."""
-    device = torch.device(device) if device is not None else seeds.device
-    seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
+def _sample_numel(shape):
     n = 1
     for s in tuple(shape)[1:]:
         n *= int(s)
-    blocks = torch.arange((n + 3) // 4, dtype=torch.int64, device=device).reshape(1, -1)
+    return n
+
+
+def philox_words(seeds, step, shape, device=None, block_range=None):
+    """The four Philox words of the blocks of 4 logical elements of each sample (all blocks, or those in
+    block_range = (start, stop)): four int64 tensors (B, blocks)."""
+    device = torch.device(device) if device is not None else seeds.device
+    seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)
+    start, stop = block_range if block_range is not None else (0, (_sample_numel(shape) + 3) // 4)
+    blocks = torch.arange(start, stop, dtype=torch.int64, device=device).reshape(1, -1)
     if isinstance(step, torch.Tensor):
         step_word = step.to(device=device, dtype=torch.int64).reshape(1, 1) & _MASK32
     else:
@@ -79,6 +85,22 @@ def philox_words(seeds, step, shape, device=None):
     zero = torch.zeros_like(blocks)
     return philox4x32_10((blocks & _MASK32, blocks >> 32, step_word.expand_as(blocks), zero),
                          (seeds & _MASK32, (seeds >> 32) & _MASK32))
+
+
+def _normals_by_chunk(seeds, step, shape, device, normals_of_words, dtype):
+    """Runs normals_of_words over chunks of blocks: on the CPU, (B, 8192) temporaries stay below the allocator's
+    mmap threshold, which makes the ~200 int64 passes of Philox several times faster (no fresh pages)."""
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else seeds.device
+    batch, n = shape[0], _sample_numel(shape)
+    num_blocks = (n + 3) // 4
+    chunk = max(1, 8192 // max(batch, 1)) if device.type == "cpu" else max(num_blocks, 1)
+    z = torch.empty((batch, num_blocks, 4), dtype=dtype, device=device)
+    for start in range(0, num_blocks, chunk):
+        stop = min(start + chunk, num_blocks)
+        z[:, start:stop] = torch.stack(normals_of_words(philox_words(seeds, step, shape, device, (start, stop))),
+                                       dim=-1)
+    return z.reshape(batch, -1)[:, :n].reshape(shape)
 
 
 def philox_uniform(word):
@@ -124,32 +146,34 @@ def _cos_sin_2pi(word):
     return c, s
 
 
-def philox_normal(seeds, step, shape, device=None):
-    """The noise fused_step draws (fp32): z[b, i] for the logical (row-major) index i of each sample's
-    `shape[1:]`. seeds: (B,) int64 (64-bit keys); step: int or 0-d integer tensor (the counter's third word)."""
-    shape = tuple(int(s) for s in shape)
-    words = philox_words(seeds, step, shape, device)
+def _box_muller_fp32(words):
     z = []
     for w_radius, w_angle in ((words[0], words[1]), (words[2], words[3])):
-        r = torch.sqrt(_neg_two_log(philox_uniform(w_radius)).double()).float()  # correctly rounded, unlike
-        # torch's fp32 CPU sqrt (off by 1 ulp at times)
+        # sqrt in fp64, then rounded: correctly rounded, unlike torch's fp32 CPU sqrt (off by 1 ulp at times)
+        r = torch.sqrt(_neg_two_log(philox_uniform(w_radius)).double()).float()
         c, s = _cos_sin_2pi(w_angle)
         z += [r * c, r * s]
-    n = math.prod(shape[1:])
-    return torch.stack(z, dim=-1).reshape(shape[0], -1)[:, :n].reshape(shape)
+    return z
 
 
-def philox_normal_float64(seeds, step, shape, device=None):
-    """The same normals with the Box-Muller formula evaluated in float64 (not rounded): the accuracy oracle."""
-    shape = tuple(int(s) for s in shape)
-    words = philox_words(seeds, step, shape, device)
+def _box_muller_float64(words):
     u = [((w >> 9).double() + 0.5) * 2.0 ** -23 for w in words]
     z = []
     for u_radius, u_angle in ((u[0], u[1]), (u[2], u[3])):
         r = torch.sqrt(-2.0 * torch.log(u_radius))
         z += [r * torch.cos(2.0 * math.pi * u_angle), r * torch.sin(2.0 * math.pi * u_angle)]
-    n = math.prod(shape[1:])
-    return torch.stack(z, dim=-1).reshape(shape[0], -1)[:, :n].reshape(shape)
+    return z
+
+
+def philox_normal(seeds, step, shape, device=None):
+    """The noise fused_step draws (fp32): z[b, i] for the logical (row-major) index i of each sample's
+    `shape[1:]`. seeds: (B,) int64 (64-bit keys); step: int or 0-d integer tensor (the counter's third word)."""
+    return _normals_by_chunk(seeds, step, shape, device, _box_muller_fp32, torch.float32)
+
+
+def philox_normal_float64(seeds, step, shape, device=None):
+    """The same normals with the Box-Muller formula evaluated in float64 (not rounded): the accuracy oracle."""
+    return _normals_by_chunk(seeds, step, shape, device, _box_muller_float64, torch.float64)
 
 
 def _term(coef, t):

@@ -30,7 +30,7 @@ class Program:
         if num_evals < 1:
             raise ValueError("a solver needs at least one model evaluation")
         self.num_evals = int(num_evals)
-        self.size = 1 + 2 * self.num_evals
+        self.size = 1 + 3 * self.num_evals
         self.rows = []
         self.model_times = []
         self.forms = []
@@ -58,6 +58,10 @@ class Program:
         """The noise drawn at evaluation e."""
         return self._unit(1 + self.num_evals + e)
 
+    def _opaque(self, e):
+        """The state written by evaluation e when its coefficients depend on device values."""
+        return self._unit(1 + 2 * self.num_evals + e)
+
     def zero(self):
         return np.zeros(self.size)
 
@@ -67,9 +71,11 @@ class Program:
         return self.contents[self.state]
 
     # one evaluation ---------------------------------------------------------------------------------------
-    def add(self, model_time, estimate, target, keep=(), coef_fn=None, noisy=None):
+    def add(self, model_time, estimate, target, keep=(), coef_fn=None, noisy=None, opaque=False):
         """estimate = (p_x, p_m, clip) (clip None: no clamp); target: x' as a vector; keep: vectors needed by
-        later evaluations (each must be d_e, the current state, or a live buffer's content)."""
+        later evaluations (each must be d_e, the current state, or a live buffer's content). opaque: coef_fn
+        replaces a, b, c, s by device-dependent values, so x' becomes a new unknown vector (later updates can
+        only use it as a whole); `target` then only fixes the form and nominal coefficients."""
         e = len(self.rows)
         if e >= self.num_evals:
             raise ValueError(f"program was declared with {self.num_evals} evaluations")
@@ -77,6 +83,7 @@ class Program:
         if not np.all(np.isfinite(target)):
             raise ValueError(f"evaluation {e}: the update has non-finite coefficients")
         future = np.concatenate([target[2 + e:1 + self.num_evals], target[2 + self.num_evals + e:]])
+        future = future[:len(future) - self.num_evals]
         if np.any(future != 0):
             raise ValueError(f"evaluation {e}: the update uses estimates or noise of later evaluations")
         b = float(target[1 + e])
@@ -133,7 +140,7 @@ class Program:
         if x0_out is not None:
             self.contents[x0_out] = self.d(e)
             new_live.add(x0_out)
-        self.contents[out] = target
+        self.contents[out] = self._opaque(e) if opaque else target
         self.live = new_live
         self.state = out
 
@@ -154,7 +161,8 @@ class Program:
                 basis = np.stack([state_vec] + [self.contents[n] for n in names], axis=1)
                 coef, *_ = np.linalg.lstsq(basis, rest, rcond=None)
                 if np.abs(basis @ coef - rest).max() <= _TOL * scale:
-                    coef = np.where(np.abs(coef) < 1e-15 * scale, 0.0, coef)
+                    negligible = np.abs(coef) * np.abs(basis).max(axis=0) < 1e-14 * scale
+                    coef = np.where(negligible, 0.0, coef)
                     return float(coef[0]), names, tuple(float(v) for v in coef[1:])
         raise ValueError(f"evaluation {e}: the update is not one fused_step over the state and at most three "
                          "kept buffers (keep the vectors it needs)")

@@ -203,7 +203,7 @@ class PredictorCorrector(_ScoreSolver):
                 table.append((q[0], q[1], ab[0], ab[1], 2.0 * corr_a * self.snr ** 2))
                 x = program.current
                 target = x + score + math.sqrt(2.0) * program.z(e)     # nominal: the coef_fn sets eps
-                program.add(model_time, estimate, target, coef_fn=self._langevin_fn(), noisy=True)
+                program.add(model_time, estimate, target, coef_fn=self._langevin_fn(), noisy=True, opaque=True)
                 e += 1
             if self.predictor is None:
                 continue
