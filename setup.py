@@ -43,13 +43,14 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
+        "tqdm",
         "triton>=3.0; platform_system=='Linux' and platform_machine=='x86_64'",
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
         "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml"],
         "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "nibabel>=5",
-                 "safetensors", "pillow", "pyyaml"],
+                 "safetensors", "pillow", "pyyaml", "matplotlib"],
     },
     entry_points={"console_scripts": ["pydiffmed=pydiffmed.cli:main"]},
 )

@@ -173,8 +173,9 @@ def main():
     for config_name, size in cases:
         rows += run_case(config_name, size, dtypes, device, repeats, peaks)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    notes = (f"{'--quick ' if args.quick else ''}repeats={repeats}, batch 1, torch threads "
-             f"{torch.get_num_threads()}, 1-min load average at the end {load:.2f}. ms = median wall time, "
+    command = " ".join(["python benchmarks/bench_unet.py", *sys.argv[1:]])
+    notes = (f"`{command}`: repeats={repeats}, batch 1, torch threads {torch.get_num_threads()}, 1-min load "
+             f"average at the end {load:.2f}. ms = median wall time, "
              "cpu_ms = median process CPU time (all threads; less disturbed by other processes), speed-ups vs "
              "MONAI fp32 eager timed interleaved in the same run. GFLOP = MONAI's forward as counted by "
              "torch.utils.flop_counter; conv peak = same-run 64→64 3×3×3 conv on 32³, channels_last.")

@@ -11,3 +11,6 @@ __all__.append("load_model")
 
 from .solvers import get_solver  # noqa: E402
 __all__.append("get_solver")
+
+from .engine import Sampler, estimate_memory, sample  # noqa: E402
+__all__ += ["Sampler", "estimate_memory", "sample"]

@@ -1,7 +1,7 @@
 """`accelerate(model)`: put pydiffmed's fused blocks into an existing MONAI `DiffusionModelUNet`, in place.
 
-Replaced (each new module holds the very same parameter tensors, so the state dict, its keys and the outputs are
-unchanged):
+Replaced (each new module holds the model's own Parameter objects, so the state dict, its keys and the outputs
+are unchanged):
 * `DiffusionUNetResnetBlock` → pydiffmed's resnet block: GroupNorm+SiLU fused, time-embedding add fused into the
   second GroupNorm, residual add fused into conv2, upsampling resnets without the upsampled intermediate;
 * `SpatialAttentionBlock` → pydiffmed's (fused QKV, flash attention, token-major GroupNorm);
@@ -9,7 +9,8 @@ unchanged):
 * the nearest-×2 + conv upsampler → one 2×2(×2) convolution over the low-resolution input;
 * a GroupNorm followed by SiLU in an nn.Sequential (the output head) → one fused GroupNorm+SiLU, the SiLU slot
   becoming nn.Identity; any other GroupNorm → pydiffmed's GroupNorm;
-* every plain nn.Conv2d/nn.Conv3d → the oneDNN channels_last path on CPU (class swapped in place);
+* every plain nn.Conv2d/nn.Conv3d → the oneDNN channels_last path on CPU (class swapped in place, weights
+  re-laid out channels_last in place: same Parameter objects and values);
 * the model's input is converted to channels_last once and its output back to contiguous.
 Modules it does not recognise are left alone, so any configuration (or a customised model) still runs.
 """
@@ -61,6 +62,12 @@ def accelerate(model: nn.Module) -> nn.Module:
             module.__class__ = FastConv2d
         elif type(module) is nn.GroupNorm:
             module.__class__ = GroupNorm3d
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            # channels_last weights, like the activations; otherwise oneDNN re-lays them out on every call.
+            # The Parameter object stays the same (only its storage layout changes).
+            weight_format = channels_last_format(module.weight.ndim)
+            if not module.weight.is_contiguous(memory_format=weight_format):
+                module.weight.data = module.weight.data.contiguous(memory_format=weight_format)
     if not getattr(model, "_pdm_accelerated", False):
         model.register_forward_pre_hook(_input_to_channels_last, with_kwargs=True)
         model.register_forward_hook(_output_to_contiguous)

@@ -1,9 +1,672 @@
-"""The `pydiffmed` command."""
+"""The `pydiffmed` command: sample volumes from a model, convert MONAI checkpoints, list bundled models, time
+the machine, show backends.
+
+    pydiffmed sample --model DIR --num 8 --batch 4 --solver dpmpp_2m --steps 20 --seed 0 --out samples/
+    pydiffmed convert --monai-checkpoint model.pt --monai-config config.json --out DIR
+    pydiffmed models | bench | info
+
+Bad input (unknown solver or model, impossible shape, unreadable volume, unwritable output, ...) is found before
+any work starts and reported as one line on stderr with exit status 2. A run that fails or is interrupted
+part way exits with status 1 (130 for Ctrl-C) and leaves only complete files (every write is atomic); rerun
+it with --resume to finish it.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
 import platform
+import re
 import sys
+import time
+import warnings
+
+USAGE_ERROR = 2
+RUN_ERROR = 1
+INTERRUPTED = 130
+
+# Solvers the command cannot run: DDIM inversion encodes data into noise, and the adaptive Dormand-Prince ODE
+# solver has no fixed-step plan for the engine.
+_NOT_SAMPLERS = {"ddim_inversion": "encodes volumes into noise (DDIM inversion); it does not sample",
+                 "ode_dopri5": "is adaptive and has no fixed-step plan; use it from Python (solver.sample)"}
+_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+           "bfloat16": "bfloat16", "bf16": "bfloat16"}
+# Bundled models the project ships once they are trained: named so that a missing one says so.
+_PLANNED_BUNDLED = ("demo",)
+_TEMP_PREFIX = ".pdm-tmp-"  # pydiffmed.io.atomic_path's temporary names: .pdm-tmp-<12 hex>-<final name>
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2, before any work."""
+
+
+def _one_line(message) -> str:
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _error(message, code):
+    print(f"pydiffmed: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exits with status 2."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {_one_line(message)}", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"pydiffmed: warning: {_one_line(message)}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
+
+
+# --- shared argument checks ----------------------------------------------------------------------------------
+
+def _device(text):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r}: unknown device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise UsageError(f"--device {text!r}: unsupported device type {device.type!r}; expected auto, cpu, cuda "
+                         f"or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {text!r}: no CUDA device is available on this machine (see `pydiffmed info`)")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _dtype(text, device):
+    """auto: float16 on a CUDA device, float32 on the CPU."""
+    import torch
+
+    if text == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, _DTYPES[text])
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_count(name, value, minimum=1):
+    if value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_triple(name, values, positive_int=False):
+    if values is None:
+        return None
+    if positive_int and any(v < 1 for v in values):
+        raise UsageError(f"{name} must be three positive sizes, got {' '.join(map(str, values))}")
+    if not positive_int and not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"{name} must be three positive voxel sizes (mm), got {' '.join(map(str, values))}")
+    return tuple(values)
+
+
+def _backends_for(device, dtype):
+    """The backend dispatch picks for the model's and the solver's ops on this device and dtype: a one-word
+    summary when all agree, and the choice per op. A forced backend that cannot run them is a UsageError."""
+    import torch
+
+    from . import backends
+
+    x = torch.zeros(1, 8, 2, 2, 2, device=device, dtype=dtype)
+    q = torch.zeros(1, 1, 8, 8, device=device, dtype=dtype)
+    state = torch.zeros(1, 1, 2, 2, 2, device=device)
+    try:
+        chosen = {
+            "group_norm": backends.select("group_norm", None, (x,), x=x, num_groups=4, act="silu")[0],
+            "attention": backends.select("attention", None, (q, q, q), q=q, k=q, v=q)[0],
+            "fused_step": backends.select("fused_step", None, (state,), x=state)[0],
+        }
+    except (backends.BackendUnavailable, ValueError) as exc:
+        raise UsageError(exc) from None
+    names = sorted(set(chosen.values()))
+    summary = names[0] if len(names) == 1 else ", ".join(f"{op}={name}" for op, name in chosen.items())
+    return summary, chosen
+
+
+def _model_problem(text, exc):
+    """A ModelFileError turned into the message the command prints, naming a planned bundled model as such."""
+    from . import modelfile
+
+    bare = os.sep not in text and "/" not in text
+    if bare and text in _PLANNED_BUNDLED and not os.path.exists(text) and text not in modelfile.bundled_models():
+        return (f"--model {text}: the bundled model {text!r} is not installed (no weights under "
+                f"{os.path.join(modelfile.MODELS_DIR, text)}); pass --model DIR or FILE.safetensors with a model "
+                f"of your own, or `pydiffmed convert` a MONAI checkpoint")
+    return f"--model {text}: {exc}"
+
+
+# --- sample: validation --------------------------------------------------------------------------------------
+
+class _Job:
+    """Everything `sample` needs, checked: filled in by _prepare_sample, used by _run_sample."""
+
+
+def _read_volume(flag, path, intensity=None):
+    """((C, D, H, W) tensor in model units, VolumeInfo) of an input volume, read in full now so that an
+    unreadable file stops the run before it starts."""
+    from . import io
+
+    try:
+        return io.load_volume(path, intensity=intensity)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def _check_input_shape(flag, volume, channels, shape, allow_one_channel=False):
+    spatial = tuple(volume.shape[1:])
+    wanted = {channels, 1} if allow_one_channel else {channels}
+    if spatial != tuple(shape) or volume.shape[0] not in wanted:
+        expect = f"{'1 or ' if allow_one_channel and channels != 1 else ''}{channels} channel(s) of {tuple(shape)}"
+        raise UsageError(f"{flag}: the volume has {volume.shape[0]} channel(s) of {spatial}; the samples have "
+                         f"{expect}")
+
+
+def _solver(name, steps, schedule, info):
+    from .solvers import SOLVERS, get_solver
+
+    if name in _NOT_SAMPLERS:
+        raise UsageError(f"--solver {name}: {_NOT_SAMPLERS[name]}")
+    if name not in SOLVERS:
+        available = ", ".join(s for s in sorted(SOLVERS) if s not in _NOT_SAMPLERS)
+        raise UsageError(f"--solver {name!r}: unknown solver; available: {available}")
+    options = {"prediction_type": info.prediction_type}
+    if info.clip_sample is not None and SOLVERS[name].supports_clip:
+        options["clip"] = info.clip_sample
+        if name == "ddim":
+            options["use_clipped_model_output"] = True  # the single-pass form the engine runs
+    try:
+        solver = get_solver(name, schedule, steps, **options)
+        solver.plan("cpu")
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--solver {name}: {exc}") from None
+    return solver, options
+
+
+def _output_names(prefix, num):
+    width = max(4, len(str(num - 1)))
+    return [{kind: f"{prefix}_{k:0{width}d}{suffix}" for kind, suffix in
+             (("nifti", ".nii.gz"), ("preview", ".png"), ("sidecar", ".json"))} for k in range(num)]
+
+
+def _check_out_dir(out):
+    """The output directory may not exist yet: then its nearest existing ancestor must be a writable directory."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: the directory is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {out}: cannot create the directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot create the directory: {parent} is not writable")
+
+
+def _run_key(sidecar):
+    """The sidecar entries that must agree for --resume to count a volume as part of this run."""
+    keys = ("model_sha256", "solver", "solver_options", "steps", "seed", "dtype", "shape", "affine", "intensity",
+            "guidance_scale", "class_label", "uncond_class_label", "strength", "init_sha256", "mask_sha256",
+            "known_sha256")
+    return {key: sidecar.get(key) for key in keys}
+
+
+def _plan_outputs(job, args):
+    """Which volumes to sample: all of them, or with --resume those without complete outputs. Raises
+    UsageError for outputs in the way (without --overwrite/--resume) or complete ones from a different run."""
+    job.pending, job.skipped = [], []
+    for k, names in enumerate(job.names):
+        paths = {kind: os.path.join(job.out, name) for kind, name in names.items()}
+        present = [p for p in paths.values() if os.path.lexists(p)]
+        if not present:
+            job.pending.append(k)
+            continue
+        if args.overwrite:
+            job.pending.append(k)
+            continue
+        if not args.resume:
+            others = sum(os.path.lexists(os.path.join(job.out, name)) for n in job.names for name in n.values())
+            raise UsageError(f"{present[0]} already exists ({others} output file(s) of this run exist in "
+                             f"{job.out}); pass --overwrite to replace them or --resume to keep complete volumes "
+                             f"and sample the rest")
+        if len(present) == len(paths):
+            try:
+                with open(paths["sidecar"], encoding="utf-8") as f:
+                    sidecar = json.load(f)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                sidecar = None
+            if isinstance(sidecar, dict):
+                expected = _jsonable(_run_key(_provenance(job, k)))
+                found = _run_key(sidecar)
+                if found != expected:
+                    differ = [key for key in expected if found[key] != expected[key]]
+                    raise UsageError(f"--resume: {paths['sidecar']} was made with different settings "
+                                     f"({', '.join(differ)}); use a new --out, or --overwrite")
+                job.skipped.append(k)
+                continue
+        job.pending.append(k)  # incomplete: sampled again, its leftover files replaced
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))
+
+
+def _prepare_sample(args):
+    """Check every argument and input, load the model and build the samplers; raises UsageError. Writes
+    nothing."""
+    import pydiffmed
+    from . import modelfile
+    from .engine import InsufficientMemoryError, Sampler
+
+    _check_count("--num", args.num)
+    _check_count("--batch", args.batch)
+    _check_count("--steps", args.steps)
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.strength is not None and args.init is None:
+        raise UsageError("--strength goes with --init (the volume SDEdit starts from)")
+    if args.init is not None and args.strength is None:
+        raise UsageError("--init needs --strength (the noise level to start from, in (0, 1])")
+    if (args.mask is None) != (args.known is None):
+        raise UsageError("inpainting needs both --mask and --known")
+    if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
+        raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix):
+        raise UsageError(f"--prefix {args.prefix!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
+    spacing = _check_triple("--spacing", args.spacing)
+    shape_override = _check_triple("--shape", args.shape, positive_int=True)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    backend, chosen = _backends_for(device, dtype)
+
+    try:
+        model, schedule, info = modelfile.load_model(args.model)
+    except modelfile.ModelFileError as exc:
+        raise UsageError(_model_problem(args.model, exc)) from None
+    unet = info.unet
+    if unet.get("spatial_dims", 3) != 3:
+        raise UsageError(f"--model {args.model}: a {unet.get('spatial_dims')}-D model; the command samples 3-D "
+                         f"volumes")
+    if unet.get("with_conditioning"):
+        raise UsageError(f"--model {args.model}: the model needs a cross-attention context, which the command "
+                         f"line cannot provide; sample it from Python (pydiffmed.sample(..., cond={{'context': "
+                         f"...}}))")
+    channels = info.channels
+    factor = 2 ** (len(unet.get("channels", (32, 64, 64, 64))) - 1)
+
+    init = mask = known = source = None
+    if args.init is not None:
+        init, source = _read_volume("--init", args.init, info.intensity)
+    if args.mask is not None:
+        mask, _ = _read_volume("--mask", args.mask)
+        known, known_info = _read_volume("--known", args.known, info.intensity)
+        source = source or known_info
+        if float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
+            raise UsageError(f"--mask {args.mask}: values must lie in [0, 1] (1 where --known is kept), found "
+                             f"[{float(mask.min()):g}, {float(mask.max()):g}]")
+
+    shape = shape_override or info.volume_shape or (source.shape[1:] if source is not None else None)
+    if shape is None:
+        raise UsageError(f"--model {args.model}: the model stores no volume shape; pass --shape D H W")
+    shape = tuple(int(s) for s in shape)
+    if any(s % factor for s in shape):
+        raise UsageError(f"--shape {' '.join(map(str, shape))}: every size must be divisible by {factor} (the "
+                         f"model halves each spatial size {factor.bit_length() - 1} time(s))")
+    if init is not None:
+        _check_input_shape("--init", init, channels, shape)
+    if known is not None:
+        _check_input_shape("--known", known, channels, shape)
+        _check_input_shape("--mask", mask, channels, shape, allow_one_channel=True)
+
+    num_classes = unet.get("num_class_embeds")
+    if num_classes is None and (args.class_label is not None or args.uncond_class_label is not None):
+        raise UsageError(f"--class-label: the model {info.name!r} is not class-conditional")
+    if num_classes is not None:
+        if args.class_label is None:
+            raise UsageError(f"--model {args.model}: the model is class-conditional ({num_classes} classes); pass "
+                             f"--class-label")
+        for flag, label in (("--class-label", args.class_label), ("--uncond-class-label", args.uncond_class_label)):
+            if label is not None and not 0 <= label < num_classes:
+                raise UsageError(f"{flag} {label}: the model has classes 0..{num_classes - 1}")
+    if args.guidance_scale is not None:
+        if num_classes is None:
+            raise UsageError(f"--guidance-scale: the model {info.name!r} has no condition to guide (it is not "
+                             f"class-conditional)")
+        if args.uncond_class_label is None:
+            raise UsageError("--guidance-scale needs --uncond-class-label: the class index the model was trained "
+                             "with as 'no class'")
+    elif args.uncond_class_label is not None:
+        raise UsageError("--uncond-class-label is only used with --guidance-scale")
+
+    solver, solver_options = _solver(args.solver, args.steps, schedule, info)
+    out = os.path.abspath(args.out)
+    _check_out_dir(out)
+
+    job = _Job()
+    job.args, job.info, job.solver, job.solver_options = args, info, solver, solver_options
+    job.device, job.dtype, job.backend, job.backends = device, dtype, backend, chosen
+    job.shape, job.channels, job.out = shape, channels, out
+    job.names = _output_names(args.prefix, args.num)
+    if source is not None and spacing is None:
+        job.affine = source.affine  # an output derived from an input volume overlays it
+    else:
+        job.affine = info.affine(shape=shape, spacing=spacing)
+    job.init, job.mask, job.known = init, mask, known
+    job.start_eval = None  # SDEdit: the first model evaluation run, known once the samplers are built
+    job.hashes = {name: (modelfile.file_sha256(path) if path is not None else None)
+                  for name, path in (("init", args.init), ("mask", args.mask), ("known", args.known))}
+    job.version = pydiffmed.__version__
+    _plan_outputs(job, args)
+
+    job.model = model.to(device=device, dtype=dtype)
+    job.samplers = {}
+    for size in sorted({min(args.batch, len(job.pending) - start) for start in range(0, len(job.pending),
+                                                                                   args.batch)}):
+        try:
+            job.samplers[size] = Sampler(job.model, solver, (size, channels, *shape), device=device, dtype=dtype,
+                                         guidance_scale=args.guidance_scale, strength=args.strength,
+                                         cuda_graph=not args.eager)
+        except InsufficientMemoryError as exc:
+            raise UsageError(f"--batch {args.batch}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(exc) from None
+    if args.strength is not None and job.samplers:
+        sampler = next(iter(job.samplers.values()))
+        job.start_eval = sampler.start_index
+        evals = solver.num_model_evals
+        if evals - sampler.start_index != int(evals * args.strength):
+            warnings.warn(f"--strength {args.strength:g}: {args.solver} can only start at model evaluation "
+                          f"{sampler.start_index} of {evals} (a multistep solver), so the effective strength is "
+                          f"{(evals - sampler.start_index) / evals:g}; use a single-step solver such as ddim for "
+                          f"the strength asked for")
+    return job
+
+
+def _provenance(job, k):
+    """The sidecar of volume k, less the timing (filled in once it is sampled)."""
+    import torch
+
+    from . import io
+
+    args, info = job.args, job.info
+    return {
+        "pydiffmed_version": job.version,
+        "index": k,
+        "seed": args.seed + k,
+        "base_seed": args.seed,
+        "model": info.name,
+        "model_sha256": info.sha256,
+        "model_path": os.path.abspath(info.path),
+        "solver": args.solver,
+        "solver_options": job.solver_options,
+        "steps": args.steps,
+        "num_model_evals": job.solver.num_model_evals,
+        "dtype": _dtype_name(job.dtype),
+        "state_dtype": "float32",
+        "device": str(job.device),
+        "backend": job.backend,
+        "backends": job.backends,
+        "cuda_graph": job.device.type == "cuda" and not args.eager,
+        "shape": [job.channels, *job.shape],
+        "spacing": list(io.spacing_from_affine(job.affine)),
+        "orientation": io.orientation_from_affine(job.affine),
+        "affine": [list(map(float, row)) for row in job.affine],
+        "intensity": info.intensity,
+        "guidance_scale": args.guidance_scale,
+        "class_label": args.class_label,
+        "uncond_class_label": args.uncond_class_label,
+        "init": None if args.init is None else os.path.abspath(args.init),
+        "init_sha256": job.hashes["init"],
+        "strength": args.strength,
+        "start_eval": job.start_eval,
+        "mask": None if args.mask is None else os.path.abspath(args.mask),
+        "mask_sha256": job.hashes["mask"],
+        "known": None if args.known is None else os.path.abspath(args.known),
+        "known_sha256": job.hashes["known"],
+        "files": {kind: job.names[k][kind] for kind in ("nifti", "preview")},
+        "torch_version": torch.__version__,
+    }
+
+
+# --- sample: the run -----------------------------------------------------------------------------------------
+
+def _remove_leftover_temporaries(job):
+    """Delete temporary files that interrupted writes of this run's outputs left behind (with --resume)."""
+    ours = {name for names in job.names for name in names.values()}
+    pattern = re.compile(re.escape(_TEMP_PREFIX) + r"[0-9a-f]+-(.+)\Z")
+    removed = 0
+    for entry in os.listdir(job.out):
+        match = pattern.match(entry)
+        if match and match.group(1) in ours:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(job.out, entry))
+                removed += 1
+    return removed
+
+
+class _Progress:
+    """Progress over volumes on stderr (tqdm when installed); the engine shows the steps of each batch."""
+
+    def __init__(self, total, enabled):
+        self.bar, self.total, self.done, self.enabled = None, total, 0, enabled
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, desc="volumes", unit="vol")
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled:
+            print(f"volumes: {self.done}/{self.total}", file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _batch_inputs(job, indices):
+    import torch
+
+    size = len(indices)
+    kwargs = {}
+    args = job.args
+    if args.class_label is not None:
+        kwargs["cond"] = {"class_labels": torch.full((size,), args.class_label, dtype=torch.long,
+                                                     device=job.device)}
+        if args.guidance_scale is not None:
+            kwargs["uncond"] = {"class_labels": torch.full((size,), args.uncond_class_label, dtype=torch.long,
+                                                           device=job.device)}
+    if job.init is not None:
+        kwargs["init"] = job.init[None].to(job.device)
+    if job.mask is not None:
+        kwargs["mask"] = job.mask[None].to(job.device)
+        kwargs["known"] = job.known[None].to(job.device)
+    return kwargs
+
+
+def _write_volume(job, k, volume, seconds, overwrite):
+    from . import io
+
+    names, out = job.names[k], job.out
+    intensity = job.info.intensity
+    io.save_volume(os.path.join(out, names["nifti"]), volume, affine=job.affine, intensity=intensity,
+                   overwrite=overwrite)
+    io.save_preview(os.path.join(out, names["preview"]), io.denormalize(volume.numpy(), intensity),
+                    affine=job.affine, overwrite=overwrite)
+    sidecar = _provenance(job, k)
+    sidecar["seconds_per_volume"] = seconds
+    sidecar["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    io.write_json(os.path.join(out, names["sidecar"]), sidecar, overwrite=overwrite)  # last: marks it complete
+
+
+def _run_sample(job):
+    args = job.args
+    os.makedirs(job.out, exist_ok=True)
+    if args.resume:
+        _remove_leftover_temporaries(job)
+    progress = _Progress(len(job.pending), not args.quiet)
+    sampled, sampling_seconds = 0, 0.0
+    try:
+        for start in range(0, len(job.pending), args.batch):
+            indices = job.pending[start:start + args.batch]
+            sampler = job.samplers[len(indices)]
+            seeds = [args.seed + k for k in indices]
+            began = time.perf_counter()
+            volumes = sampler(seeds, progress=not args.quiet, **_batch_inputs(job, indices)).float().cpu()
+            seconds = (time.perf_counter() - began) / len(indices)
+            sampling_seconds += seconds * len(indices)
+            for k, volume in zip(indices, volumes):
+                _write_volume(job, k, volume, round(seconds, 6), overwrite=args.overwrite or args.resume)
+                sampled += 1
+                progress.update(1)
+    finally:
+        progress.close()
+    per_volume = f"{sampling_seconds / sampled:.3g} s per volume" if sampled else "nothing to sample"
+    skipped = f", {len(job.skipped)} complete volume(s) kept" if job.skipped else ""
+    print(f"pydiffmed: {sampled} volume(s) written to {job.out}{skipped}; {per_volume} ({args.solver}, "
+          f"{args.steps} steps, batch {args.batch}); device {job.device}, {_dtype_name(job.dtype)}, backend "
+          f"{job.backend}")
+    return 0
+
+
+def _sample(args):
+    from .engine import NonFiniteModelOutput
+
+    job = _prepare_sample(args)
+    try:
+        return _run_sample(job)
+    except KeyboardInterrupt:
+        return _error(f"interrupted; complete volumes are kept in {job.out} (rerun with --resume to finish)",
+                      INTERRUPTED)
+    except NonFiniteModelOutput as exc:
+        hint = "" if _dtype_name(job.dtype) == "float32" else "; try --dtype float32"
+        return _error(f"{exc}{hint}", RUN_ERROR)
+    except OSError as exc:
+        return _error(f"{exc} (complete volumes are kept in {job.out}; rerun with --resume to finish)", RUN_ERROR)
+
+
+# --- convert, models, bench, info ----------------------------------------------------------------------------
+
+def _convert(args):
+    from . import modelfile
+
+    try:
+        info = modelfile.convert_monai(args.monai_checkpoint, args.monai_config, args.out, name=args.name,
+                                       volume_shape=None if args.volume_shape is None else list(args.volume_shape),
+                                       spacing=None if args.spacing is None else list(args.spacing),
+                                       orientation=args.orientation, prediction_type=args.prediction_type,
+                                       overwrite=args.overwrite)
+    except (ValueError, OSError) as exc:  # ModelFileError / CheckpointError are ValueErrors
+        raise UsageError(exc) from None
+    shape = "unknown (pass --shape when sampling)" if info.volume_shape is None else \
+        "×".join(map(str, info.volume_shape))
+    print(f"pydiffmed: converted {args.monai_checkpoint} → {info.path}: model {info.name!r}, "
+          f"{info.prediction_type}, volume {shape}, sha256 {info.sha256[:16]}…")
+    return 0
+
+
+def _models(args):
+    from . import modelfile
+
+    names = modelfile.bundled_models()
+    rows = []
+    for name in names:
+        try:
+            info = modelfile.read_model_info(name)
+        except modelfile.ModelFileError as exc:
+            rows.append((name, "-", f"unusable: {_one_line(exc)}"))
+            continue
+        shape = "?" if info.volume_shape is None else "×".join(map(str, info.volume_shape))
+        rows.append((name, f"{info.channels}×{shape}", info.description or "-"))
+    if rows:
+        width = max(len(r[0]) for r in rows + [("name",)])
+        shape_width = max(len(r[1]) for r in rows + [("", "shape")])
+        print(f"{'name':<{width}}  {'shape':<{shape_width}}  description")
+        for name, shape, description in rows:
+            print(f"{name:<{width}}  {shape:<{shape_width}}  {description}")
+    else:
+        print(f"no bundled models are installed (in {modelfile.MODELS_DIR})")
+    for name in _PLANNED_BUNDLED:
+        if name not in names:
+            print(f"{name}: not installed (its weights are not in {os.path.join(modelfile.MODELS_DIR, name)})")
+    return 0
+
+
+def _bench(args):
+    """Eager end-to-end sampling of a small random UNet3D: seconds per step and per volume."""
+    import statistics
+
+    import torch
+
+    from .engine import Sampler
+    from .models import UNet3D
+    from .schedules import NoiseSchedule
+    from .solvers import get_solver
+
+    _check_count("--size", args.size, 4)
+    if args.size % 4:
+        raise UsageError(f"--size {args.size}: must be divisible by 4 (the bench model halves it twice)")
+    _check_count("--steps", args.steps)
+    _check_count("--batch", args.batch)
+    _check_count("--repeats", args.repeats)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    backend, _ = _backends_for(device, dtype)
+    torch.manual_seed(0)
+    model = UNet3D(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1, channels=(16, 32, 64),
+                   attention_levels=(False, False, True), norm_num_groups=8, num_head_channels=16)
+    model = model.eval().to(device=device, dtype=dtype)
+    parameters = sum(p.numel() for p in model.parameters())
+    solver = get_solver("ddim", NoiseSchedule.discrete("linear"), args.steps)
+    shape = (args.batch, 1, args.size, args.size, args.size)
+    sampler = Sampler(model, solver, shape, device=device, dtype=dtype, cuda_graph=False)
+    with torch.no_grad():  # warm-up: kernel compilation, oneDNN/cuDNN setup for this shape
+        model(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(args.batch, device=device))
+    times = []
+    for repeat in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        sampler(repeat + 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - began)
+    median = statistics.median(times)
+    evals = solver.num_model_evals
+    print(f"bench: UNet3D {parameters / 1e6:.2f} M parameters, batch {args.batch} × {args.size}³, ddim "
+          f"{args.steps} steps, eager, device {device}, {_dtype_name(dtype)}, backend {backend}")
+    print(f"  {median / evals * 1e3:.1f} ms per step, {median / args.batch:.3f} s per volume "
+          f"(median of {args.repeats})")
+    return 0
 
 
 def _info(args) -> int:
@@ -25,17 +688,95 @@ def _info(args) -> int:
     return 0
 
 
+# --- the parser ----------------------------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pydiffmed", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="pydiffmed", description=__doc__.split("\n\n")[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("sample", help="sample volumes from a model into NIfTI files, previews and sidecars",
+                       description="Sample volumes; per volume k (seed = --seed + k, whatever --batch is) write "
+                                   "PREFIX_k.nii.gz, PREFIX_k.png (mid-slice preview) and PREFIX_k.json "
+                                   "(provenance), each atomically.")
+    s.add_argument("--model", required=True, help="a bundled model name (see `pydiffmed models`), a model directory "
+                                                  "or a .safetensors model file")
+    s.add_argument("--out", required=True, help="output directory (created if missing)")
+    s.add_argument("--num", type=int, default=8, help="number of volumes (default 8)")
+    s.add_argument("--batch", type=int, default=4, help="volumes per model call (default 4)")
+    s.add_argument("--solver", default="dpmpp_2m", help="solver name (default dpmpp_2m)")
+    s.add_argument("--steps", type=int, default=20, help="solver steps (default 20)")
+    s.add_argument("--seed", type=int, default=0, help="volume k uses seed + k (default 0)")
+    s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    s.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
+                   help="model precision (auto: float16 on CUDA, float32 on CPU); the solver state stays float32")
+    s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (class-conditional models; "
+                                                        "needs --class-label and --uncond-class-label)")
+    s.add_argument("--class-label", type=int, help="class to sample (class-conditional models)")
+    s.add_argument("--uncond-class-label", type=int, help="the 'no class' index the model was trained with, for "
+                                                          "--guidance-scale")
+    s.add_argument("--mask", help="inpainting: NIfTI mask, 1 where --known is kept, 0 where new content is sampled")
+    s.add_argument("--known", help="inpainting: NIfTI volume whose masked region is kept")
+    s.add_argument("--init", help="SDEdit: NIfTI volume to start from (with --strength)")
+    s.add_argument("--strength", type=float, help="SDEdit: noise level to start from, in (0, 1] (1 = pure noise); "
+                                                  "needs a single-step solver (ddim, ddpm, edm_euler, rflow_euler) "
+                                                  "below 1")
+    s.add_argument("--spacing", type=float, nargs=3, metavar=("SI", "SJ", "SK"),
+                   help="output voxel size in mm (default: the model's, or that of --init/--known)")
+    s.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="volume size (default: the model's stored shape, or that of --init/--known)")
+    s.add_argument("--prefix", default="sample", help="output file name prefix (default sample)")
+    existing = s.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    existing.add_argument("--resume", action="store_true",
+                          help="keep volumes whose outputs and sidecar are complete; sample the rest")
+    s.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_sample)
+
+    c = sub.add_parser("convert", help="convert a MONAI DiffusionModelUNet checkpoint into a pydiffmed model")
+    c.add_argument("--monai-checkpoint", required=True, help="state dict (.pt/.pth, read without unpickling code) "
+                                                             "or .safetensors")
+    c.add_argument("--monai-config", required=True, help="JSON/YAML with the network's arguments (bare, or a "
+                                                         "bundle's network definition and scheduler)")
+    c.add_argument("--out", required=True, help="model directory to write (or FILE.safetensors)")
+    c.add_argument("--volume-shape", type=int, nargs=3, metavar=("D", "H", "W"),
+                   help="the volume size the model was trained at")
+    c.add_argument("--name", help="model name (default: the output's name)")
+    c.add_argument("--spacing", type=float, nargs=3, metavar=("SI", "SJ", "SK"), help="voxel size in mm")
+    c.add_argument("--orientation", help="axis code of the output volumes, e.g. RAS")
+    c.add_argument("--prediction-type", help="override what the model predicts (epsilon, v_prediction, sample, ...)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing model")
+    c.set_defaults(func=_convert)
+
+    m = sub.add_parser("models", help="list the bundled models")
+    m.set_defaults(func=_models)
+
+    b = sub.add_parser("bench", help="quick end-to-end timing on this machine (small UNet3D, eager)")
+    b.add_argument("--size", type=int, default=32, help="volume edge (default 32)")
+    b.add_argument("--steps", type=int, default=5, help="ddim steps (default 5)")
+    b.add_argument("--batch", type=int, default=1, help="volumes per call (default 1)")
+    b.add_argument("--repeats", type=int, default=2, help="timed runs (default 2)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    b.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES], help="model precision")
+    b.set_defaults(func=_bench)
+
     info = sub.add_parser("info", help="backends, devices and versions")
     info.set_defaults(func=_info)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run the command; returns the exit status (2: bad input, 1: a run that failed part way, 130: Ctrl-C)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    with _one_line_warnings():
+        try:
+            return args.func(args)
+        except UsageError as exc:
+            return _error(exc, USAGE_ERROR)
 
 
 if __name__ == "__main__":

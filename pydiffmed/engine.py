@@ -1,182 +1,871 @@
 """The sampling engine: runs a solver's SamplingPlan on the device (DESIGN §1, issue 7).
 
-A `Sampler` prepares once — plan tables on the device, static buffers, the device step counter, optionally
-one CUDA graph per distinct step form — and then samples many times with new seeds or conditions. A step
-is: gather the timestep from the plan by the device step index, call the model on the model-dtype input
-buffer, apply `ops.fused_step` (which also writes the next model input), advance the step index. Nothing in a
-step reads a device value back to the host; NaN/Inf in the model output is recorded in a device flag and
-raised after the loop with the first step where it appeared.
+    volumes = pydiffmed.sample(model, (B, C, D, H, W), solver="dpmpp_2m", num_steps=20, seed=0)
+    sampler = pydiffmed.Sampler(model, "ddim", (B, C, D, H, W), num_steps=50, dtype=torch.bfloat16)
+    a, b = sampler(seed=0), sampler(seed=[7, 8, 9, 10])
+
+A `Sampler` prepares once — the plan's tables on the device, static buffers, the device step counter, and on
+a CUDA device one CUDA graph per distinct step form — and then samples many times with new seeds, conditions,
+masks or start volumes. One model evaluation is: gather the timestep from the plan by the device step index,
+call the model on the model-dtype input buffer, apply `ops.fused_step` (which also writes the next model
+input), advance the step index. Nothing in the loop reads a device value back to the host; NaN/Inf in the
+model output is recorded in a device flag and raised after the loop with the first evaluation where it
+appeared (`NonFiniteModelOutput`).
+
+Noise: sample b of a batch uses the Philox key seeds[b] (seed + b for an int seed); the initial noise is
+counter word E (= the number of model evaluations), evaluation e's update noise word e and the inpainting
+re-noise of evaluation e word E + 1 + e. So a sample depends only on its own seed, never on the batch it is
+in (given a model that treats samples independently).
 """
 from __future__ import annotations
 
+import copy
 import math
+import sys
 import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from . import ops
+from .ops.fused_step import COEF_NAMES
+
+_MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_COL = {name: k for k, name in enumerate(COEF_NAMES)}
+_HISTORY_COLS = (_COL["c1"], _COL["c2"], _COL["c3"])
 
 
 class NonFiniteModelOutput(FloatingPointError):
     """The model produced NaN or Inf; the message names the first model evaluation where it happened."""
 
 
-def _as_seed_tensor(seed, batch, device):
+class InsufficientMemoryError(MemoryError):
+    """Sampling would need more memory than the device has free (raised before anything is allocated)."""
+
+
+# --- arguments -----------------------------------------------------------------------------------------------
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _check_shape(shape):
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) < 3:
+        raise ValueError(f"shape must be (B, C, *spatial) with at least one spatial dimension, got {shape!r}")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"shape must hold positive ints, got {tuple(shape)!r}")
+    return tuple(int(s) for s in shape)
+
+
+def _seed_tensor(seed, batch):
+    """(B,) int64 CPU tensor of Philox keys: seed + arange(B) for an int, or one seed per sample."""
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, a sequence of B ints or an int64 tensor (B,), got bool")
+    if isinstance(seed, int):
+        if not -2 ** 63 <= seed <= 2 ** 63 - batch:
+            raise ValueError(f"seed {seed} does not fit a 64-bit Philox key")
+        return torch.arange(batch, dtype=torch.int64) + seed
     if isinstance(seed, torch.Tensor):
-        seeds = seed.to(device=device, dtype=torch.int64).reshape(-1)
-    elif isinstance(seed, int):
-        seeds = torch.arange(batch, dtype=torch.int64) + seed
+        if seed.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"seed tensor must have an integer dtype, got {_dtype_name(seed.dtype)}")
+        seeds = seed.reshape(-1).to(torch.int64)
     else:
-        seeds = torch.tensor(list(seed), dtype=torch.int64)
+        try:
+            values = list(seed)
+        except TypeError:
+            raise TypeError(f"seed must be an int, a sequence of B ints or an int64 tensor, "
+                            f"got {type(seed).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise TypeError("seed sequence must hold ints")
+        seeds = torch.tensor(values, dtype=torch.int64)
     if seeds.numel() != batch:
-        raise ValueError(f"seed gives {seeds.numel()} seeds for a batch of {batch}")
-    return seeds.to(device)
+        raise ValueError(f"seed gives {seeds.numel()} seeds for a batch of {batch} (one per sample, or one int)")
+    return seeds
 
 
-class Sampler:
-    """Prepared sampling of `model` with `solver` at a fixed `shape` = (B, C, *spatial).
-
-    model: any module with `model(x, t, **cond) -> output` (UNet3D and accelerate()d MONAI models are fast).
-    solver: a pydiffmed solver (`pydiffmed.get_solver(...)`).
-    dtype: model dtype (fp32/fp16/bf16); the state stays in `state_dtype` (fp32 by default).
-    guidance_scale: classifier-free guidance; the model is then called once per step on a 2·B batch
-      (unconditional half first) and the two halves are combined inside fused_step.
-    """
-
-    def __init__(self, model, solver, shape, *, device=None, dtype=None, state_dtype=torch.float32,
-                 guidance_scale=None, cuda_graph=True, nan_check=True):
-        if len(shape) < 3:
-            raise ValueError(f"shape must be (B, C, *spatial), got {tuple(shape)}")
-        if any(int(s) < 1 for s in shape):
-            raise ValueError(f"shape must be positive, got {tuple(shape)}")
-        self.model = model
-        self.solver = solver
-        self.shape = tuple(int(s) for s in shape)
-        self.device = torch.device(device) if device is not None else _model_device(model)
-        self.dtype = dtype or _model_dtype(model)
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        self.state_dtype = state_dtype
-        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
-        self.nan_check = nan_check
-        self.plan = solver.plan(self.device)
-        batch = self.shape[0]
-        self.buffers = {name: torch.zeros(self.shape, dtype=state_dtype, device=self.device)
-                        for name in self.plan.buffers}
-        model_batch = 2 * batch if self.guidance_scale is not None else batch
-        self.model_input = torch.zeros((model_batch, *self.shape[1:]), dtype=self.dtype, device=self.device)
-        self.step_index = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
-        self.seeds = torch.zeros(batch, dtype=torch.int64, device=self.device)
-        self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
-        self._graphs = None
-        self._cond = {}
-
-    # -- one step -------------------------------------------------------------------------------------------
-    def _model_time(self):
-        t = self.plan.timesteps[self.step_index]
-        return t.expand(self.model_input.shape[0])
-
-    def _step(self, form):
-        plan = self.plan
-        m = self.model(self.model_input, self._model_time(), **self._cond)
-        batch = self.shape[0]
-        if self.guidance_scale is not None:
-            m_uncond, m_cond = m[:batch], m[batch:]
-        else:
-            m_uncond, m_cond = m, None
-        if self.nan_check:
-            bad = ~torch.isfinite(m).all()
-            self.first_bad_step.copy_(torch.where((self.first_bad_step < 0) & bad, self.step_index,
-                                                  self.first_bad_step))
-        x = self.buffers[form.x]
-        coefs, step_index = plan.coefs, self.step_index
-        if form.coef_fn is not None:
-            coefs, step_index = form.coef_fn(x, m_uncond, plan.coefs[self.step_index], self.step_index), None
-        ops.fused_step(
-            x, m_uncond, coefs, step_index=step_index,
-            history=tuple(self.buffers[h] for h in form.history),
-            out=self.buffers[form.out],
-            model_input=self.model_input[:batch],
-            x0_out=None if form.x0_out is None else self.buffers[form.x0_out],
-            seeds=self.seeds if form.noisy else None, noise_step=self.step_index,
-            model_output_cond=m_cond, guidance_scale=self.guidance_scale)
-        if self.guidance_scale is not None:
-            self.model_input[batch:].copy_(self.model_input[:batch])
-        self.step_index.add_(1)
-
-    # -- sampling -------------------------------------------------------------------------------------------
-    def _start(self, seed, init, cond):
-        batch = self.shape[0]
-        self.seeds.copy_(_as_seed_tensor(seed, batch, self.device))
-        plan = self.plan
-        x = self.buffers[plan.buffers[0]]
-        if init is None:
-            noise = ops.philox_normal(self.seeds, plan.num_model_evals, self.shape, device=self.device)
-            x.copy_(noise.mul_(plan.init_noise_scale))
-        else:
-            if tuple(init.shape) != self.shape:
-                raise ValueError(f"init has shape {tuple(init.shape)}; expected {self.shape}")
-            x.copy_(init)
-        self.model_input[:batch].copy_(x)
-        if self.guidance_scale is not None:
-            self.model_input[batch:].copy_(x)
-        self.step_index.zero_()
-        self.first_bad_step.fill_(-1)
-        self._cond = self._prepare_cond(cond)
-
-    def _prepare_cond(self, cond):
-        cond = dict(cond or {})
-        if self.guidance_scale is None:
-            return cond
-        uncond = cond.pop("uncond", None)
-        merged = {}
-        for key, value in cond.items():
-            other = (uncond or {}).get(key)
-            if other is None:
-                raise ValueError(f"classifier-free guidance needs an unconditional value for {key!r} (uncond=)")
-            merged[key] = torch.cat([other, value])
-        return merged
-
-    def __call__(self, seed=0, *, init=None, cond=None, callback=None):
-        """Sample one batch; returns the final state (B, C, *spatial) in state dtype."""
-        plan = self.plan
-        self._start(seed, init, cond)
-        forms = plan.forms
-        for e, f in enumerate(plan.form_of_eval):
-            self._step(forms[f])
-            if callback is not None:
-                callback(e, self.buffers[forms[f].out])
-        if self.nan_check:
-            first = int(self.first_bad_step)  # the one host read, after the loop
-            if first >= 0:
-                raise NonFiniteModelOutput(f"model output has NaN/Inf at model evaluation {first} "
-                                           f"(of {plan.num_model_evals})")
-        return self.buffers[plan.output].clone()
+def _broadcast_to(name, t, shape):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        ok = torch.broadcast_shapes(tuple(t.shape), shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to {shape}")
+    return t
 
 
 def _model_device(model):
-    for p in getattr(model, "parameters", lambda: [])():
+    for p in _tensors_of(model):
         return p.device
     return torch.device("cpu")
 
 
 def _model_dtype(model):
-    for p in getattr(model, "parameters", lambda: [])():
+    """The dtype of the model's floating-point parameters (float32 when it has none, or float64 ones)."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    for p in params:
         if p.is_floating_point():
-            return p.dtype
+            return p.dtype if p.dtype in _MODEL_DTYPES else torch.float32
     return torch.float32
 
 
-def sample(model, shape, solver="dpmpp_2m", num_steps=20, schedule=None, seed=0, device=None, dtype=None,
-           cuda_graph=True, guidance_scale=None, cond=None, init=None, callback=None, **solver_opts):
-    """Sample `shape` = (B, C, *spatial) volumes from `model` in one call (see `Sampler`)."""
-    from .solvers import get_solver
+def _tensors_of(model):
+    if isinstance(model, torch.nn.Module):
+        yield from model.parameters()
+        yield from model.buffers()
 
-    if isinstance(solver, str):
-        if schedule is None:
-            raise ValueError("schedule= is required when the solver is given by name")
-        solver = get_solver(solver, schedule, num_steps, **solver_opts)
-    sampler = Sampler(model, solver, shape, device=device, dtype=dtype, guidance_scale=guidance_scale,
-                      cuda_graph=cuda_graph)
-    return sampler(seed, init=init, cond=cond, callback=callback)
+
+def _needs_copy(model, device, dtype):
+    """Whether the model's tensors live elsewhere or its floating-point parameters have another dtype (buffers
+    alone do not count: a parameter-free model keeps its buffers' precision)."""
+    if any(t.device != device for t in _tensors_of(model)):
+        return True
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return any(p.is_floating_point() and p.dtype != dtype for p in params)
+
+
+def _prepare_model(model, device, dtype):
+    """The model on `device` in `dtype`: itself when it already is, else a converted copy (the user's module is
+    never modified)."""
+    if _needs_copy(model, device, dtype):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model
+
+
+def _model_signature(model):
+    """Where the model's tensors live: a captured CUDA graph reads exactly these addresses."""
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in _tensors_of(model))
+
+
+def _noise_level(schedule, model_time):
+    """(alpha, sigma) of the state the model is evaluated on at `model_time`."""
+    alpha, sigma = schedule.alpha_sigma(schedule.t_from_model_time(float(model_time)))
+    return float(alpha), float(sigma)
+
+
+def _row(**values):
+    row = [0.0] * len(COEF_NAMES)
+    row[_COL["clip"]] = math.inf
+    for name, v in values.items():
+        row[_COL[name]] = float(v)
+    return row
+
+
+def _self_contained_start(plan, rows, k):
+    """Whether evaluations k..E-1 run exactly from a state placed in the buffer evaluation k reads: no history
+    term they use (nonzero c_j) reads a buffer last written before k, and the output is written after k."""
+    written = {plan.forms[plan.form_of_eval[k]].x}
+    for e in range(k, plan.num_model_evals):
+        form = plan.forms[plan.form_of_eval[e]]
+        for j, name in enumerate(form.history):
+            if rows[e][_HISTORY_COLS[j]] != 0 and name not in written:
+                return False
+        written.add(form.out)
+        if form.x0_out is not None:
+            written.add(form.x0_out)
+    return plan.output in written
+
+
+def _solver_from(solver, schedule, num_steps, options):
+    from .schedules import NoiseSchedule
+    from .solvers import Solver, get_solver
+
+    if isinstance(solver, Solver):
+        if schedule is not None or num_steps is not None or options:
+            raise ValueError("schedule=, num_steps= and solver options go with a solver given by name; "
+                             "this solver instance already has them")
+        return solver
+    if not isinstance(solver, str):
+        raise TypeError(f"solver must be a name (str) or a pydiffmed Solver, got {type(solver).__name__}")
+    if schedule is None:
+        schedule = NoiseSchedule.discrete("linear")
+    elif isinstance(schedule, str):
+        schedule = NoiseSchedule.discrete(schedule)
+    elif not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a NoiseSchedule or a beta schedule name, got {type(schedule).__name__}")
+    return get_solver(solver, schedule, 20 if num_steps is None else num_steps, **options)
+
+
+# --- progress ------------------------------------------------------------------------------------------------
+
+class _TextProgress:
+    """Minimal progress line on stderr, used when tqdm is not installed."""
+
+    def __init__(self, total, desc):
+        self.total, self.desc, self.count = total, desc, 0
+
+    def update(self, n=1):
+        self.count += n
+        sys.stderr.write(f"\r{self.desc}: {self.count}/{self.total}")
+        sys.stderr.flush()
+
+    def close(self):
+        sys.stderr.write("\n")
+
+
+def _progress_bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextProgress(total, "sampling")
+    return tqdm(total=total, desc="sampling", unit="eval", leave=False)
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a sampling run needs on its device. activations is None when it could not be measured."""
+    parameters: int
+    state: int
+    activations: Optional[int]
+    device: torch.device
+    note: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.state + (self.activations or 0)
+
+    def __str__(self):
+        gib = 2.0 ** 30
+        act = "unknown" if self.activations is None else f"{self.activations / gib:.2f} GiB"
+        text = (f"{self.total / gib:.2f} GiB on {self.device} (parameters {self.parameters / gib:.2f} GiB, "
+                f"state and model input {self.state / gib:.2f} GiB, activations {act})")
+        return text + (f"; {self.note}" if self.note else "")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created by the ops run under it (views and in-place results not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if all(r.alias_info is None for r in func._schema.returns):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    nbytes = t.untyped_storage().nbytes()
+                    self.live += nbytes
+                    weakref.finalize(t, self._free, nbytes)
+            self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+
+def _forward_peak(model, shape, dtype, device, cond):
+    x = torch.randn(shape, device=device).to(dtype)
+    t = torch.full((shape[0],), 1.0, device=device)
+    kwargs = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in (cond or {}).items()}
+    tracker = _LiveBytes()
+    with torch.no_grad(), tracker:
+        out = model(x, t, **kwargs)
+    del out
+    return tracker.peak
+
+
+def _activation_bytes(model, shape, dtype, device, cond):
+    """Peak activation bytes of one forward at `shape`, extrapolated from batch-1 forwards on two small proxy
+    volumes: bytes(V) = a·V + c·V² per sample (the V² term catches attention that materialises N×N scores).
+    Returns (bytes or None, note)."""
+    if not isinstance(model, torch.nn.Module):
+        return None, "activations not measured (the model is not an nn.Module)"
+    spatial = shape[2:]
+    volume = math.prod(spatial)
+    last_error = None
+    for small, large in ((8, 16), (16, 32), (32, 64)):
+        proxies = [tuple(min(s, small) for s in spatial), tuple(min(s, large) for s in spatial)]
+        try:
+            _forward_peak(model, (1, shape[1], *proxies[0]), dtype, device, cond)  # builds lazy caches
+            peaks = [_forward_peak(model, (1, shape[1], *p), dtype, device, cond) for p in proxies]
+        except Exception as exc:  # the model rejects this proxy size (e.g. divisibility); try larger ones
+            last_error = exc
+            continue
+        v1, v2 = (math.prod(p) for p in proxies)
+        if v1 == v2 or v2 == volume:
+            per_sample = peaks[1] * volume / v2
+        else:
+            c = max((peaks[1] / v2 - peaks[0] / v1) / (v2 - v1), 0.0)
+            a = max(peaks[1] / v2 - c * v2, 0.0)
+            per_sample = a * volume + c * volume * volume
+        return int(per_sample * shape[0]), ""
+    return None, f"activations not measured (proxy forwards failed: {type(last_error).__name__}: {last_error})"
+
+
+def available_memory(device) -> Optional[int]:
+    """Bytes free for new tensors on `device` (CUDA: driver-free plus torch's cached free blocks; CPU:
+    MemAvailable of /proc/meminfo), or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.float32, guidance=False,
+                    inpaint=False, cond=None, device=None) -> MemoryEstimate:
+    """Memory one sampling run of `model` at `shape` = (B, C, *spatial) needs on its device.
+
+    parameters: the model's parameters and buffers in `dtype`; state: the solver's state buffers (its plan's
+    buffer count; 4 when no solver is given), the model input in `dtype` (2·B with classifier-free
+    `guidance`), a preview buffer and, with `inpaint`, the known volume, its re-noised copy and the mask;
+    activations: the peak of one model forward on the model batch, measured on two small proxy volumes (with
+    the model where and as it is, scaled by the element size of `dtype`) and extrapolated (linear + quadratic
+    in the voxel count), None for a model that is not an nn.Module or rejects the proxy sizes (a model that
+    needs conditioning is measured only when `cond` gives it). Intermediates inside custom ops (workspaces)
+    are not seen, so keep a margin."""
+    shape = _check_shape(shape)
+    device = torch.device(device) if device is not None else _model_device(model)
+    dtype = dtype or _model_dtype(model)
+    if dtype not in _MODEL_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    num_buffers = 4
+    if solver is not None:
+        num_buffers = len(_solver_from(solver, None, None, {}).plan("cpu").buffers)
+    numel = math.prod(shape)
+    size = torch.tensor([], dtype=dtype).element_size()
+    state_size = torch.tensor([], dtype=state_dtype).element_size()
+    parameters = sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in _tensors_of(model))
+    model_batch = 2 * shape[0] if guidance else shape[0]
+    state = (num_buffers + 1 + (2 if inpaint else 0)) * numel * state_size + (numel if inpaint else 0)
+    state += model_batch * (numel // shape[0]) * size
+    # measured on the model as it is (no converted copy), scaled from its dtype to `dtype`
+    own_dtype = _model_dtype(model)
+    activations, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model), cond)
+    if activations is not None:
+        activations = activations * size // torch.tensor([], dtype=own_dtype).element_size()
+    return MemoryEstimate(int(parameters), int(state), activations, device, note)
+
+
+# --- the sampler ---------------------------------------------------------------------------------------------
+
+class Sampler:
+    """Prepared sampling of `model` with `solver` at a fixed `shape` = (B, C, *spatial).
+
+    model: any callable `model(x, t, **cond) -> output` (x: the model input (B, C, ...) in `dtype`, t: (B,)
+      fp32 model times; output shaped like x). UNet3D and accelerate()d MONAI models are the fast path. The
+      model must not modify x in place. For CUDA graphs it must not synchronise (no .item(), no host branches
+      on tensor values) and must keep its shapes; otherwise sampling falls back to eager with a warning.
+    solver: a solver name (pydiffmed.solvers.SOLVERS) with `num_steps` (default 20), `schedule` (a
+      NoiseSchedule or a beta schedule name; default the DDPM/MONAI linear 1000-step schedule) and solver
+      options (prediction_type, clip, eta, ...), or a Solver instance.
+    device, dtype: where and in which precision the model runs (default: the model's); the model is converted
+      (a copy; the caller's module is untouched) if its parameters differ. On CPU bfloat16 is the half type.
+    state_dtype: the solver state (default float32, whatever the model dtype).
+    guidance_scale: classifier-free guidance w: one model call per step on a 2·B batch (unconditional half
+      first), combined inside fused_step as m = m_uncond + w·(m_cond - m_uncond).
+    strength: SDEdit — sample from `init` volumes noised to the level of the first kept evaluation; the
+      solver's last int(E·strength) evaluations run (E = its number of model evaluations), the start moved
+      later (within one solver step) to the first evaluation where the run is exact: the solver's updates from
+      there on must use no history written before it. That holds for single-step solvers (ddim, ddpm,
+      euler-type, rflow, Heun at step boundaries); multistep solvers (dpmpp_*, unipc, pndm) keep earlier model
+      outputs, so with them only strength=1 works (ValueError otherwise). `start_index` is the first
+      evaluation run.
+    cuda_graph: on a CUDA device, capture one graph per distinct step form on the first call (after a warm-up
+      on a side stream) and replay them; graphs are re-captured when the model's tensors move, or the
+      conditioning shapes, inpainting mask shape or callback use change.
+    nan_check: keep the device NaN/Inf flag (raised after the loop).
+    check_memory: estimate the memory (estimate_memory) and raise InsufficientMemoryError up front when the
+      device lacks it.
+    """
+
+    def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
+                 state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
+                 check_memory=True, **solver_options):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
+        self.shape = _check_shape(shape)
+        self.solver = _solver_from(solver, schedule, num_steps, solver_options)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        self.dtype = dtype or _model_dtype(model)
+        if self.dtype not in _MODEL_DTYPES:
+            raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if state_dtype not in _MODEL_DTYPES:
+            raise TypeError(f"state_dtype must be float32, float16 or bfloat16, got {state_dtype}")
+        self.state_dtype = state_dtype
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(
+                guidance_scale, (int, float)) or not math.isfinite(guidance_scale)):
+            raise TypeError(f"guidance_scale must be a finite number or None, got {guidance_scale!r}")
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.nan_check = bool(nan_check)
+
+        # host side of the plan: validated on the CPU, then the tables move to the device once
+        plan = self.solver.plan("cpu")
+        self.num_model_evals = plan.num_model_evals
+        self._rows = plan.coefs.numpy().tolist()
+        self._times = plan.timesteps.numpy().tolist()
+        self.start_index = self._start_index(plan, strength)
+        self.strength = strength
+        self.memory_estimate = self._check_memory(model) if check_memory else None
+        self.model = _prepare_model(model, self.device, self.dtype)
+        self.plan = plan
+        self._timesteps = plan.timesteps.to(self.device)
+        self._coefs = plan.coefs.to(self.device)
+        self._estimate_coefs = self._estimate_table(plan.coefs).to(self.device)
+        self._inpaint_coefs = self._inpaint_table().to(self.device)
+        start_row = self._start_row()
+        self._start_coefs = torch.tensor(start_row, dtype=torch.float32).to(self.device)
+
+        batch = self.shape[0]
+        self.buffers = {name: torch.zeros(self.shape, dtype=state_dtype, device=self.device)
+                        for name in plan.buffers}
+        self.model_batch = 2 * batch if self.guidance_scale is not None else batch
+        self.model_input = torch.zeros((self.model_batch, *self.shape[1:]), dtype=self.dtype, device=self.device)
+        self.step_index = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.seeds = torch.zeros(batch, dtype=torch.int64, device=self.device)
+        self._inpaint_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._preview = None
+        self._known = self._noised_known = self._mask = None
+        self._cond = {}
+        self._cond_signature = ()
+        self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.graph_failure = None      # why capture failed (then sampling is eager), or None
+        self._graphs = {}
+        self._graph_key = None
+        self._pool = None
+
+    # -- preparation ------------------------------------------------------------------------------------------
+    def _start_index(self, plan, strength):
+        if strength is None:
+            return 0
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        evals = plan.num_model_evals
+        keep = int(evals * strength)
+        if keep < 1:
+            raise ValueError(f"strength={strength} keeps no model evaluation of {evals}; raise it to at least "
+                             f"{1 / evals:.3g}")
+        # a solver step may take several evaluations (Heun, RK4, predictor-corrector): the start may move to
+        # the next exact start within one step, no further
+        per_step = max(1, math.ceil(evals / self.solver.num_steps))
+        first = evals - keep
+        for k in range(first, min(first + per_step, evals)):
+            if _self_contained_start(plan, self._rows, k):
+                return k
+        raise ValueError(f"solver {self.solver.name!r} cannot start at evaluation {first} of {evals} (its "
+                         "updates there use history written by earlier evaluations: a multistep or multi-stage "
+                         "solver); for SDEdit (strength < 1) use a single-step solver such as 'ddim', 'ddpm', "
+                         "'edm_euler' or 'rflow_euler'")
+
+    def _start_row(self):
+        """fused_step row of the initial state: init_noise_scale·z, or SDEdit's alpha·init + sigma·z."""
+        if self.strength is None:
+            return _row(s=self.plan.init_noise_scale)
+        alpha, sigma = _noise_level(self.solver.schedule, self._times[self.start_index])
+        return _row(a=alpha, s=sigma)
+
+    def _estimate_table(self, coefs):
+        """Per evaluation, the row computing only the x0 estimate (for previews)."""
+        table = torch.zeros_like(coefs)
+        for name in ("p_x", "p_m", "clip"):
+            table[:, _COL[name]] = coefs[:, _COL[name]]
+        table[:, _COL["b"]] = 1.0
+        return table
+
+    def _inpaint_table(self):
+        """Row e re-noises the known volume to the level of the state evaluation e produces: that of evaluation
+        e + 1's model time, and the clean data (alpha 1, sigma 0) after the last evaluation."""
+        rows = []
+        for e in range(self.num_model_evals):
+            if e + 1 < self.num_model_evals:
+                alpha, sigma = _noise_level(self.solver.schedule, self._times[e + 1])
+            else:
+                alpha, sigma = 1.0, 0.0
+            rows.append(_row(a=alpha, s=sigma))
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def _check_memory(self, model):
+        estimate = estimate_memory(model, self.shape, self.dtype, solver=self.solver, state_dtype=self.state_dtype,
+                                   guidance=self.guidance_scale is not None, device=self.device)
+        available = available_memory(self.device)
+        if available is None:
+            return estimate
+        resident = sum(t.numel() * t.element_size() for t in _tensors_of(model)
+                       if t.device == self.device and (t.dtype == self.dtype or not t.is_floating_point()))
+        needed = estimate.total - resident
+        if needed > 0.95 * available:
+            gib = 2.0 ** 30
+            raise InsufficientMemoryError(
+                f"sampling {self.shape} needs about {needed / gib:.2f} GiB more on {self.device} "
+                f"({estimate}) but only {available / gib:.2f} GiB are available; reduce the batch size "
+                f"(B={self.shape[0]}) or the volume {self.shape[2:]}, run the model in bfloat16/float16 (dtype=), "
+                "drop classifier-free guidance (it doubles the model batch), or pass check_memory=False to try "
+                "anyway")
+        return estimate
+
+    # -- one model evaluation ---------------------------------------------------------------------------------
+    def _step(self, form_index, blend_target, preview):
+        """Evaluation `step_index` (a device tensor): model, NaN flag, fused update, inpainting blend, CFG input
+        copy, step counter. Reads no device value on the host."""
+        form = self.plan.forms[form_index]
+        batch = self.shape[0]
+        t = torch.index_select(self._timesteps, 0, self.step_index.reshape(1)).expand(self.model_batch)
+        m = self.model(self.model_input, t, **self._cond)
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"the model returned {type(m).__name__}; expected a tensor")
+        if self.plan.model_output_channels is not None:
+            m = m[:, self.plan.model_output_channels]
+        if tuple(m.shape) != tuple(self.model_input.shape):
+            raise ValueError(f"the model returned shape {tuple(m.shape)}; expected {tuple(self.model_input.shape)}")
+        if m.dtype not in _MODEL_DTYPES:
+            m = m.float()
+        if self.nan_check:
+            bad = ~torch.isfinite(m).all()
+            self.first_bad_step.copy_(torch.where((self.first_bad_step < 0) & bad, self.step_index,
+                                                  self.first_bad_step))
+        if self.guidance_scale is not None:
+            m_uncond, m_cond, scale = m[:batch], m[batch:], self.guidance_scale
+        else:
+            m_uncond, m_cond, scale = m, None, None
+        x = self.buffers[form.x]
+        if preview:
+            ops.fused_step(x, m_uncond, self._estimate_coefs, step_index=self.step_index, out=self._preview,
+                           model_output_cond=m_cond, guidance_scale=scale)
+        coefs, step_index = self._coefs, self.step_index
+        if form.coef_fn is not None:
+            if m_cond is not None:
+                m_uncond, m_cond, scale = torch.lerp(m_uncond.float(), m_cond.float(), scale), None, None
+            row = torch.index_select(self._coefs, 0, self.step_index.reshape(1))[0]
+            coefs, step_index = form.coef_fn(x, m_uncond, row, self.step_index), None
+        out = self.buffers[form.out]
+        model_input = self.model_input[:batch]
+        ops.fused_step(
+            x, m_uncond, coefs, step_index=step_index,
+            history=tuple(self.buffers[h] for h in form.history),
+            out=out, model_input=model_input,
+            x0_out=None if form.x0_out is None else self.buffers[form.x0_out],
+            seeds=self.seeds if form.noisy else None, noise_step=self.step_index,
+            model_output_cond=m_cond, guidance_scale=scale)
+        if blend_target is not None:
+            self._blend(self.buffers[blend_target], model_input)
+        if self.guidance_scale is not None:
+            self.model_input[batch:].copy_(model_input)
+        self.step_index.add_(1)
+
+    def _blend(self, target, model_input):
+        """RePaint: the known region of `target` becomes the known volume re-noised to target's level."""
+        torch.add(self.step_index, self.num_model_evals + 1, out=self._inpaint_step)
+        ops.fused_step(self._known, self._known, self._inpaint_coefs, step_index=self.step_index,
+                       out=self._noised_known, seeds=self.seeds, noise_step=self._inpaint_step)
+        if self._mask.dtype == torch.bool:
+            torch.where(self._mask, self._noised_known, target, out=target)
+        else:
+            target.lerp_(self._noised_known, self._mask)
+        model_input.copy_(target)
+
+    # -- per-call inputs --------------------------------------------------------------------------------------
+    def _set_cond(self, cond, uncond):
+        if cond is not None and not isinstance(cond, dict):
+            raise TypeError("cond must be a dict of model keyword arguments (e.g. {'context': c, "
+                            "'class_labels': y})")
+        if uncond is not None and not isinstance(uncond, dict):
+            raise TypeError("uncond must be a dict with the same keys as cond")
+        cond, batch = dict(cond or {}), self.shape[0]
+        if self.guidance_scale is None:
+            if uncond is not None:
+                raise ValueError("uncond= is only used with classifier-free guidance (guidance_scale=)")
+            merged = {k: self._batched(f"cond[{k!r}]", v, batch) for k, v in cond.items()}
+        else:
+            if not cond:
+                raise ValueError("classifier-free guidance (guidance_scale=) needs cond= (and uncond=)")
+            uncond = dict(uncond or {})
+            if set(uncond) != set(cond):
+                raise ValueError(f"uncond must give the unconditional value of every cond key {sorted(cond)}; "
+                                 f"got keys {sorted(uncond)}")
+            merged = {}
+            for k, v in cond.items():
+                u = uncond[k]
+                if isinstance(v, torch.Tensor) != isinstance(u, torch.Tensor):
+                    raise TypeError(f"cond[{k!r}] and uncond[{k!r}] must both be tensors or both not")
+                if isinstance(v, torch.Tensor):
+                    merged[k] = torch.cat([self._batched(f"uncond[{k!r}]", u, batch),
+                                           self._batched(f"cond[{k!r}]", v, batch)])
+                elif u != v:
+                    raise ValueError(f"cond[{k!r}] and uncond[{k!r}] are not tensors and differ")
+                else:
+                    merged[k] = v
+        signature = tuple(sorted((k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", v))
+                                 for k, v in merged.items()))
+        if signature != self._cond_signature:
+            self._cond = {k: (torch.empty(v.shape, dtype=v.dtype, device=self.device)
+                              if isinstance(v, torch.Tensor) else v) for k, v in merged.items()}
+            self._cond_signature = signature
+        for k, v in merged.items():
+            if isinstance(v, torch.Tensor):
+                self._cond[k].copy_(v)
+
+    @staticmethod
+    def _batched(name, v, batch):
+        if not isinstance(v, torch.Tensor):
+            return v
+        if v.ndim == 0 or v.shape[0] not in (1, batch):
+            raise ValueError(f"{name} must have a leading batch dimension of 1 or {batch}, got shape "
+                             f"{tuple(v.shape)}")
+        return v.expand(batch, *v.shape[1:])
+
+    def _set_inpainting(self, mask, known):
+        if (mask is None) != (known is None):
+            raise ValueError("inpainting needs both mask= (1/True where `known` is kept) and known=")
+        if mask is None:
+            return False
+        _broadcast_to("mask", mask, self.shape)
+        _broadcast_to("known", known, self.shape)
+        if not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise TypeError(f"mask must be bool or floating point, got {_dtype_name(mask.dtype)}")
+        if not known.is_floating_point():
+            raise TypeError(f"known must be floating point, got {_dtype_name(known.dtype)}")
+        mask_dtype = torch.bool if mask.dtype == torch.bool else self.state_dtype
+        if self._mask is None or self._mask.shape != mask.shape or self._mask.dtype != mask_dtype:
+            self._mask = torch.empty(mask.shape, dtype=mask_dtype, device=self.device)
+        if self._known is None:
+            self._known = torch.empty(self.shape, dtype=self.state_dtype, device=self.device)
+            self._noised_known = torch.empty_like(self._known)
+        self._mask.copy_(mask)
+        self._known.copy_(known.expand(self.shape))
+        return True
+
+    def _kinds(self, inpaint):
+        """Per evaluation (form index, buffer to blend with the known volume or None)."""
+        kinds = []
+        last = self.num_model_evals - 1
+        for e, f in enumerate(self.plan.form_of_eval):
+            target = None
+            if inpaint:
+                target = self.plan.output if e == last else self.plan.forms[f].out
+            kinds.append((f, target))
+        return kinds
+
+    # -- CUDA graphs ------------------------------------------------------------------------------------------
+    def _graphs_ready(self, kinds, preview):
+        """Capture (or reuse) one graph per distinct kind; False (after a warning) when capture fails."""
+        key = (_model_signature(self.model), self._cond_signature,
+               None if self._mask is None else (tuple(self._mask.shape), self._mask.dtype), preview)
+        if key != self._graph_key:
+            self._graphs, self._graph_key = {}, key
+        first_eval = {}
+        for e in range(self.start_index, self.num_model_evals):
+            first_eval.setdefault(kinds[e], e)
+        missing = [kind for kind in first_eval if (kind, preview) not in self._graphs]
+        if not missing:
+            return True
+        try:
+            self._capture(missing, first_eval, preview)
+        except Exception as exc:  # a model that syncs, allocates on the host or changes shape cannot be captured
+            self.graph_failure = f"{type(exc).__name__}: {exc}"
+            self._graphs, self._graph_key, self._pool = {}, None, None
+            warnings.warn(f"CUDA graph capture failed, sampling eagerly instead ({self.graph_failure}). Models "
+                          "replayed from a graph must not synchronise (.item(), printing or branching on tensor "
+                          "values) or change shapes; pass cuda_graph=False to skip capturing.", RuntimeWarning,
+                          stacklevel=3)
+            return False
+        return True
+
+    def _capture(self, kinds, first_eval, preview):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # warm-up: first-call work (Triton/CuPy compilation, cuDNN/cuBLAS setup) stays out of the capture
+            for kind in kinds:
+                self.step_index.fill_(first_eval[kind])
+                self._step(*kind, preview)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            # Graphs share one pool: only the static buffers (allocated outside) carry data between them, and
+            # they replay one after another on one stream, so their temporaries may reuse the same memory.
+            self._pool = torch.cuda.graph_pool_handle()
+        for kind in kinds:
+            self.step_index.fill_(first_eval[kind])
+            graph = torch.cuda.CUDAGraph()
+            # the outer context restores the caller's stream even when a failed capture's exit raises
+            with torch.cuda.stream(stream):
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                    self._step(*kind, preview)
+            self._graphs[(kind, preview)] = graph
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def launch(self, seed=0, *, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None,
+               callback=None, progress=False):
+        """Run one batch without waiting for it: returns the result (B, C, *spatial) in state_dtype (a new
+        tensor; on a GPU still being computed) and reads no device value. `raise_if_nonfinite()` then reports
+        NaN/Inf; `__call__` does both. Arguments as for __call__."""
+        batch = self.shape[0]
+        seeds = _seed_tensor(seed, batch)
+        self._set_cond(cond, uncond)
+        inpaint = self._set_inpainting(mask, known)
+        if self.strength is not None:
+            if init is None:
+                raise ValueError("this Sampler was built with strength= (SDEdit): pass init= (the volume to start "
+                                 "from)")
+            _broadcast_to("init", init, self.shape)
+        elif init is not None:
+            raise ValueError("init= (SDEdit) needs strength= when the Sampler is built (the noise level to start "
+                             "from); use x_T= to give the initial state itself")
+        if x_T is not None:
+            if self.strength is not None:
+                raise ValueError("x_T= and init= (SDEdit) exclude each other")
+            if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != self.shape:
+                raise ValueError(f"x_T must be a tensor of shape {self.shape}, got "
+                                 f"{tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable as callback(step, x0_estimate)")
+        preview = callback is not None
+        if preview and self._preview is None:
+            self._preview = torch.zeros(self.shape, dtype=self.state_dtype, device=self.device)
+        kinds = self._kinds(inpaint)
+
+        with torch.no_grad():
+            graphs = self.use_cuda_graph and self._graphs_ready(kinds, preview)
+            self._start(seeds, init, x_T)
+            bar = _progress_bar(self.num_model_evals - self.start_index, progress)
+            try:
+                for e in range(self.start_index, self.num_model_evals):
+                    if graphs:
+                        self._graphs[(kinds[e], preview)].replay()
+                    else:
+                        self._step(*kinds[e], preview)
+                    if bar is not None:
+                        bar.update(1)
+                    if callback is not None:
+                        callback(e, self._preview)
+            finally:
+                if bar is not None:
+                    bar.close()
+            return self.buffers[self.plan.output].clone()
+
+    def _start(self, seeds, init, x_T):
+        if self.device.type == "cuda" and seeds.device.type == "cpu" and torch.cuda.is_available():
+            seeds = seeds.pin_memory()
+        self.seeds.copy_(seeds.to(self.device, non_blocking=True))
+        x = self.buffers[self.plan.forms[self.plan.form_of_eval[self.start_index]].x]
+        batch = self.shape[0]
+        if x_T is not None:
+            x.copy_(x_T)
+            self.model_input[:batch].copy_(x)
+        else:
+            if init is not None:
+                x.copy_(init.expand(self.shape))
+            ops.fused_step(x, x, self._start_coefs, out=x, model_input=self.model_input[:batch], seeds=self.seeds,
+                           noise_step=self.num_model_evals)
+        if self.guidance_scale is not None:
+            self.model_input[batch:].copy_(self.model_input[:batch])
+        self.step_index.fill_(self.start_index)
+        self.first_bad_step.fill_(-1)
+
+    def raise_if_nonfinite(self):
+        """Raise NonFiniteModelOutput if the last run's model output had NaN/Inf (one host read)."""
+        if not self.nan_check:
+            return
+        first = int(self.first_bad_step)
+        if first >= 0:
+            raise NonFiniteModelOutput(f"the model output has NaN/Inf, first at model evaluation {first} (model "
+                                       f"time {self._times[first]:g}) of {self.num_model_evals}")
+
+    def __call__(self, seed=0, *, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None,
+                 callback=None, progress=False):
+        """Sample one batch; returns the final state (B, C, *spatial) in state_dtype.
+
+        seed: an int (sample b gets seed + b) or one seed per sample (sequence or integer tensor).
+        cond / uncond: dicts of model keyword arguments (cross-attention `context`, `class_labels`, ...), tensors
+          with a leading batch dimension of B (or 1). With guidance_scale, uncond gives the unconditional
+          values (same keys) and the model sees cat([uncond, cond]) along the batch.
+        mask, known: RePaint-style inpainting. mask (bool, or float in [0, 1] for soft blending) broadcasts to
+          the shape and is 1/True where `known` is kept. After every update the known region of the new state
+          is replaced by `known` re-noised (fresh Philox noise) to that state's noise level; after the last
+          update the known region equals `known` exactly.
+        init: SDEdit start volume (broadcasts to the shape; needs strength= at construction). x_T: the initial
+          state itself (default: init_noise_scale · Philox noise).
+        callback(step, x0_estimate): called after evaluation `step` with the x0 estimate of that evaluation (a
+          buffer reused by the next step: clone it to keep it). Reading it synchronises with the device.
+        progress: show a progress bar (tqdm), advanced from the host-side loop counter (no device sync; on a
+          GPU it shows evaluations queued, which run ahead of those finished).
+        """
+        out = self.launch(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T,
+                          callback=callback, progress=progress)
+        self.raise_if_nonfinite()
+        return out
+
+
+# --- one-call API ----------------------------------------------------------------------------------------------
+
+_CACHE_SIZE = 2
+_sampler_cache: list = []   # (key, weakref to the caller's model, Sampler), most recent last
+
+
+def clear_cache():
+    """Forget the Samplers (and their CUDA graphs) kept by `sample` for reuse."""
+    _sampler_cache.clear()
+
+
+def _plan_key(solver):
+    plan = solver.plan("cpu")
+    forms = tuple((f.x, f.history, f.out, f.x0_out, f.noisy,
+                   None if f.coef_fn is None else (type(f.coef_fn).__name__, tuple(sorted(vars(f.coef_fn).items()))
+                                                   if hasattr(f.coef_fn, "__dict__") else id(f.coef_fn)))
+                  for f in plan.forms)
+    return (plan.timesteps.numpy().tobytes(), plan.coefs.numpy().tobytes(), tuple(plan.buffers), forms,
+            tuple(plan.form_of_eval), plan.output, float(plan.init_noise_scale), type(solver).__name__)
+
+
+def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=0, device=None, dtype=None, *,
+           state_dtype=torch.float32, cuda_graph=True, guidance_scale=None, cond=None, uncond=None, mask=None,
+           known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
+           check_memory=True, **solver_options):
+    """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
+
+    See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
+    prediction_type="v_prediction", clip=1.0, eta=1.0; or a Solver instance) and `Sampler.__call__` for seed,
+    cond/uncond, mask/known, init (with strength), x_T, callback and progress. On a CUDA device with
+    cuda_graph=True the prepared Sampler and its graphs are kept (up to two, see clear_cache) and reused by the
+    next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan."""
+    shape = _check_shape(shape)
+    solver = _solver_from(solver, schedule, num_steps, solver_options)
+    device = torch.device(device) if device is not None else _model_device(model)
+    options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
+                   strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory)
+    cacheable = cuda_graph and device.type == "cuda"
+    sampler = None
+    if cacheable:
+        # a Sampler holding a converted copy must not outlive in-place changes of the caller's weights
+        versions = tuple(t._version for t in _tensors_of(model)) \
+            if _needs_copy(model, device, dtype or _model_dtype(model)) else ()
+        key = (id(model), _model_signature(model), versions, shape,
+               tuple(sorted((k, str(v)) for k, v in options.items())), _plan_key(solver))
+        for i, (k, ref, cached) in enumerate(_sampler_cache):
+            if k == key and ref() is model:
+                sampler = cached
+                _sampler_cache.append(_sampler_cache.pop(i))
+                break
+    if sampler is None:
+        sampler = Sampler(model, solver, shape, **options)
+        if cacheable:
+            _sampler_cache.append((key, weakref.ref(model), sampler))
+            del _sampler_cache[:-_CACHE_SIZE]
+    return sampler(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T, callback=callback,
+                   progress=progress)
+
+
+__all__ = ["InsufficientMemoryError", "MemoryEstimate", "NonFiniteModelOutput", "Sampler", "available_memory",
+           "clear_cache", "estimate_memory", "sample"]

@@ -155,6 +155,11 @@ def test_accelerate_matches_monai_in_place(name):
         assert_relative_close(pydiffmed.accelerate(monai)(x, t, **kwargs), ref, what="again")
 
 
+def test_accelerate_rejects_non_modules():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        pydiffmed.accelerate({"conv_in.conv.weight": torch.zeros(1)})
+
+
 def test_controlnet_residuals_match_monai():
     config, monai, x, t, kwargs = build("attn_two_levels_2res_updown", seed=8)
     shapes = []

@@ -45,8 +45,9 @@ using pdm::MeanM2;
 
 // Values per statistics/apply chunk: 32 KB of fp32, so the second (centred) pass over a chunk hits L1/L2.
 constexpr int64_t kChunkElems = 8192;
-// Side of the square tiles used to transpose between NCS and channels-last in the apply pass.
-constexpr int64_t kTile = 32;
+// Tiles of the transposing apply (NCS <-> channels-last): kTileC channels x kTileS spatial positions.
+constexpr int64_t kTileC = 8;
+constexpr int64_t kTileS = 256;
 // Below this many elements per thread, threads cost more than they save.
 constexpr int64_t kMinElemsPerThread = 16384;
 
@@ -182,35 +183,35 @@ PDM_CLONES void generic_apply_rows(const typename IO<D>::T* __restrict x, typena
 }
 
 // One tile of the transposing apply: `rows` spatial positions x `chans` channels. x_cl says which side is
-// channels-last; a channels-last side has row stride C, an NCS side channel stride S. The tile goes through
-// tmp (kTile x kTile floats, in L1) so that reads and writes both run along contiguous memory.
+// channels-last; a channels-last side has row stride C, an NCS side channel stride S. The math runs along x's
+// contiguous axis (vectorised) into tmp (kTileC x kTileS floats, in L1); a second loop writes tmp out along y's
+// contiguous axis.
 template <int D, bool SILU>
 PDM_CLONES void apply_tile_transposed(const typename IO<D>::T* __restrict x, typename IO<D>::T* __restrict y,
                                       int64_t rows, int64_t chans, int64_t S, int64_t C, bool x_cl,
                                       ChannelParams ch, float* __restrict tmp) {
-    if (!x_cl) {  // NCS -> channels-last: read channel rows, write spatial rows
+    if (!x_cl) {  // NCS -> channels-last
         for (int64_t c = 0; c < chans; ++c) {
             const typename IO<D>::T* xc = x + c * S;
             const float center = ch.center[c], scale = ch.scale[c], shift = ch.shift[c];
+#pragma omp simd
             for (int64_t s = 0; s < rows; ++s)
-                tmp[s * kTile + c] = apply_one<SILU>(IO<D>::load(xc[s]), center, scale, shift);
+                tmp[c * kTileS + s] = apply_one<SILU>(IO<D>::load(xc[s]), center, scale, shift);
         }
         for (int64_t s = 0; s < rows; ++s) {
             typename IO<D>::T* ys = y + s * C;
-#pragma omp simd
-            for (int64_t c = 0; c < chans; ++c) ys[c] = IO<D>::store(tmp[s * kTile + c]);
+            for (int64_t c = 0; c < chans; ++c) ys[c] = IO<D>::store(tmp[c * kTileS + s]);
         }
     } else {  // channels-last -> NCS
         for (int64_t s = 0; s < rows; ++s) {
             const typename IO<D>::T* xs = x + s * C;
 #pragma omp simd
             for (int64_t c = 0; c < chans; ++c)
-                tmp[c * kTile + s] = apply_one<SILU>(IO<D>::load(xs[c]), ch.center[c], ch.scale[c], ch.shift[c]);
+                tmp[s * kTileC + c] = apply_one<SILU>(IO<D>::load(xs[c]), ch.center[c], ch.scale[c], ch.shift[c]);
         }
         for (int64_t c = 0; c < chans; ++c) {
             typename IO<D>::T* yc = y + c * S;
-#pragma omp simd
-            for (int64_t s = 0; s < rows; ++s) yc[s] = IO<D>::store(tmp[c * kTile + s]);
+            for (int64_t s = 0; s < rows; ++s) yc[s] = IO<D>::store(tmp[s * kTileC + c]);
         }
     }
 }
@@ -601,12 +602,12 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
             K::template apply_rows<D, SILU>(x + off, y + off, rows, C, ch.at(n * C));
         }
     } else {
-        const int64_t tiles = (S + kTile - 1) / kTile;
+        const int64_t tiles = (S + kTileS - 1) / kTileS;
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < N * tiles; ++task) {
-            const int64_t n = task / tiles, s0 = (task % tiles) * kTile, rows = std::min(kTile, S - s0);
-            for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-                const int64_t chans = std::min(kTile, C - c0);
+            const int64_t n = task / tiles, s0 = (task % tiles) * kTileS, rows = std::min(kTileS, S - s0);
+            for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
+                const int64_t chans = std::min(kTileC, C - c0);
                 const int64_t x_off = p.x_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
                 const int64_t y_off = p.y_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
                 apply_tile_transposed<D, SILU>(x + x_off, y + y_off, rows, chans, S, C, p.x_cl, ch.at(n * C + c0),
@@ -639,7 +640,7 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
         // Per-thread scratch: channel accumulators (channels-last stats) and one transpose tile.
         std::vector<float> pivot(p.x_cl ? C : 0), offset(p.x_cl ? C : 0), m2(p.x_cl ? C : 0);
         std::vector<double> mean_c(p.x_cl ? C : 0);
-        std::vector<float> tile((p.x_cl != p.y_cl) ? kTile * kTile : 0);
+        std::vector<float> tile((p.x_cl != p.y_cl) ? kTileC * kTileS : 0);
 
         // 1. partial statistics
         if (!p.x_cl) {

@@ -181,9 +181,10 @@ class UNet3D(nn.Module):
     always the flash kernel here). Load MONAI checkpoints with `load_state_dict` (today's or the older
     GenerativeModels key names), `load_checkpoint(path)` or `UNet3D.from_monai(model)`.
 
-    forward(x, timesteps, context=None, class_labels=None): x is B×in_channels×D×H×W (or ×H×W) with every
-    spatial size divisible by 2^(len(channels)-1); timesteps a tensor of B values (or one, broadcast); the output
-    is B×out_channels×... contiguous, in the model's dtype (x is cast to it on entry)."""
+    forward(x, timesteps, context=None, class_labels=None, [ControlNet residuals]): x is B×in_channels×D×H×W
+    (or ×H×W) with every spatial size divisible by 2^(len(channels)-1); timesteps a tensor of B values (or one,
+    broadcast); context B×S×cross_attention_dim; the output is B×out_channels×... contiguous, in the model's dtype
+    (x is cast to it on entry). Inference only: the fused kernels have no backward."""
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
                  num_res_blocks: Sequence[int] | int = (2, 2, 2, 2), channels: Sequence[int] = (32, 64, 64, 64),
@@ -278,7 +279,10 @@ class UNet3D(nn.Module):
         Raises CheckpointError listing unknown/missing keys and every shape mismatch."""
         state_dict = convert_monai_state_dict(state_dict)
         check_state_dict(self, state_dict, strict)
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # assigned tensors keep the checkpoint's layout; convolutions want channels_last weights
+            self.to(memory_format=_channels_last(self.spatial_dims + 2))
+        return result
 
     def load_checkpoint(self, path, strict: bool = True) -> "UNet3D":
         """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""

@@ -7,6 +7,7 @@ One file per family: ddpm, ddim (+ inversion), pndm, ald (NCSN), sde (Euler-Maru
 ode (Heun, RK4, adaptive Dormand-Prince), dpmpp (DPM-Solver++ 2M / 3M / 2M-SDE), unipc, edm (Euler, Heun),
 rflow (rectified-flow Euler).
 """
+from ..schedules import NoiseSchedule
 from .ald import AnnealedLangevin
 from .base import Solver
 from .ddim import DDIM, DDIMInversion
@@ -47,6 +48,8 @@ def get_solver(name, schedule, num_steps=None, **opts):
     takes no num_steps."""
     if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; available: {sorted(SOLVERS)}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a pydiffmed.schedules.NoiseSchedule, got {type(schedule).__name__}")
     return SOLVERS[name](schedule, num_steps, **opts)
 
 

@@ -106,9 +106,10 @@ def multistep_grid(schedule, n, *, grid="uniform", spacing=None, steps_offset=0,
             sigmas = np.interp(times, np.arange(n_train), train_sigmas)
         else:
             if grid == "karras":
-                sigmas = karras_sigmas(train_sigmas[0], train_sigmas[-1], n)
+                sigmas = karras_sigmas(float(train_sigmas[0]), float(train_sigmas[-1]), n)
             else:
-                sigmas = np.exp(np.linspace(log_sigmas[-1], log_sigmas[0], n))
+                lam_max, lam_min = float(log_sigmas[-1]), float(log_sigmas[0])
+                sigmas = np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))
             times = diffusers_sigma_to_t(sigmas, log_sigmas)
             if variant == "dpm" and getattr(schedule, "beta_schedule", None) == "cosine":
                 times = np.floor(times)  # diffusers leaves them unrounded, then casts to int64

@@ -13,6 +13,8 @@ must survive for later evaluations (`keep`). The program then
     fine: fused_step reads each element before writing it), the state is updated in place unless it must be
     kept, and slots no longer kept are recycled. Identical (x, history, out, x0_out, noisy, coef_fn) tuples
     share one form, so a multistep solver usually needs one or two distinct forms (one CUDA graph each).
+An update whose coefficients a coef_fn computes on the device from data (Langevin step sizes) makes its output
+"opaque": a fresh atom, so later rows never depend on the nominal coefficients the host saw.
 """
 from __future__ import annotations
 
@@ -156,16 +158,30 @@ class Program:
         if not np.any(rest):
             return 0.0, (), ()
         others = sorted(self.live - {self.state})
+        # usually one solve over every live buffer shows which few the update uses
+        found = self._fit(state_vec, others, rest, scale)
+        if found is not None:
+            used = [n for n, c in zip(others, found[1:]) if c != 0.0]
+            if len(used) <= 3:
+                found = self._fit(state_vec, used, rest, scale)
+                if found is not None:
+                    return found[0], tuple(used), tuple(found[1:])
         for size in range(0, min(3, len(others)) + 1):
             for names in itertools.combinations(others, size):
-                basis = np.stack([state_vec] + [self.contents[n] for n in names], axis=1)
-                coef, *_ = np.linalg.lstsq(basis, rest, rcond=None)
-                if np.abs(basis @ coef - rest).max() <= _TOL * scale:
-                    negligible = np.abs(coef) * np.abs(basis).max(axis=0) < 1e-14 * scale
-                    coef = np.where(negligible, 0.0, coef)
-                    return float(coef[0]), names, tuple(float(v) for v in coef[1:])
+                found = self._fit(state_vec, names, rest, scale)
+                if found is not None:
+                    return found[0], names, tuple(found[1:])
         raise ValueError(f"evaluation {e}: the update is not one fused_step over the state and at most three "
                          "kept buffers (keep the vectors it needs)")
+
+    def _fit(self, state_vec, names, rest, scale):
+        """[a, c_1, ...] with rest = a·state + Σ c_j·contents[names_j] exactly (negligible terms zeroed), or None."""
+        basis = np.stack([state_vec] + [self.contents[n] for n in names], axis=1)
+        coef, *_ = np.linalg.lstsq(basis, rest, rcond=None)
+        if np.abs(basis @ coef - rest).max() > _TOL * scale:
+            return None
+        negligible = np.abs(coef) * np.abs(basis).max(axis=0) < 1e-14 * scale
+        return [float(v) for v in np.where(negligible, 0.0, coef)]
 
     def finish(self):
         if len(self.rows) != self.num_evals:

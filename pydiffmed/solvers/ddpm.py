@@ -7,6 +7,9 @@ Each step samples the Gaussian posterior q(x_s | x_t, x0 = x0_estimate):
 which for discrete schedules is exactly diffusers' DDPMScheduler (posterior between consecutive grid
 timesteps; noise is drawn while t > 0).
 
+Grids: discrete schedules use `spacing` (default 'leading' as diffusers; 'monai' = MONAI's grid) and
+`steps_offset`; continuous ones a uniform grid in t ending at the data (final='clean') or at t_min.
+
 posterior='train_step' reproduces MONAI's DDPMScheduler instead: it always uses the one-training-step posterior
 (alpha_bar[t-1], beta[t]) even when the grid skips steps — correct only for num_steps = N (MONAI's known
 off-by-stride). Default: 'grid'.
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from ..ops.fused_step import philox_normal

@@ -20,7 +20,6 @@ import math
 
 import numpy as np
 
-from .. import prediction
 from ._grids import alpha_of_edm_sigma, model_time_of_edm_sigma, sigma_grid
 from .base import Solver
 

@@ -137,6 +137,8 @@ class PredictorCorrector(_ScoreSolver):
         if predictor == "reverse_diffusion" and schedule.kind not in ("vp", "ve"):
             raise ValueError("the reverse-diffusion predictor is defined for VP and VE schedules "
                              "(use predictor='euler_maruyama')")
+        if self.corrector and common.get("thresholding"):
+            raise ValueError("dynamic thresholding is not supported with the Langevin corrector (use clip)")
         self.snr, self.corrector_steps = float(snr), int(corrector_steps) if self.corrector else 0
         self.denoise, self.noise_norm, self.norm_reduction = bool(denoise), noise_norm, norm_reduction
         self.discretization, self.spacing = discretization, spacing
@@ -149,7 +151,8 @@ class PredictorCorrector(_ScoreSolver):
         return self.num_steps * (self.corrector_steps + (1 if self.predictor else 0))
 
     def _grid(self):
-        """Per step i: (t_i, model time, predictor terms (a_i, G²_i) and the corrector's a_i)."""
+        """Per step i: (t_i, G²_i and sqrt(1 - β_i) of the reverse-diffusion predictor, the corrector's a_i,
+        the Euler-Maruyama step Δ_i)."""
         sched, n = self.schedule, self.num_steps
         steps = []
         if self.discretization == "score_sde":
@@ -222,7 +225,6 @@ class PredictorCorrector(_ScoreSolver):
                 target = target + noise_std * program.z(e)
             program.add(model_time, estimate, target, coef_fn=self.estimate_coef_fn)
             e += 1
-        self._langevin_table = table
         if self._langevin is not None:
             self._langevin.table = torch.as_tensor(np.asarray(table), dtype=torch.float64)
 
