@@ -49,7 +49,7 @@ setup(
     extras_require={
         "cuda": ["cupy-cuda12x"],
         "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml"],
-        "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "nibabel>=5",
+        "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "einops", "nibabel>=5",
                  "safetensors", "pillow", "pyyaml", "matplotlib"],
     },
     entry_points={"console_scripts": ["pydiffmed=pydiffmed.cli:main"]},

@@ -252,7 +252,8 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if all(r.alias_info is None for r in func._schema.returns):
+        schema = getattr(func, "_schema", None)
+        if schema is None or all(r.alias_info is None for r in schema.returns):
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     nbytes = t.untyped_storage().nbytes()

@@ -46,8 +46,8 @@ using pdm::MeanM2;
 // Values per statistics/apply chunk: 32 KB of fp32, so the second (centred) pass over a chunk hits L1/L2.
 constexpr int64_t kChunkElems = 8192;
 // Tiles of the transposing apply (NCS <-> channels-last): kTileC channels x kTileS spatial positions.
-constexpr int64_t kTileC = 8;
-constexpr int64_t kTileS = 256;
+constexpr int64_t kTileC = 16;
+constexpr int64_t kTileS = 64;
 // Below this many elements per thread, threads cost more than they save.
 constexpr int64_t kMinElemsPerThread = 16384;
 
@@ -235,6 +235,11 @@ struct Generic {
     static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
                            ChannelParams ch) {
         generic_apply_rows<D, SILU>(x, y, rows, C, ch.center, ch.scale, ch.shift);
+    }
+    template <int D, bool SILU>
+    static void apply_tile(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t chans, int64_t S,
+                           int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
+        apply_tile_transposed<D, SILU>(x, y, rows, chans, S, C, x_cl, ch, tmp);
     }
 };
 
@@ -526,6 +531,61 @@ PDM_AVX512 void avx512_apply_rows(const typename V16<D>::T* x, typename V16<D>::
     }
 }
 
+// In-register transpose of a 16 x 16 fp32 block: lane j of r[i] goes to lane i of r[j].
+PDM_AVX512 inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xee);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; ++k) {
+            t[i + k] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_f32x4(r[i + k], r[i + k + 4], 0xdd);
+        }
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+        r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+    }
+}
+
+// The transposing apply (see apply_tile_transposed) in 16 x 16 blocks: the math along x's contiguous axis, a
+// register transpose, stores along y's. Partial blocks (fewer than 16 channels or positions) take the generic
+// tile.
+template <int D, bool SILU>
+PDM_AVX512 void avx512_apply_tile(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t chans,
+                                  int64_t S, int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
+    typedef V16<D> L;
+    if (chans != 16) return apply_tile_transposed<D, SILU>(x, y, rows, chans, S, C, x_cl, ch, tmp);
+    int64_t s = 0;
+    __m512 r[16];
+    if (!x_cl) {  // NCS -> channels-last: r[k] = channel k at 16 positions
+        for (; s + 16 <= rows; s += 16) {
+            for (int k = 0; k < 16; ++k)
+                r[k] = apply16<D, SILU>(L::load(x + k * S + s), _mm512_set1_ps(ch.center[k]),
+                                        _mm512_set1_ps(ch.scale[k]), _mm512_set1_ps(ch.shift[k]));
+            transpose16(r);
+            for (int j = 0; j < 16; ++j) L::store(y + (s + j) * C, r[j]);
+        }
+        if (s < rows) apply_tile_transposed<D, SILU>(x + s, y + s * C, rows - s, chans, S, C, x_cl, ch, tmp);
+    } else {  // channels-last -> NCS: r[j] = position j, 16 channels
+        const __m512 center = _mm512_loadu_ps(ch.center), scale = _mm512_loadu_ps(ch.scale);
+        const __m512 shift = _mm512_loadu_ps(ch.shift);
+        for (; s + 16 <= rows; s += 16) {
+            for (int j = 0; j < 16; ++j) r[j] = apply16<D, SILU>(L::load(x + (s + j) * C), center, scale, shift);
+            transpose16(r);
+            for (int k = 0; k < 16; ++k) L::store(y + k * S + s, r[k]);
+        }
+        if (s < rows) apply_tile_transposed<D, SILU>(x + s * C, y + s, rows - s, chans, S, C, x_cl, ch, tmp);
+    }
+}
+
 struct Avx512 {
     template <int D>
     static void span_mean_m2(const typename IO<D>::T* x, int64_t len, MeanM2<double>* out) {
@@ -545,6 +605,11 @@ struct Avx512 {
     static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
                            ChannelParams ch) {
         avx512_apply_rows<D, SILU>(x, y, rows, C, ch);
+    }
+    template <int D, bool SILU>
+    static void apply_tile(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t chans, int64_t S,
+                           int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
+        avx512_apply_tile<D, SILU>(x, y, rows, chans, S, C, x_cl, ch, tmp);
     }
 };
 #endif  // PDM_HAVE_AVX512_PATH
@@ -610,8 +675,8 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
                 const int64_t chans = std::min(kTileC, C - c0);
                 const int64_t x_off = p.x_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
                 const int64_t y_off = p.y_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
-                apply_tile_transposed<D, SILU>(x + x_off, y + y_off, rows, chans, S, C, p.x_cl, ch.at(n * C + c0),
-                                               tmp);
+                K::template apply_tile<D, SILU>(x + x_off, y + y_off, rows, chans, S, C, p.x_cl, ch.at(n * C + c0),
+                                                tmp);
             }
         }
     }

@@ -59,15 +59,19 @@ class DPMSolverPP(Solver):
             d = program.d(i)
             outputs.append(d)
             x = program.current
-            if self._sigma[i + 1] == self._sigma[i] and self._alpha[i + 1] == self._alpha[i]:
-                target = x  # zero-length step (e.g. a Karras grid ending at final='sigma_min')
+            zero_length = self._sigma[i + 1] == self._sigma[i] and self._alpha[i + 1] == self._alpha[i]
+            if zero_length:
+                # a repeated grid point (a Karras grid ending at final='sigma_min'; diffusers' linspace grid
+                # rounds two timesteps to one at ~1000 steps): the identity, and the next step restarts at
+                # first order (diffusers divides by the zero step there and returns NaN)
+                target = x
             elif self.order == 1 or lower_order_nums < 1 or lower_final:
                 target = self._first_order(i, x, d, program)
             elif self.order == 2 or lower_order_nums < 2 or lower_second:
                 target = self._second_order(i, x, outputs[-1], outputs[-2], program)
             else:
                 target = self._third_order(i, x, outputs[-1], outputs[-2], outputs[-3])
-            lower_order_nums = min(lower_order_nums + 1, self.order)
+            lower_order_nums = 0 if zero_length else min(lower_order_nums + 1, self.order)
             keep = outputs[-(self.order - 1):] if self.order > 1 else []
             program.add(self._model_t[i], self.x0_estimate(self._alpha[i], self._sigma[i]), target, keep=keep,
                         coef_fn=self.estimate_coef_fn)

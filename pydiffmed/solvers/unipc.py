@@ -124,6 +124,9 @@ class UniPC(Solver):
             previous = [outputs[-(k + 1)] for k in range(1, this_order)]
             target = self._update(sample, i + 1, i, d, previous, [i - k for k in range(1, this_order)],
                                   this_order, False)
-            lower_order_nums = min(lower_order_nums + 1, self.order)
+            if self._lambda(i + 1) == self._lambda(i):
+                lower_order_nums = 0   # a repeated grid point: restart the multistep history (see dpmpp.py)
+            else:
+                lower_order_nums = min(lower_order_nums + 1, self.order)
             program.add(self._model_t[i], self._estimate(i), target, keep=outputs[-self.order:],
                         coef_fn=self.estimate_coef_fn if self.predict_x0 else None)
