@@ -12,10 +12,11 @@ Cases, per volume (32³, and 64³ unless --quick) and model dtype (fp32, bf16; o
   * DDPM, 1000 steps, per step: MONAI's inferer with `DDPMScheduler` whose timestep list is cut to the first
     --ddpm-steps steps; pydiffmed with the 1000-step DDPM plan run from SDEdit strength --ddpm-steps/1000 (its
     last steps). Time per step = run time / steps (every step costs the same: one forward and one update).
-  * UNet3D forward alone, for the engine's own per-step cost (sampler step - forward).
+  * UNet3D forward alone (timed with the DDPM runs), for the engine's own per-step cost (step - forward).
 On a GPU: pydiffmed eager and with CUDA graphs, and torch.compile(MONAI) (mode "max-autotune") in MONAI's loop.
 Variants of a case are timed interleaved, round by round (as bench_unet.py does), so machine load hits them
-alike; ms = median wall time, speed-ups against MONAI at the same dtype and MONAI fp32, in the same run.
+alike; ms = median wall time, speed-ups against MONAI at the same dtype (same rounds) and MONAI fp32 (the
+fp32 case of the volume).
 
     python benchmarks/bench_sampling.py [--quick] [--repeats N] [--ddpm-steps K] [--threads N]
 """
@@ -59,6 +60,9 @@ def monai_runner(model, scheduler_name, noise, ddpm_steps=None):
 
 
 def run_case(size, dtype, device, repeats, ddpm_steps):
+    """Median (wall, process CPU) seconds of every variant: {"ddim": {...}, "ddpm": {...}} (DDPM values for
+    ddpm_steps steps; its set includes the UNet3D forward run ddpm_steps times), and the fp32 DDIM
+    agreement with MONAI (None for other dtypes)."""
     from monai.networks.nets import DiffusionModelUNet
 
     torch.manual_seed(0)
@@ -73,22 +77,19 @@ def run_case(size, dtype, device, repeats, ddpm_steps):
 
     ddim = DDIM(SCHEDULE, DDIM_STEPS, spacing="monai", prev_rule="stride")
     ddpm = DDPM(SCHEDULE, 1000)
-    strength = ddpm_steps / 1000
     graph_modes = (False, True) if device == "cuda" else (False,)
     t_forward = torch.full((1,), 500.0, device=device)
+    init = torch.zeros(shape, device=device)
     with torch.no_grad():
-        fns = {"ddim": {f"MONAI {name}": monai_runner(monai, "ddim", noise)},
-               "ddpm": {f"MONAI {name}": monai_runner(monai, "ddpm", noise, ddpm_steps)},
-               "forward": {f"UNet3D {name}": lambda: unet(noise, t_forward)}}
-        if dtype != torch.float32:
-            fns["ddim"]["MONAI fp32"] = monai_runner(monai32, "ddim", noise32)
-            fns["ddpm"]["MONAI fp32"] = monai_runner(monai32, "ddpm", noise32, ddpm_steps)
+        fns = {"ddpm": {f"MONAI {name}": monai_runner(monai, "ddpm", noise, ddpm_steps),
+                        f"UNet3D {name} forward": lambda: [unet(noise, t_forward) for _ in range(ddpm_steps)]},
+               "ddim": {f"MONAI {name}": monai_runner(monai, "ddim", noise)}}
         samplers = {}
         for graphs in graph_modes:
             label = f"pydiffmed {name}" + (" + CUDA graphs" if graphs else "")
             ddim_sampler = pydiffmed.Sampler(unet, ddim, shape, dtype=dtype, cuda_graph=graphs)
-            ddpm_sampler = pydiffmed.Sampler(unet, ddpm, shape, dtype=dtype, cuda_graph=graphs, strength=strength)
-            init = torch.zeros(shape, device=device)
+            ddpm_sampler = pydiffmed.Sampler(unet, ddpm, shape, dtype=dtype, cuda_graph=graphs,
+                                             strength=ddpm_steps / 1000)
             fns["ddim"][label] = (lambda s=ddim_sampler: s(0))
             fns["ddpm"][label] = (lambda s=ddpm_sampler: s(0, init=init))
             samplers[label] = ddim_sampler
@@ -102,33 +103,38 @@ def run_case(size, dtype, device, repeats, ddpm_steps):
             ours = samplers[f"pydiffmed {name}"](0, x_T=noise32)
             theirs = fns["ddim"][f"MONAI {name}"]()
             agreement = float((ours - theirs.float()).abs().max())
+        # the DDPM set warms every model up (compilation, oneDNN primitives), so whole DDIM runs need no warm-up
+        medians = {"ddpm": interleaved_medians(fns["ddpm"], device, repeats, warmup=1),
+                   "ddim": interleaved_medians(fns["ddim"], device, max(1, repeats // 2), warmup=0)}
+    return medians, agreement
 
-        medians = {case: interleaved_medians(case_fns, device, repeats if case != "ddim" else max(1, repeats // 2),
-                                             warmup=1)
-                   for case, case_fns in fns.items()}
 
-    forward_ms = medians["forward"][f"UNet3D {name}"][0] * 1e3
+def make_rows(size, name, medians, agreement, ddpm_steps, monai_fp32):
+    """Table rows of one case; monai_fp32 = {"ddim": s, "ddpm": s} from the fp32 case of this volume."""
+    forward = medians["ddpm"][f"UNet3D {name} forward"]
+    forward_ms = forward[0] / ddpm_steps * 1e3
     rows = []
     for case, title, per in (("ddim", f"DDIM {DDIM_STEPS} steps (whole run)", 1),
                              ("ddpm", "DDPM 1000 steps (per step)", ddpm_steps)):
         same = medians[case][f"MONAI {name}"][0] / per
-        fp32 = medians[case].get("MONAI fp32", medians[case][f"MONAI {name}"])[0] / per
+        fp32 = monai_fp32[case] / per
         for variant, (seconds, cpu_seconds) in medians[case].items():
+            if variant.endswith("forward"):
+                continue
             ms = seconds / per * 1e3
             row = {"volume": f"{size}³", "dtype": name, "case": title, "variant": variant, "ms": ms,
                    "speedup_vs_MONAI_same_dtype": same / (seconds / per),
                    "speedup_vs_MONAI_fp32": fp32 / (seconds / per), "cpu_ms": cpu_seconds / per * 1e3}
-            if variant.startswith("pydiffmed"):
-                steps = DDIM_STEPS if case == "ddim" else 1
-                row["engine_ms_per_step"] = ms / steps - forward_ms
+            if case == "ddpm" and variant.startswith("pydiffmed"):
+                row["engine_ms_per_step"] = ms - forward_ms
             if case == "ddim" and variant == f"pydiffmed {name}" and agreement is not None:
                 row["max_abs_diff_vs_MONAI"] = agreement
             rows.append(row)
             print(f"{size}³ {name:5s} {title:30s} {variant:38s} {ms:10.1f} ms  "
                   f"×{row['speedup_vs_MONAI_same_dtype']:5.2f} vs MONAI {name}  "
                   f"×{row['speedup_vs_MONAI_fp32']:5.2f} vs MONAI fp32", flush=True)
-    rows.append({"volume": f"{size}³", "dtype": name, "case": "UNet3D forward", "variant": f"UNet3D {name}",
-                 "ms": forward_ms, "cpu_ms": medians["forward"][f"UNet3D {name}"][1] * 1e3})
+    rows.append({"volume": f"{size}³", "dtype": name, "case": "UNet3D forward (per call)",
+                 "variant": f"UNet3D {name}", "ms": forward_ms, "cpu_ms": forward[1] / ddpm_steps * 1e3})
     print(f"{size}³ {name:5s} UNet3D forward alone {forward_ms:.1f} ms", flush=True)
     return rows
 
@@ -149,15 +155,20 @@ def main():
     ddpm_steps = args.ddpm_steps or (3 if device == "cpu" else 20)
     rows = []
     for size in sizes:
+        monai_fp32 = None
         for dtype in dtypes:
-            rows += run_case(size, dtype, device, repeats, ddpm_steps)
+            medians, agreement = run_case(size, dtype, device, repeats, ddpm_steps)
+            if dtype == torch.float32:
+                monai_fp32 = {case: medians[case]["MONAI fp32"][0] for case in ("ddim", "ddpm")}
+            rows += make_rows(size, DTYPE_NAMES[dtype], medians, agreement, ddpm_steps, monai_fp32)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"{'--quick ' if args.quick else ''}repeats={repeats} (DDIM whole runs: {max(1, repeats // 2)}), "
              f"DDPM per-step time from {ddpm_steps} steps, batch 1, torch threads {torch.get_num_threads()}, "
              f"1-min load average at the end {load:.2f}. Model: bench_unet 'small' config, same random weights in "
              "MONAI and UNet3D. pydiffmed state fp32. engine_ms_per_step = sampler time per model evaluation minus "
-             "the UNet3D forward alone (the solver update, NaN check and loop). max_abs_diff_vs_MONAI: final "
-             "fp32 DDIM volumes from the same initial noise.")
+             "the UNet3D forward alone timed in the same rounds (the solver update, NaN check and loop). Speed-ups "
+             "vs MONAI fp32 for half-precision rows use the fp32 case of the same volume (a separate set of "
+             "rounds). max_abs_diff_vs_MONAI: final fp32 DDIM volumes from the same initial noise.")
     columns = ["volume", "dtype", "case", "variant", "ms", "speedup_vs_MONAI_same_dtype", "speedup_vs_MONAI_fp32",
                "cpu_ms", "engine_ms_per_step", "max_abs_diff_vs_MONAI"]
     print(save("bench_sampling", rows, columns, notes))

@@ -76,10 +76,19 @@ def main():
     parser.add_argument("--side", type=int, default=4, help="volume side s (d = s³)")
     parser.add_argument("--samples", type=int, default=None, help="samples per solve (default 1000, quick 500)")
     parser.add_argument("--solvers", default=None, help="comma-separated labels to run (default: all)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the saved results")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the tensors are small; the metrics do not depend on it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.plot_only:
+        import json
+
+        suffix = "_cuda" if torch.cuda.is_available() else "_cpu"
+        with open(os.path.join(RESULTS_DIR, "bench_solvers" + suffix + ".json")) as f:
+            rows = json.load(f)["rows"]
+        plot(rows, rows[0]["sw2"])
+        return
     budgets = BUDGETS[:-1] if args.quick else BUDGETS
     n = args.samples or (500 if args.quick else 1000)
     side = args.side
@@ -170,14 +179,16 @@ def plot(rows, floor):
     except ImportError:
         print("matplotlib not installed: no plot")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    labels = [r["solver"] for r in rows if r["nfe"] > 0]
-    for label in dict.fromkeys(labels):
-        pts = sorted((r["nfe"], r) for r in rows if r["solver"] == label)
-        axes[0].plot([p[0] for p in pts], [p[1]["sw2"] for p in pts], marker="o", ms=3, label=label)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
+    labels = list(dict.fromkeys(r["solver"] for r in rows if r["nfe"] > 0))
+    colors = plt.get_cmap("tab20")
+    for k, label in enumerate(labels):
+        pts = sorted(((r["nfe"], r) for r in rows if r["solver"] == label), key=lambda p: p[0])
+        style = dict(marker="os^D"[k % 4], ms=3, color=colors(k % 20), ls=("-", "--")[k // 10 % 2], label=label)
+        axes[0].plot([p[0] for p in pts], [p[1]["sw2"] for p in pts], **style)
         flow = [(p[0], p[1]["flow_err"]) for p in pts if "flow_err" in p[1]]
         if flow:
-            axes[1].plot([f[0] for f in flow], [f[1] for f in flow], marker="o", ms=3, label=label)
+            axes[1].plot([f[0] for f in flow], [f[1] for f in flow], **style)
     axes[0].axhline(floor, color="k", ls="--", lw=1, label="exact vs exact")
     for ax, title in zip(axes, ("sliced W2 to exact samples", "RMS error vs exact probability flow")):
         ax.set_xscale("log")

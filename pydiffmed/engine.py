@@ -274,7 +274,9 @@ def _forward_peak(model, shape, dtype, device, cond):
     with torch.no_grad(), tracker:
         out = model(x, t, **kwargs)
     del out
-    return tracker.peak
+    # what is still alive is what the model cached on itself during the call (e.g. converted weights): that is
+    # not an activation, and it would be gone from the next call's count
+    return tracker.peak - tracker.live
 
 
 def _activation_bytes(model, shape, dtype, device, cond):
@@ -289,7 +291,6 @@ def _activation_bytes(model, shape, dtype, device, cond):
     for small, large in ((8, 16), (16, 32), (32, 64)):
         proxies = [tuple(min(s, small) for s in spatial), tuple(min(s, large) for s in spatial)]
         try:
-            _forward_peak(model, (1, shape[1], *proxies[0]), dtype, device, cond)  # builds lazy caches
             peaks = [_forward_peak(model, (1, shape[1], *p), dtype, device, cond) for p in proxies]
         except Exception as exc:  # the model rejects this proxy size (e.g. divisibility); try larger ones
             last_error = exc
@@ -383,8 +384,8 @@ class Sampler:
       outputs, so with them only strength=1 works (ValueError otherwise). `start_index` is the first
       evaluation run.
     cuda_graph: on a CUDA device, capture one graph per distinct step form on the first call (after a warm-up
-      on a side stream) and replay them; graphs are re-captured when the model's tensors move, or the
-      conditioning shapes, inpainting mask shape or callback use change.
+      on a side stream) and replay them; graphs are re-captured when the model's tensors move or the
+      conditioning or inpainting mask shapes change (a callback needs its own graphs, captured once).
     nan_check: keep the device NaN/Inf flag (raised after the loop).
     check_memory: estimate the memory (estimate_memory) and raise InsufficientMemoryError up front when the
       device lacks it.
@@ -445,7 +446,7 @@ class Sampler:
         self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.graph_failure = None      # why capture failed (then sampling is eager), or None
         self._graphs = {}
-        self._graph_key = None
+        self._graph_key = self._failed_key = None
         self._pool = None
 
     # -- preparation ------------------------------------------------------------------------------------------
@@ -663,9 +664,11 @@ class Sampler:
     def _graphs_ready(self, kinds, preview):
         """Capture (or reuse) one graph per distinct kind; False (after a warning) when capture fails."""
         key = (_model_signature(self.model), self._cond_signature,
-               None if self._mask is None else (tuple(self._mask.shape), self._mask.dtype), preview)
+               None if self._mask is None else (tuple(self._mask.shape), self._mask.dtype))
         if key != self._graph_key:
             self._graphs, self._graph_key = {}, key
+        if self._failed_key == (key, preview):
+            return False
         first_eval = {}
         for e in range(self.start_index, self.num_model_evals):
             first_eval.setdefault(kinds[e], e)
@@ -676,7 +679,8 @@ class Sampler:
             self._capture(missing, first_eval, preview)
         except Exception as exc:  # a model that syncs, allocates on the host or changes shape cannot be captured
             self.graph_failure = f"{type(exc).__name__}: {exc}"
-            self._graphs, self._graph_key, self._pool = {}, None, None
+            self._graphs, self._pool = {}, None
+            self._failed_key = (key, preview)   # not retried until the model, conditioning or mask change
             warnings.warn(f"CUDA graph capture failed, sampling eagerly instead ({self.graph_failure}). Models "
                           "replayed from a graph must not synchronise (.item(), printing or branching on tensor "
                           "values) or change shapes; pass cuda_graph=False to skip capturing.", RuntimeWarning,

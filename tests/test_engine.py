@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -160,12 +161,13 @@ def test_bf16_model_with_fp32_state_matches_fp32():
     half = sampler(seed=1)
     assert half.dtype == torch.float32
     err = (half - ref).abs()
-    # bf16 keeps 8 significant bits: the model input/output round at ~0.4 % of values of size ~3
-    assert err.max() < 0.15 and err.mean() < 0.02, (err.max(), err.mean())
+    # bf16 keeps 8 significant bits: model inputs/outputs of size ~3 round by up to ~0.01 per evaluation
+    # (measured here: max 0.04, mean 0.002)
+    assert err.max() < 0.1 and err.mean() < 0.01, (err.max(), err.mean())
     assert not torch.equal(half, ref)
     bf16_state = pydiffmed.Sampler(model, "dpmpp_2m", SHAPE_OF(64), num_steps=10, dtype=torch.bfloat16,
                                    state_dtype=torch.bfloat16)(seed=1)
-    assert bf16_state.dtype == torch.bfloat16 and (bf16_state.float() - ref).abs().max() < 0.3
+    assert bf16_state.dtype == torch.bfloat16 and (bf16_state.float() - ref).abs().max() < 0.15
 
 
 # --- no host reads in the loop ------------------------------------------------------------------------------
@@ -506,6 +508,54 @@ def test_up_front_memory_check(monkeypatch):
         pydiffmed.Sampler(ConvNet(), "ddim", (2, 1, 16, 16, 16), num_steps=3)
     pydiffmed.Sampler(ConvNet(), "ddim", (2, 1, 16, 16, 16), num_steps=3, check_memory=False)
     assert engine.available_memory("cpu") > 0
+
+
+# --- graph bookkeeping on the CPU -----------------------------------------------------------------------------
+
+class ReplayStepGraphs:
+    """Stands in for Sampler._capture on the CPU: each "graph" replays the step it was captured for eagerly, so
+    the replay order, the per-kind graph cache and its invalidation are tested without a GPU."""
+
+    def __init__(self, fail=False):
+        self.captured, self.fail = [], fail
+
+    def __call__(self, sampler, kinds, first_eval, preview):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        for kind in kinds:
+            self.captured.append((kind, preview))
+            sampler._graphs[(kind, preview)] = type("Graph", (), {
+                "replay": staticmethod(lambda k=kind: sampler._step(*k, preview))})()
+
+
+@pytest.mark.parametrize("name", ["edm_heun", "pndm", "dpmpp_2m"])
+def test_graph_replay_order_and_cache(monkeypatch, name):
+    capture = ReplayStepGraphs()
+    monkeypatch.setattr(pydiffmed.Sampler, "_capture", lambda self, *a: capture(self, *a))
+    eager = tiny_sampler(name, cuda_graph=False)
+    graphed = tiny_sampler(name)
+    graphed.use_cuda_graph = True
+    assert torch.equal(graphed(3), eager(3))
+    forms = set(graphed.plan.form_of_eval)
+    assert sorted(capture.captured) == sorted(((f, None), False) for f in forms)   # one graph per form
+    assert torch.equal(graphed(4), eager(4)) and len(capture.captured) == len(forms)   # reused
+    known, mask = torch.randn(SHAPE_OF(3)), torch.rand(1, 2, 2, 2) > 0.5
+    assert torch.equal(graphed(5, mask=mask, known=known, callback=lambda e, x0: None),
+                       eager(5, mask=mask, known=known))
+    assert len(capture.captured) > len(forms)            # inpainting + preview kinds captured on demand
+
+
+def test_graph_capture_failure_warns_once_and_runs_eagerly(monkeypatch):
+    monkeypatch.setattr(pydiffmed.Sampler, "_capture", lambda self, *a: ReplayStepGraphs(fail=True)(self, *a))
+    sampler = tiny_sampler("ddim")
+    sampler.use_cuda_graph = True
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed.*stream is capturing"):
+        out = sampler(0)
+    assert "stream is capturing" in sampler.graph_failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(sampler(0), out)               # not retried, no second warning
+    assert torch.equal(out, tiny_sampler("ddim", cuda_graph=False)(0))
 
 
 # --- GPU (skipped without CUDA) -----------------------------------------------------------------------------

@@ -264,6 +264,31 @@ def test_token_major_is_the_transposed_output():
             torch.testing.assert_close(tokens, token_major_of(full), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", CPU_VARIANTS[1:])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_kernel_every_layout_pair(variant, dtype):
+    """pydiffmed._C.group_norm takes x and y layouts independently (the op itself only asks for NCS->NCS,
+    cl->cl and NCS->token-major): all four pairs, against the oracle, with nothing written outside y."""
+    from pydiffmed import _C
+
+    for shape in ((1, 24, (5, 9, 11), 3), (2, 200, (3, 4, 5), 8), (1, 32, (40, 50), 4)):
+        n, c, spatial, g = shape
+        s = math.prod(spatial)
+        for x_cl in (False, True):
+            x, g, w, b, bnc = make_inputs(shape, dtype, x_cl, act="silu", bias_nc=True)
+            ref = oracle(x, g, w, b, 1e-5, "silu", bnc)
+            for y_cl in (False, True):
+                y, buf = canary_like(x, shape=(n, s, c) if y_cl else (n, c, s))
+                with backend_variant(variant):
+                    _C.group_norm(x.data_ptr(), y.data_ptr(), backends.DTYPE_CODES[dtype], n, c, s, g, x_cl, y_cl,
+                                  w.data_ptr(), b.data_ptr(), bnc.data_ptr(), 1e-5, True, 2)
+                assert canary_intact(y, buf), f"{shape} x_cl={x_cl} y_cl={y_cl}"
+                got = y.transpose(1, 2) if y_cl else y
+                expected = ref.reshape(n, c, s)
+                at_dtype = torch_at_dtype(x, g, w, b, 1e-5, "silu", bnc).reshape(n, c, s)
+                assert_close_by_rule(got, expected, at_dtype, what=f"{variant} {shape} x_cl={x_cl} y_cl={y_cl}")
+
+
 def test_cpu_backend_uses_threads_consistently():
     """The split of the work between threads must not change the statistics beyond rounding."""
     x, g, w, b, bnc = make_inputs(LARGE_SHAPE, torch.float32, False, bias_nc=True)

@@ -384,6 +384,17 @@ def test_dpmpp_matches_diffusers_variants(config):
     assert rel_err(x, y) <= TOL
 
 
+@pytest.mark.parametrize("name", ["dpmpp_2m", "dpmpp_3m", "unipc"])
+def test_multistep_repeated_grid_point(name):
+    """diffusers' linspace grid at 1000 steps rounds two timesteps to the same value (its solvers then divide
+    by the zero step and return NaN); ours take the identity there and restart the multistep history."""
+    solver = get_solver(name, NoiseSchedule.discrete(), 1000)
+    times = solver.timesteps.numpy()
+    assert len(np.unique(times)) < len(times)
+    assert np.all(np.isfinite(solver.coefficient_table[:, [0, 1, 3, 4, 5, 6, 7, 8]]))
+    solver.plan()
+
+
 UNIPC_CASES = [(2, "bh2", "uniform", "epsilon", "linspace", 10, False, True),
                (2, "bh2", "karras", "v_prediction", "trailing", 16, True, True),
                (2, "bh2", "uniform", "sample", "leading", 7, False, True),
