@@ -93,26 +93,45 @@ def tiny_sampler(solver="ddim", batch=3, model=None, num_steps=8, **kw):
 
 # --- end to end: the distribution --------------------------------------------------------------------------
 
-def test_gmm_distribution_through_sample():
-    """dpmpp_2m, 20 steps, the exact model: moments and mixture weights within sampling error of exact draws."""
-    n = 4000
-    model = MIXTURE.model(SCHEDULE, "epsilon")
-    out = pydiffmed.sample(model, SHAPE_OF(n), "dpmpp_2m", 20, SCHEDULE, seed=0, progress=False)
-    assert out.shape == SHAPE_OF(n) and out.dtype == torch.float32
-    x = out.reshape(n, -1).double()
-    assert torch.isfinite(x).all()
-    std = torch.from_numpy(np.sqrt(np.diag(MIXTURE.covariance())))
-    mean_err = (x.mean(0) - torch.from_numpy(MIXTURE.mean())).abs()
-    assert (mean_err <= 5 * std / math.sqrt(n) + 0.02).all(), mean_err
-    cov_err = torch.from_numpy(np.abs(np.cov(x.numpy().T) - MIXTURE.covariance()))
-    scale = torch.outer(std, std)
-    assert (cov_err <= 6 * scale * math.sqrt(2.0 / n) + 0.05 * scale).all(), cov_err.max()
-    freq = torch.bincount(MIXTURE.assign(x), minlength=MIXTURE.num_components).double() / n
-    w = torch.from_numpy(MIXTURE.weights)
-    assert ((freq - w).abs() <= 5 * torch.sqrt(w * (1 - w) / n) + 0.01).all(), (freq, w)
-    exact, _ = MIXTURE.sample(n, seed=1)
-    exact2, _ = MIXTURE.sample(n, seed=2)
-    assert gmm.sliced_wasserstein(x, exact) <= 2.0 * gmm.sliced_wasserstein(exact2, exact) + 0.02
+def check_reproduces_mixture(x, mixture, exact_stats, component_stats, chi2_quantile):
+    """The solvers' two-sample check (tests/test_solvers.py::test_sampler_reproduces_mixture): per component of
+    the exact assignment, weight |Δp| <= 4.5 SE, Hotelling T² of the mean below the chi²_d quantile at p = 1e-5,
+    whitened covariance difference <= 2× its null RMS."""
+    n, dim = x.shape
+    for k, ((na, ma, ca), (nb, mb, cb)) in enumerate(zip(component_stats(x), exact_stats)):
+        w = mixture.weights[k]
+        assert abs(na - nb) / n <= 4.5 * math.sqrt(2 * w * (1 - w) / n), f"weight of component {k}"
+        chol = torch.linalg.cholesky(torch.from_numpy(mixture.covariances[k]))
+        white_mean = torch.linalg.solve_triangular(chol, (ma - mb).reshape(-1, 1), upper=False)
+        t2 = float((white_mean ** 2).sum()) / (1 / na + 1 / nb)
+        assert t2 <= chi2_quantile(dim), f"mean of component {k}: T² = {t2:.1f}"
+        half = torch.linalg.solve_triangular(chol, ca - cb, upper=False)
+        white_cov = torch.linalg.solve_triangular(chol, half.T, upper=False)
+        ratio = float(white_cov.norm()) / math.sqrt((dim ** 2 + dim) * (1 / na + 1 / nb))
+        assert ratio <= 2.0, f"covariance of component {k}: {ratio:.2f}× the sampling error"
+
+
+@pytest.mark.parametrize("name,steps", [("dpmpp_2m", 20), ("ddpm", 100)])
+def test_gmm_distribution_through_sample(name, steps):
+    """pydiffmed.sample with the exact mixture model passes the solvers' distribution check, the sliced
+    Wasserstein distance to exact data is that of two exact samples, and a wrong model fails the check."""
+    from test_solvers import MIX_DIM, MIX_N, MIXTURE as mixture, _chi2_quantile, _component_stats
+
+    exact_stats = _component_stats(mixture.sample(MIX_N, seed=123)[0])
+    model = mixture.model(SCHEDULE, "epsilon")
+    out = pydiffmed.sample(model, (MIX_N, 1, MIX_DIM), name, steps, SCHEDULE, seed=11, progress=False)
+    assert out.shape == (MIX_N, 1, MIX_DIM) and out.dtype == torch.float32
+    x = out.reshape(MIX_N, MIX_DIM).double()
+    check_reproduces_mixture(x, mixture, exact_stats, _component_stats, _chi2_quantile)
+    exact, _ = mixture.sample(MIX_N, seed=1)
+    exact2, _ = mixture.sample(MIX_N, seed=2)
+    assert gmm.sliced_wasserstein(x, exact) <= 1.5 * gmm.sliced_wasserstein(exact2, exact)
+    if name == "dpmpp_2m":
+        wrong = pydiffmed.sample(lambda x, t: 1.1 * model(x, t), (MIX_N, 1, MIX_DIM), name, steps, SCHEDULE,
+                                 seed=11, progress=False)
+        with pytest.raises(AssertionError):
+            check_reproduces_mixture(wrong.reshape(MIX_N, MIX_DIM).double(), mixture, exact_stats,
+                                     _component_stats, _chi2_quantile)
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "ddpm", "unipc", "edm_heun", "pndm", "dpmpp_2m_sde"])
