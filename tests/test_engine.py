@@ -93,29 +93,12 @@ def tiny_sampler(solver="ddim", batch=3, model=None, num_steps=8, **kw):
 
 # --- end to end: the distribution --------------------------------------------------------------------------
 
-def check_reproduces_mixture(x, mixture, exact_stats, component_stats, chi2_quantile):
-    """The solvers' two-sample check (tests/test_solvers.py::test_sampler_reproduces_mixture): per component of
-    the exact assignment, weight |Δp| <= 4.5 SE, Hotelling T² of the mean below the chi²_d quantile at p = 1e-5,
-    whitened covariance difference <= 2× its null RMS."""
-    n, dim = x.shape
-    for k, ((na, ma, ca), (nb, mb, cb)) in enumerate(zip(component_stats(x), exact_stats)):
-        w = mixture.weights[k]
-        assert abs(na - nb) / n <= 4.5 * math.sqrt(2 * w * (1 - w) / n), f"weight of component {k}"
-        chol = torch.linalg.cholesky(torch.from_numpy(mixture.covariances[k]))
-        white_mean = torch.linalg.solve_triangular(chol, (ma - mb).reshape(-1, 1), upper=False)
-        t2 = float((white_mean ** 2).sum()) / (1 / na + 1 / nb)
-        assert t2 <= chi2_quantile(dim), f"mean of component {k}: T² = {t2:.1f}"
-        half = torch.linalg.solve_triangular(chol, ca - cb, upper=False)
-        white_cov = torch.linalg.solve_triangular(chol, half.T, upper=False)
-        ratio = float(white_cov.norm()) / math.sqrt((dim ** 2 + dim) * (1 / na + 1 / nb))
-        assert ratio <= 2.0, f"covariance of component {k}: {ratio:.2f}× the sampling error"
-
-
 @pytest.mark.parametrize("name,steps", [("dpmpp_2m", 20), ("ddpm", 100)])
 def test_gmm_distribution_through_sample(name, steps):
     """pydiffmed.sample with the exact mixture model passes the solvers' distribution check, the sliced
     Wasserstein distance to exact data is that of two exact samples, and a wrong model fails the check."""
-    from test_solvers import MIX_DIM, MIX_N, MIXTURE as mixture, _chi2_quantile, _component_stats
+    from test_solvers import MIX_DIM, MIX_N, MIXTURE as mixture, _chi2_quantile, _component_stats, \
+        check_reproduces_mixture
 
     exact_stats = _component_stats(mixture.sample(MIX_N, seed=123)[0])
     model = mixture.model(SCHEDULE, "epsilon")

@@ -777,6 +777,24 @@ def _chi2_quantile(dof, z=4.26):
     return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
 
 
+def check_reproduces_mixture(x, mixture, exact_stats, component_stats, chi2_quantile):
+    """The solvers' two-sample check (tests/test_solvers.py::test_sampler_reproduces_mixture): per component of
+    the exact assignment, weight |Δp| <= 4.5 SE, Hotelling T² of the mean below the chi²_d quantile at p = 1e-5,
+    whitened covariance difference <= 2× its null RMS."""
+    n, dim = x.shape
+    for k, ((na, ma, ca), (nb, mb, cb)) in enumerate(zip(component_stats(x), exact_stats)):
+        w = mixture.weights[k]
+        assert abs(na - nb) / n <= 4.5 * math.sqrt(2 * w * (1 - w) / n), f"weight of component {k}"
+        chol = torch.linalg.cholesky(torch.from_numpy(mixture.covariances[k]))
+        white_mean = torch.linalg.solve_triangular(chol, (ma - mb).reshape(-1, 1), upper=False)
+        t2 = float((white_mean ** 2).sum()) / (1 / na + 1 / nb)
+        assert t2 <= chi2_quantile(dim), f"mean of component {k}: T² = {t2:.1f}"
+        half = torch.linalg.solve_triangular(chol, ca - cb, upper=False)
+        white_cov = torch.linalg.solve_triangular(chol, half.T, upper=False)
+        ratio = float(white_cov.norm()) / math.sqrt((dim ** 2 + dim) * (1 / na + 1 / nb))
+        assert ratio <= 2.0, f"covariance of component {k}: {ratio:.2f}× the sampling error"
+
+
 @pytest.fixture(scope="module")
 def exact_stats():
     data, _ = MIXTURE.sample(MIX_N, seed=123)
@@ -792,17 +810,7 @@ def test_sampler_reproduces_mixture(name, schedule, steps, opts, pred, exact_sta
     solver = get_solver(name, schedule, steps, prediction_type=pred, **opts)
     x = solver.sample(MIXTURE.model(schedule, pred), shape=(MIX_N, MIX_DIM), seed=11).double()
     assert torch.isfinite(x).all()
-    for k, ((na, ma, ca), (nb, mb, cb)) in enumerate(zip(_component_stats(x), exact_stats)):
-        w = MIXTURE.weights[k]
-        assert abs(na - nb) / MIX_N <= 4.5 * math.sqrt(2 * w * (1 - w) / MIX_N), f"weight of component {k}"
-        chol = torch.linalg.cholesky(torch.from_numpy(MIXTURE.covariances[k]))
-        white_mean = torch.linalg.solve_triangular(chol, (ma - mb).reshape(-1, 1), upper=False)
-        t2 = float((white_mean ** 2).sum()) / (1 / na + 1 / nb)
-        assert t2 <= _chi2_quantile(MIX_DIM), f"mean of component {k}: T² = {t2:.1f}"
-        half = torch.linalg.solve_triangular(chol, ca - cb, upper=False)
-        white_cov = torch.linalg.solve_triangular(chol, half.T, upper=False)
-        ratio = float(white_cov.norm()) / math.sqrt((MIX_DIM ** 2 + MIX_DIM) * (1 / na + 1 / nb))
-        assert ratio <= 2.0, f"covariance of component {k}: {ratio:.2f}× the sampling error"
+    check_reproduces_mixture(x, MIXTURE, exact_stats, _component_stats, _chi2_quantile)
 
 
 # --- deterministic solvers converge to the exact flow at their order -------------------------------------

@@ -16,7 +16,8 @@
 //      shape; mean_m2_combine() does the same for an array of partials in two passes; gn_rstd() turns the
 //      merged group into 1/sqrt(var + eps) with the biased (population) variance, as torch.nn.GroupNorm does.
 //   3. Apply. gn_channel() folds mean, rstd, weight, bias and bias_nc into a per-(sample, channel) center,
-//      scale and shift, so the per-element work is gn_apply(): (v - center) * scale + shift, then SiLU.
+//      scale and shift, so the per-element work is gn_apply(): (v - center) * scale + shift, then SiLU. (The CPU
+//      kernel folds center_lo into the shift, shift - center_lo * scale: the same to rounding, one op less.)
 #pragma once
 
 #include "pdm_common.h"

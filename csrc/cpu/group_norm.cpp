@@ -724,17 +724,20 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
                 K::template rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
                 // group partials from channel partials of equal count (rows): mean_g = average of the
                 // channel means, m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2)
+                for (int64_t c = 0; c < C; ++c) mean_c[c] = (double)pivot[c] + (double)offset[c];
+                if (p.bias_nc)
+                    for (int64_t c = 0; c < C; ++c) mean_c[c] += (double)p.bias_nc[n * C + c];
+                const double inv_cg = 1.0 / (double)Cg;
                 for (int64_t g = 0; g < G; ++g) {
+                    const double* mc = &mean_c[g * Cg];
+                    const float* sq = &m2[g * Cg];
                     double sum_means = 0.0;
-                    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                        mean_c[c] = (double)pivot[c] + (double)offset[c] + (p.bias_nc ? p.bias_nc[n * C + c] : 0.0);
-                        sum_means += mean_c[c];
-                    }
-                    const double mean_g = sum_means / (double)Cg;
+                    for (int64_t k = 0; k < Cg; ++k) sum_means += mc[k];
+                    const double mean_g = sum_means * inv_cg;
                     double m2_g = 0.0, spread = 0.0;
-                    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                        m2_g += (double)m2[c];
-                        spread += (mean_c[c] - mean_g) * (mean_c[c] - mean_g);
+                    for (int64_t k = 0; k < Cg; ++k) {
+                        m2_g += (double)sq[k];
+                        spread += (mc[k] - mean_g) * (mc[k] - mean_g);
                     }
                     partials[task * G + g] = {(double)(rows * Cg), mean_g, m2_g + (double)rows * spread};
                 }
