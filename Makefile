@@ -12,7 +12,7 @@ STAMP := $(VENV)/.pydiffmed-installed
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" "pybind11>=2.11" "setuptools>=64" wheel
 	$(PY) -m pip install -q -e ".[test,io]"
 	touch $(STAMP)
 
