@@ -3,14 +3,9 @@ __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402,F401
 from .accelerate import accelerate  # noqa: E402
-
-__all__ = ["accelerate", "backends", "ops", "__version__"]
-
-from .modelfile import load_model  # noqa: E402
-__all__.append("load_model")
-
-from .solvers import get_solver  # noqa: E402
-__all__.append("get_solver")
-
 from .engine import Sampler, estimate_memory, sample  # noqa: E402
-__all__ += ["Sampler", "estimate_memory", "sample"]
+from .modelfile import load_model  # noqa: E402
+from .solvers import get_solver  # noqa: E402
+
+__all__ = ["Sampler", "accelerate", "backends", "estimate_memory", "get_solver", "load_model", "ops", "sample",
+           "__version__"]

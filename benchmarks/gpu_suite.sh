@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# GPU suite for a machine with an NVIDIA GPU and no network. Installs nothing.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR [--cpu-dry-run]
+#
+# Steps (each logs to OUTDIR/<step>.log with its command, exit status and wall time; OUTDIR/summary.txt lists
+# them all): env (python, torch, CUDA check), build (C++ extension in place), nvidia_smi, info (pydiffmed info),
+# gpu_tests (pytest -m gpu, junit xml in OUTDIR/gpu_tests.xml, skip reasons in the log), one step per GPU
+# benchmark at --quick sizes with its own time limit (about 8 minutes in all), results_md (regenerated
+# RESULTS.md). The benchmarks' *_cuda.json files written during this run and RESULTS.md are copied to
+# OUTDIR/results/. A failing step does not stop the later ones; the exit status is 1 if any step failed.
+#
+# CPU mode (--cpu-dry-run, or no CUDA device visible to torch): runs the steps up to the first GPU call, then,
+# instead of GPU work, collects the GPU tests and checks each benchmark's command line (--help). Exit status:
+# 0 if those steps passed with --cpu-dry-run; 3 if the mode was forced because no GPU was visible (a GPU suite
+# that ran nothing on a GPU has not succeeded).
+#
+# Python: the repository's .venv if present, else the python3 on PATH. CuPy is used if installed, never
+# installed here; without it the cuda-backend tests are skipped and say why in gpu_tests.log.
+# bench_solvers is left out: it runs on the CPU only (exact Gaussian-mixture model), so it has no GPU rows.
+set -u
+
+usage() { echo "usage: bash benchmarks/gpu_suite.sh OUTDIR [--cpu-dry-run]" >&2; exit 2; }
+
+OUTDIR=""
+DRY_RUN=0
+for arg in "$@"; do
+    case "$arg" in
+        --cpu-dry-run) DRY_RUN=1 ;;
+        -h|--help) usage ;;
+        -*) echo "unknown option: $arg" >&2; usage ;;
+        *) [ -z "$OUTDIR" ] || usage; OUTDIR="$arg" ;;
+    esac
+done
+[ -n "$OUTDIR" ] || usage
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$OUTDIR" || exit 2
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+cd "$ROOT" || exit 2
+
+if [ -x "$ROOT/.venv/bin/python" ]; then
+    PY="$ROOT/.venv/bin/python"
+elif command -v python3 >/dev/null 2>&1; then
+    PY="$(command -v python3)"
+else
+    echo "no python: neither $ROOT/.venv/bin/python nor python3 on PATH" >&2
+    exit 2
+fi
+
+# Per-benchmark time limits in seconds (sum 480 s: the GPU benchmarks must finish within about 8 minutes).
+BENCHMARKS=(bench_group_norm:60 bench_fused_step:75 bench_attention:75 bench_unet:120 bench_sampling:150)
+TESTS_TIMEOUT=900
+
+SUMMARY="$OUTDIR/summary.txt"
+START_MARK="$OUTDIR/.suite_started"
+: > "$SUMMARY"
+touch "$START_MARK"
+FAILED=()
+
+# run_step NAME TIMEOUT_S COMMAND...: run COMMAND under `timeout`, output to OUTDIR/NAME.log, record the result.
+run_step() {
+    local name="$1" limit="$2"
+    shift 2
+    local log="$OUTDIR/$name.log" start end wall rc status
+    {
+        echo "# step: $name"
+        echo "# command: $*"
+        echo "# time limit: ${limit} s"
+        echo "# started: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    } > "$log"
+    echo "[$name] $* (limit ${limit} s)"
+    start=$(date +%s.%N)
+    timeout --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+    rc=$?
+    end=$(date +%s.%N)
+    wall=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+    case $rc in
+        0) status="ok" ;;
+        124|137) status="timed out" ;;
+        *) status="failed" ;;
+    esac
+    echo "# exit: $rc ($status), wall time: ${wall} s" >> "$log"
+    printf '%-20s %-10s exit %-4s %8s s\n' "$name" "$status" "$rc" "$wall" >> "$SUMMARY"
+    echo "[$name] $status (exit $rc) in ${wall} s -> $log"
+    [ $rc -eq 0 ] || FAILED+=("$name")
+    return $rc
+}
+
+# Step env: which python and torch, and whether torch sees a CUDA device.
+ENV_CHECK="$OUTDIR/env_check.py"
+cat > "$ENV_CHECK" <<'EOF_PY'
+import platform, sys, torch
+print("python", sys.executable, platform.python_version())
+print("torch", torch.__version__, "built for CUDA", torch.version.cuda)
+print("cuda available", torch.cuda.is_available(), "devices", torch.cuda.device_count())
+for i in range(torch.cuda.device_count()):
+    print(" ", i, torch.cuda.get_device_name(i))
+try:
+    import triton
+    print("triton", triton.__version__)
+except ImportError as exc:
+    print("triton: not importable:", exc)
+try:
+    import cupy
+    print("cupy", cupy.__version__)
+except Exception as exc:
+    print("cupy: not importable (cuda backend tests will skip):", exc)
+EOF_PY
+CUDA_CHECK='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
+
+run_step env 120 "$PY" "$ENV_CHECK"
+NO_GPU=0
+if [ $DRY_RUN -eq 0 ] && ! "$PY" -c "$CUDA_CHECK" >> "$OUTDIR/env.log" 2>&1; then
+    NO_GPU=1
+    DRY_RUN=1
+    echo "torch sees no CUDA device: switching to CPU mode (runs up to the first GPU call; exit status 3)" \
+        | tee -a "$OUTDIR/env.log"
+fi
+if [ $DRY_RUN -eq 1 ]; then
+    echo "CPU mode: no GPU tests or GPU benchmarks will run" | tee -a "$OUTDIR/env.log"
+    export TRITON_INTERPRET=1
+else
+    # Real GPU run: Triton must compile for the device, not run under its interpreter.
+    unset TRITON_INTERPRET
+fi
+
+# Concurrent builds in the same checkout serialize on this lock where flock exists (harmless elsewhere).
+if command -v flock >/dev/null 2>&1; then
+    run_step build 900 flock /tmp/pydiffmed-build.lock "$PY" setup.py -q build_ext --inplace
+else
+    run_step build 900 "$PY" setup.py -q build_ext --inplace
+fi
+
+if command -v nvidia-smi >/dev/null 2>&1; then
+    run_step nvidia_smi 60 nvidia-smi
+elif [ $DRY_RUN -eq 1 ]; then
+    echo "nvidia-smi not found (CPU mode: not counted as a failure)" > "$OUTDIR/nvidia_smi.log"
+    printf '%-20s %-10s\n' nvidia_smi "absent" >> "$SUMMARY"
+else
+    echo "nvidia-smi not found" > "$OUTDIR/nvidia_smi.log"
+    printf '%-20s %-10s\n' nvidia_smi "absent" >> "$SUMMARY"
+    FAILED+=(nvidia_smi)
+fi
+
+run_step info 120 "$PY" -m pydiffmed.cli info
+
+if [ $DRY_RUN -eq 1 ]; then
+    # Everything from here on would touch the GPU: check the commands without running them.
+    run_step gpu_tests_collect 300 "$PY" -m pytest -m gpu tests --collect-only -q
+    for entry in "${BENCHMARKS[@]}"; do
+        bench="${entry%%:*}"
+        run_step "${bench}_help" 120 "$PY" "benchmarks/$bench.py" --help
+        echo "  would run: timeout ${entry##*:} $PY benchmarks/$bench.py --quick" >> "$SUMMARY"
+    done
+else
+    run_step gpu_tests "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests -q -rs \
+        --junitxml="$OUTDIR/gpu_tests.xml"
+    for entry in "${BENCHMARKS[@]}"; do
+        run_step "${entry%%:*}" "${entry##*:}" "$PY" "benchmarks/${entry%%:*}.py" --quick
+    done
+    run_step results_md 120 "$PY" benchmarks/results_md.py
+    mkdir -p "$OUTDIR/results"
+    # Only results written by this run: older *_cuda.json files may come from another commit or machine.
+    copied=0
+    for f in benchmarks/results/*_cuda.json benchmarks/results/*_cuda.png; do
+        [ -e "$f" ] || continue
+        if [ "$f" -nt "$START_MARK" ]; then
+            cp "$f" "$OUTDIR/results/" && copied=$((copied + 1))
+        else
+            echo "not copied (older than this run): $f" >> "$SUMMARY"
+        fi
+    done
+    cp benchmarks/RESULTS.md "$OUTDIR/results/RESULTS.md" || FAILED+=(copy_results_md)
+    echo "copied $copied result file(s) to $OUTDIR/results" >> "$SUMMARY"
+fi
+
+echo
+echo "== summary ($OUTDIR/summary.txt)"
+cat "$SUMMARY"
+rm -f "$START_MARK"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "FAILED steps: ${FAILED[*]}" | tee -a "$SUMMARY"
+    exit 1
+fi
+if [ $NO_GPU -eq 1 ]; then
+    echo "no CUDA device was visible: nothing ran on a GPU" | tee -a "$SUMMARY"
+    exit 3
+fi
+if [ $DRY_RUN -eq 1 ]; then
+    echo "CPU dry run passed: every step up to the first GPU call works" | tee -a "$SUMMARY"
+else
+    echo "all steps passed" | tee -a "$SUMMARY"
+fi
+exit 0
