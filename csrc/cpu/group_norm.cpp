@@ -50,6 +50,9 @@ constexpr int64_t kTileC = 16;
 constexpr int64_t kTileS = 64;
 // Below this many elements per thread, threads cost more than they save.
 constexpr int64_t kMinElemsPerThread = 16384;
+// NCS groups up to this size are normalised by one thread start to finish, so the apply pass reads the group
+// from L2 instead of memory (x is read from memory once instead of twice).
+constexpr int64_t kGroupResidentBytes = 1 << 20;
 
 // Per-(sample, channel) apply parameters: y = (x - center) * scale + shift. From pdm::GNChannel with center_lo
 // folded into the shift (shift - center_lo * scale), one array each so that channel loops vectorise.
@@ -682,6 +685,48 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
     }
 }
 
+// Per-(n, group) channel parameters from that group's NCS partials (one per (channel, chunk), consecutive).
+inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<double>* group_partials,
+                         int64_t count, float* center, float* scale, float* shift) {
+    const int64_t C = p.C, Cg = C / p.G;
+    const MeanM2<double> group = pdm::mean_m2_combine<double>(group_partials, count, 1);
+    const float rstd = pdm::gn_rstd((float)group.m2, (float)group.count, p.eps);
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        const pdm::GNChannel chan =
+            pdm::gn_channel(group.mean, rstd, p.weight ? p.weight[c] : 1.0f, p.bias ? p.bias[c] : 0.0f,
+                            p.bias_nc ? p.bias_nc[n * C + c] : 0.0f);
+        center[n * C + c] = chan.center_hi;
+        scale[n * C + c] = chan.scale;
+        shift[n * C + c] = chan.shift - chan.center_lo * chan.scale;
+    }
+}
+
+// NCS in and out, small groups: one task per (n, group) does stats, parameters and apply back to back.
+template <class K, int D>
+void run_group_resident(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y, const Chunking& ncs,
+                        MeanM2<double>* partials, float* center, float* scale, float* shift, int threads) {
+    const int64_t C = p.C, S = p.S, G = p.G, Cg = C / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ng = 0; ng < p.N * G; ++ng) {
+        const int64_t n = ng / G, g = ng % G;
+        const int64_t first = (n * C + g * Cg) * ncs.per_unit;
+        for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
+            const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
+            K::template span_mean_m2<D>(x + nc * S + start, std::min(ncs.length, S - start), &partials[first + k]);
+            if (p.bias_nc) pdm::gn_add_to_mean(partials[first + k], (double)p.bias_nc[nc]);
+        }
+        group_params(p, n, g, &partials[first], Cg * ncs.per_unit, center, scale, shift);
+        for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
+            const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
+            const int64_t off = nc * S + start, len = std::min(ncs.length, S - start);
+            if (p.silu)
+                K::template apply_span<D, true>(x + off, y + off, len, center[nc], scale[nc], shift[nc]);
+            else
+                K::template apply_span<D, false>(x + off, y + off, len, center[nc], scale[nc], shift[nc]);
+        }
+    }
+}
+
 template <class K, int D>
 void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     typedef typename IO<D>::T T;
@@ -699,6 +744,11 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
 
     const int64_t total = N * C * S;
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
+
+    if (!p.x_cl && !p.y_cl && N * G >= threads && Cg * S * (int64_t)sizeof(T) <= kGroupResidentBytes) {
+        run_group_resident<K, D>(p, x, y, ncs, partials.data(), center.data(), scale.data(), shift.data(), threads);
+        return;
+    }
 
 #pragma omp parallel num_threads(threads)
     {
