@@ -25,6 +25,15 @@ from ._grids import alpha_sigma_at, check_spacing, eval_times_and_end
 from .base import Solver
 
 
+
+def _clean_end_alpha_sigma(schedule, set_alpha_to_one):
+    """(alpha, sigma) of the clean end of the trajectory: (1, 0), or the first training step's when a discrete
+    schedule does not set alpha to one there (diffusers' set_alpha_to_one=False)."""
+    if set_alpha_to_one or schedule.kind != "discrete":
+        return 1.0, 0.0
+    ab0 = schedule.alphas_cumprod[0]
+    return math.sqrt(ab0), math.sqrt(1.0 - ab0)
+
 class _DDIMCore(Solver):
     """Deterministic-or-eta DDIM over a list of (model time, alpha_t, sigma_t, alpha_s, sigma_s, sigma_eta)."""
 
@@ -95,12 +104,6 @@ class DDIM(_DDIMCore):
         self.set_alpha_to_one, self.final = bool(set_alpha_to_one), final
         super().__init__(schedule, num_steps, **common)
 
-    def _final_alpha_sigma(self):
-        if self.set_alpha_to_one or self.schedule.kind != "discrete":
-            return 1.0, 0.0
-        ab0 = self.schedule.alphas_cumprod[0]
-        return math.sqrt(ab0), math.sqrt(1.0 - ab0)
-
     def _steps(self):
         sched = self.schedule
         times, end = eval_times_and_end(sched, self.num_steps, self.spacing, self.final, self.steps_offset)
@@ -112,7 +115,7 @@ class DDIM(_DDIMCore):
             else:
                 prev = times[i + 1] if i + 1 < len(times) else end
             a_t, s_t = alpha_sigma_at(sched, t)
-            a_s, s_s = self._final_alpha_sigma() if prev is None else alpha_sigma_at(sched, prev)
+            a_s, s_s = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one) if prev is None else alpha_sigma_at(sched, prev)
             s_eta = 0.0
             if self.eta > 0:
                 if sched.kind == "discrete":
@@ -152,12 +155,6 @@ class DDIMInversion(_DDIMCore):
         super().__init__(schedule, num_steps, **common)
         self.init_noise_scale = 1.0
 
-    def _initial_alpha_sigma(self):
-        if self.set_alpha_to_one or self.schedule.kind != "discrete":
-            return 1.0, 0.0
-        ab0 = self.schedule.alphas_cumprod[0]
-        return math.sqrt(ab0), math.sqrt(1.0 - ab0)
-
     def _steps(self):
         sched = self.schedule
         times, end = eval_times_and_end(sched, self.num_steps, self.spacing, self.final, self.steps_offset)
@@ -171,7 +168,7 @@ class DDIMInversion(_DDIMCore):
                     src = src if src >= 0 else None
                 else:
                     src = up[k - 1] if k > 0 else (end if self.final == "t_min" else None)
-                a_t, s_t = self._initial_alpha_sigma() if src is None else alpha_sigma_at(sched, src)
+                a_t, s_t = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one) if src is None else alpha_sigma_at(sched, src)
                 a_s, s_s = alpha_sigma_at(sched, u)
                 steps.append((sched.model_time(u), a_t, s_t, a_s, s_s, 0.0))
         else:
