@@ -222,9 +222,12 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
 
     tensors = (x_k, m_k, mc_k, *h_k, noise_k, seeds, coefs, step_index, noise_step_tensor, *staged.values())
     name, _ = backends.select("fused_step", backend, tensors, x=x_k)
-    torch.ops.pydiffmed.fused_step(x_k, m_k, mc_k, float(guidance_scale or 0.0), coefs, step_index, *h_k, noise_k,
-                                   seeds, int(noise_step), noise_step_tensor, staged["out"],
-                                   staged["model_input"], staged["x0_out"], name)
+    args = (x_k, m_k, mc_k, float(guidance_scale or 0.0), coefs, step_index, *h_k, noise_k, seeds, int(noise_step),
+            noise_step_tensor, staged["out"], staged["model_input"], staged["x0_out"], name)
+    if torch.compiler.is_compiling():
+        torch.ops.pydiffmed.fused_step(*args)  # torch.compile must see one op
+    else:
+        _fused_step_run(*args)  # eager: skip the custom-op layer's per-call overhead
     for key, t in results.items():
         if t is not None and staged[key] is not t:
             t.copy_(staged[key])
@@ -238,6 +241,12 @@ def _fused_step_op(x: torch.Tensor, model_output: torch.Tensor, model_output_con
                    noise: Optional[torch.Tensor], seeds: Optional[torch.Tensor], noise_step: int,
                    noise_step_tensor: Optional[torch.Tensor], out: torch.Tensor, model_input: Optional[torch.Tensor],
                    x0_out: Optional[torch.Tensor], backend: str) -> None:
+    _fused_step_run(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds,
+                    noise_step, noise_step_tensor, out, model_input, x0_out, backend)
+
+
+def _fused_step_run(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds,
+                    noise_step, noise_step_tensor, out, model_input, x0_out, backend):
     args = StepArgs(x, model_output, model_output_cond, guidance_scale, coefs, step_index, (h1, h2, h3), noise,
                     seeds, noise_step, noise_step_tensor, out, model_input, x0_out)
     backends._REGISTRY["fused_step"][backend].run(args)
