@@ -7,11 +7,12 @@ arguments are passed as numpy scalars so their C types are explicit: pointers as
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import numpy as np
 import torch
+
+from .ops._checks import check_group_norm_launch
 
 _PKG = os.path.dirname(os.path.abspath(__file__))
 
@@ -80,21 +81,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _gn_check_layout(name, t, n, c, s, channels_last):
-    if t.ndim == 3:
-        ok = channels_last and tuple(t.shape) == (n, s, c) and t.is_contiguous()
-    else:
-        fmt = torch.contiguous_format
-        if channels_last:
-            fmt = torch.channels_last_3d if t.ndim == 5 else torch.channels_last
-        ok = t.ndim in (4, 5) and tuple(t.shape[:2]) == (n, c) and math.prod(t.shape[2:]) == s and \
-            t.is_contiguous(memory_format=fmt)
-    if not ok:
-        layout = "channels-last" if channels_last else "contiguous"
-        raise ValueError(f"{name} must be a dense {layout} tensor with {n} samples, {c} channels and {s} "
-                         f"positions; got shape {tuple(t.shape)}, strides {t.stride()}")
-
-
 def _gn_vec(channels_last, c, s, *tensors) -> int:
     """4 (one 4-element access) when the contiguous dimension is a multiple of 4 and every pointer is aligned."""
     inner = c if channels_last else s
@@ -116,21 +102,9 @@ def group_norm_launch(x, y, num_groups, w, b, bias_nc, eps, silu, *, x_channels_
     order, or the token-major N×S×C tensor (y_channels_last=True). w, b: fp32 C-vectors or None; bias_nc:
     fp32 contiguous N×C or None. num_chunks forces the number of spatial chunks of the split reduction.
     """
-    n, c = x.shape[:2]
-    s = math.prod(x.shape[2:])
     if x.dtype not in _GN_SUFFIX:
         raise TypeError(f"x has dtype {x.dtype}; expected float32, float16 or bfloat16")
-    if c % num_groups:
-        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels of x")
-    if y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(f"y must match x in dtype and device; got {y.dtype} on {y.device}, x is {x.dtype} on "
-                         f"{x.device}")
-    _gn_check_layout("x", x, n, c, s, x_channels_last)
-    _gn_check_layout("y", y, n, c, s, y_channels_last)
-    for name, t, shape in (("w", w, (c,)), ("b", b, (c,)), ("bias_nc", bias_nc, (n, c))):
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()
-                              or t.device != x.device):
-            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape} on {x.device}")
+    n, c, s = check_group_norm_launch(x, y, num_groups, w, b, bias_nc, x_channels_last, y_channels_last)
     if x.numel() == 0:
         return
     if n > _GRID_YZ_LIMIT or _cdiv(c, 32) > _GRID_YZ_LIMIT:

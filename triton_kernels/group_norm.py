@@ -13,11 +13,12 @@ Three launches, all reading both memory layouts through strides:
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
+
+from pydiffmed.ops._checks import check_group_norm_launch
 
 # Elements per tile (BLOCK_S · BLOCK_C) and the per-chunk floor (in tiles) of the split reduction.
 _TILE = 4096
@@ -170,20 +171,8 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _strides(t, n, c, s, channels_last: bool, name: str):
-    """(sample, channel, spatial) strides of a dense N×C×S tensor in NCS or channels-last memory order (a
-    3-D y is the token-major N×S×C tensor), after checking that t really is laid out that way."""
-    if t.ndim == 3:
-        ok = tuple(t.shape) == (n, s, c) and t.is_contiguous() and channels_last
-    else:
-        fmt = (torch.channels_last_3d if t.ndim == 5 else torch.channels_last) if channels_last else \
-            torch.contiguous_format
-        ok = t.ndim in (4, 5) and t.shape[:2] == (n, c) and math.prod(t.shape[2:]) == s and \
-            t.is_contiguous(memory_format=fmt)
-    if not ok:
-        layout = "channels-last" if channels_last else "contiguous"
-        raise ValueError(f"{name} must be a dense {layout} tensor with {n} samples, {c} channels and {s} "
-                         f"positions; got shape {tuple(t.shape)}, strides {t.stride()}")
+def _strides(channels_last: bool, n, c, s):
+    """(sample, channel, spatial) strides of a dense N×C×S tensor in NCS or channels-last memory order."""
     return (s * c, 1, c) if channels_last else (c * s, s, 1)
 
 
@@ -203,19 +192,8 @@ def group_norm_launch(x, y, num_groups, w, b, bias_nc, eps, silu, *, x_channels_
     fp32 contiguous N×C or None. num_chunks forces the number of spatial chunks of the split reduction.
     Launches only (no host synchronisation); partial buffers come from torch on x's device.
     """
-    n, c = x.shape[:2]
-    s = math.prod(x.shape[2:])
-    if c % num_groups:
-        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels of x")
-    if y.dtype != x.dtype or y.device != x.device:
-        raise ValueError(f"y must match x in dtype and device; got {y.dtype} on {y.device}, x is {x.dtype} on "
-                         f"{x.device}")
-    sx = _strides(x, n, c, s, x_channels_last, "x")
-    sy = _strides(y, n, c, s, y_channels_last, "y")
-    for name, t, shape in (("w", w, (c,)), ("b", b, (c,)), ("bias_nc", bias_nc, (n, c))):
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()
-                              or t.device != x.device):
-            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape} on {x.device}")
+    n, c, s = check_group_norm_launch(x, y, num_groups, w, b, bias_nc, x_channels_last, y_channels_last)
+    sx, sy = _strides(x_channels_last, n, c, s), _strides(y_channels_last, n, c, s)
     if x.numel() == 0:
         return
     if n > 65535:  # the grid's third axis

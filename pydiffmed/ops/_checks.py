@@ -1,6 +1,8 @@
 """Argument checks shared by the ops: each raises TypeError/ValueError naming the argument, before any kernel."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,3 +42,32 @@ def layout_of(x: torch.Tensor) -> str:
 
 def as_float32(t):
     return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def check_group_norm_launch(x, y, num_groups, w, b, bias_nc, x_channels_last, y_channels_last):
+    """Checks shared by the triton and cuda group_norm launchers (callable directly, below the op wrapper);
+    returns (N, C, S). x: dense NCS or channels-last; y likewise, or the token-major N×S×C tensor; w, b, bias_nc:
+    contiguous fp32 on x's device or None."""
+    n, c = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    if c % num_groups:
+        raise ValueError(f"num_groups={num_groups} does not divide the {c} channels of x")
+    if y.dtype != x.dtype or y.device != x.device:
+        raise ValueError(f"y must match x in dtype and device; got {y.dtype} on {y.device}, x is {x.dtype} on "
+                         f"{x.device}")
+    for name, t, channels_last in (("x", x, x_channels_last), ("y", y, y_channels_last)):
+        if t.ndim == 3:
+            ok = channels_last and tuple(t.shape) == (n, s, c) and t.is_contiguous()
+        else:
+            fmt = channels_last_format(t.ndim) if channels_last else torch.contiguous_format
+            ok = t.ndim in (4, 5) and tuple(t.shape[:2]) == (n, c) and math.prod(t.shape[2:]) == s and \
+                t.is_contiguous(memory_format=fmt)
+        if not ok:
+            layout = "channels-last" if channels_last else "contiguous"
+            raise ValueError(f"{name} must be a dense {layout} tensor with {n} samples, {c} channels and {s} "
+                             f"positions; got shape {tuple(t.shape)}, strides {t.stride()}")
+    for name, t, shape in (("w", w, (c,)), ("b", b, (c,)), ("bias_nc", bias_nc, (n, c))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous()
+                              or t.device != x.device):
+            raise ValueError(f"{name} must be a contiguous fp32 tensor of shape {shape} on {x.device}")
+    return n, c, s
