@@ -8,13 +8,21 @@ import torch.nn.functional as F
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=None, bias_nc=None):
-    """fp32 math, result in x.dtype and x's memory format."""
-    # contiguous: torch's CPU channels-last GroupNorm loses ~0.2 (absolute) on fp32 data offset by 1000
-    xf = x.float().contiguous()
+    """fp32 math with the kernels' two-pass centred variance (torch's own CPU GroupNorm loses precision on
+    offset data and on one-value groups); result in x.dtype and x's memory format."""
+    n, c = x.shape[:2]
+    per_channel = (1, c) + (1,) * (x.ndim - 2)
+    xf = x.float()
     if bias_nc is not None:
-        xf = xf + bias_nc.float().reshape(*bias_nc.shape, *([1] * (x.ndim - 2)))
-    y = F.group_norm(xf, num_groups, None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+        xf = xf + bias_nc.float().reshape(n, c, *per_channel[2:])
+    grouped = xf.reshape(n, num_groups, -1)
+    centred = grouped - grouped.mean(dim=-1, keepdim=True)
+    variance = (centred * centred).mean(dim=-1, keepdim=True)
+    y = (centred * torch.rsqrt(variance + eps)).reshape(xf.shape)
+    if weight is not None:
+        y = y * weight.float().reshape(per_channel)
+    if bias is not None:
+        y = y + bias.float().reshape(per_channel)
     if act == "silu":
         y = F.silu(y)
     return torch.empty_like(x).copy_(y)
