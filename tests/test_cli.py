@@ -475,8 +475,7 @@ def test_bench_and_info_run(capsys):
 
 def test_console_entry_point(tmp_path, tiny):
     script = pathlib.Path(sys.executable).with_name("pydiffmed")
-    if not script.exists():
-        pytest.skip("the pydiffmed console script is not installed in this environment (pip install -e .)")
+    assert script.exists(), "the pydiffmed console script is not installed (make install / pip install -e .)"
     result = subprocess.run([str(script), "sample", "--model", str(tiny), "--out", str(tmp_path / "s"),
                              "--solver", "nope"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
