@@ -3,6 +3,8 @@ buffer forms), with `plan(device)` for the engine, `step(...)` for step-by-step 
 eager loop."""
 from __future__ import annotations
 
+import abc
+
 import math
 
 import numpy as np
@@ -36,7 +38,7 @@ def default_seeds(batch, seed=0, device=None):
     return (torch.arange(batch, dtype=torch.int64) + int(seed)).to(device)
 
 
-class Solver:
+class Solver(abc.ABC):
     """Base class. Subclasses implement `_build(program)` (calling program.add once per model evaluation) and
     set `init_noise_scale`. Options shared by all solvers:
 
@@ -74,11 +76,13 @@ class Solver:
         self._compile()
 
     # building -------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def _num_evals(self) -> int:
-        raise NotImplementedError
+        """How many model evaluations the solver makes."""
 
+    @abc.abstractmethod
     def _build(self, program: Program):
-        raise NotImplementedError
+        """Add one fused_step row per model evaluation to `program`."""
 
     def _compile(self):
         program = Program(self._num_evals())

@@ -15,6 +15,7 @@ there is no single-pass plan. use_clipped_model_output=True (eps recomputed from
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -49,8 +50,9 @@ class _DDIMCore(Solver):
     def _two_pass(self):
         return self.clip is not None and not self.use_clipped_model_output
 
+    @abc.abstractmethod
     def _steps(self):
-        raise NotImplementedError
+        """The (model time, alpha_t, sigma_t, alpha_s, sigma_s, sigma_eta) of every evaluation."""
 
     def _num_evals(self):
         return len(self._step_list)
