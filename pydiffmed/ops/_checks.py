@@ -35,7 +35,7 @@ def layout_of(x: torch.Tensor) -> str:
     """'ncs' (contiguous), 'cl' (channels_last / channels_last_3d) or 'strided' (needs a copy)."""
     if x.is_contiguous():
         return "ncs"
-    if x.is_contiguous(memory_format=channels_last_format(x.ndim)):
+    if x.ndim in (4, 5) and x.is_contiguous(memory_format=channels_last_format(x.ndim)):
         return "cl"
     return "strided"
 

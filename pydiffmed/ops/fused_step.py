@@ -25,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 
 from .. import backends
-from ._checks import FLOAT_DTYPES, check_float_tensor, check_same_device, check_shape
+from ._checks import (FLOAT_DTYPES, channels_last_format, check_float_tensor, check_same_device, check_shape,
+                      layout_of)
 from . import reference
 
 COEF_NAMES = ("p_x", "p_m", "clip", "a", "b", "c1", "c2", "c3", "s")
@@ -54,23 +55,6 @@ def step_coefs(p_x=0.0, p_m=0.0, clip=None, a=0.0, b=0.0, c=(), s=0.0, dtype=tor
             raise ValueError(f"coefficient {name} must be finite, got {v}")
         row.append(v)
     return torch.tensor(row, dtype=dtype)
-
-
-def _layout(t: torch.Tensor) -> str:
-    """'ncs' (contiguous), 'cl' (channels_last(_3d)) or 'strided'."""
-    if t.is_contiguous():
-        return "ncs"
-    if t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return "cl"
-    if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return "cl"
-    return "strided"
-
-
-def _memory_format(layout: str, ndim: int):
-    if layout == "cl":
-        return torch.channels_last_3d if ndim == 5 else torch.channels_last
-    return torch.contiguous_format
 
 
 def _check_index_tensor(name, t, device):
@@ -204,17 +188,17 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
     coefs = coefs.to(device=device, dtype=torch.float32).contiguous()
 
     # One memory layout for every tensor the kernel touches: x's (contiguous if x is neither).
-    layout = _layout(x) if _layout(x) != "strided" else "ncs"
-    fmt = _memory_format(layout, x.ndim)
+    layout = layout_of(x) if layout_of(x) != "strided" else "ncs"
+    fmt = channels_last_format(x.ndim) if layout == "cl" else torch.contiguous_format
 
     def as_layout(t):
-        return t if t is None or _layout(t) == layout else t.contiguous(memory_format=fmt)
+        return t if t is None or layout_of(t) == layout else t.contiguous(memory_format=fmt)
 
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=device, memory_format=fmt)
     results = {"out": out, "model_input": model_input, "x0_out": x0_out}
-    staged = {name: (t if t is None or _layout(t) == layout else torch.empty(shape, dtype=t.dtype, device=device,
-                                                                               memory_format=fmt))
+    staged = {name: (t if t is None or layout_of(t) == layout
+                     else torch.empty(shape, dtype=t.dtype, device=device, memory_format=fmt))
               for name, t in results.items()}
     x_k, m_k, mc_k = as_layout(x), as_layout(model_output), as_layout(model_output_cond)
     h_k = [as_layout(h) for h in history]
@@ -269,7 +253,7 @@ class StepArgs:
         self.out, self.model_input, self.x0_out = out, model_input, x0_out
         self.batch = x.shape[0]
         self.numel = x.numel() // self.batch                  # elements per sample
-        self.channels_last = _layout(x) == "cl"
+        self.channels_last = layout_of(x) == "cl"
         self.channels = x.shape[1] if x.ndim > 1 else 1
         self.spatial = self.numel // self.channels if self.channels else 0
         table = step_index is not None
@@ -442,7 +426,7 @@ def per_sample_norm(t, *, backend=None) -> torch.Tensor:
     check_float_tensor("t", t, FLOAT_DTYPES)
     if t.ndim < 1 or t.shape[0] < 1:
         raise ValueError(f"t must have a batch dimension of size >= 1, got shape {tuple(t.shape)}")
-    if _layout(t) == "strided":
+    if layout_of(t) == "strided":
         t = t.contiguous()
     name, _ = backends.select("per_sample_norm", backend, (t,), t=t)
     return torch.ops.pydiffmed.per_sample_norm(t, name)
