@@ -397,12 +397,12 @@ def _prepare_sample(args):
             raise UsageError(exc) from None
     if args.strength is not None and job.samplers:
         sampler = next(iter(job.samplers.values()))
-        job.start_eval = sampler.start_index
         evals = solver.num_model_evals
-        if evals - sampler.start_index != int(evals * args.strength):
+        job.start_eval = evals - (sampler.num_model_evals - sampler.start_index)  # of the full run's evaluations
+        if evals - job.start_eval != int(evals * args.strength):
             warnings.warn(f"--strength {args.strength:g}: {args.solver} can only start at model evaluation "
-                          f"{sampler.start_index} of {evals} (a multistep solver), so the effective strength is "
-                          f"{(evals - sampler.start_index) / evals:g}; use a single-step solver such as ddim for "
+                          f"{job.start_eval} of {evals} (a multi-stage solver), so the effective strength is "
+                          f"{(evals - job.start_eval) / evals:g}; use a single-step solver such as ddim for "
                           f"the strength asked for")
     return job
 
@@ -719,8 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--known", help="inpainting: NIfTI volume whose masked region is kept")
     s.add_argument("--init", help="SDEdit: NIfTI volume to start from (with --strength)")
     s.add_argument("--strength", type=float, help="SDEdit: noise level to start from, in (0, 1] (1 = pure noise); "
-                                                  "needs a single-step solver (ddim, ddpm, edm_euler, rflow_euler) "
-                                                  "below 1")
+                                                  "multistep solvers restart their history there; pndm needs "
+                                                  "strength 1")
     s.add_argument("--spacing", type=float, nargs=3, metavar=("SI", "SJ", "SK"),
                    help="output voxel size in mm (default: the model's, or that of --init/--known)")
     s.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),

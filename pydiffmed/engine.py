@@ -380,9 +380,9 @@ class Sampler:
       solver's last int(E·strength) evaluations run (E = its number of model evaluations), the start moved
       later (within one solver step) to the first evaluation where the run is exact: the solver's updates from
       there on must use no history written before it. That holds for single-step solvers (ddim, ddpm,
-      euler-type, rflow, Heun at step boundaries); multistep solvers (dpmpp_*, unipc, pndm) keep earlier model
-      outputs, so with them only strength=1 works (ValueError otherwise). `start_index` is the first
-      evaluation run.
+      euler-type, rflow, Heun at step boundaries). Multistep solvers (dpmpp_*, unipc) keep earlier model
+      outputs: their grid is cut instead (`Solver.starting_at`, diffusers' set_begin_index: the history restarts
+      at lower order); pndm cannot start part-way (ValueError). `start_index` is the first evaluation run.
     cuda_graph: on a CUDA device, capture one graph per distinct step form on the first call (after a warm-up
       on a side stream) and replay them; graphs are re-captured when the model's tensors move or the
       conditioning or inpainting mask shapes change (a callback needs its own graphs, captured once).
@@ -415,10 +415,13 @@ class Sampler:
 
         # host side of the plan: validated on the CPU, then the tables move to the device once
         plan = self.solver.plan("cpu")
+        self.start_index = self._start_index(plan, strength)
+        if self.start_index is None:  # SDEdit with a multistep solver: cut its grid, restart its history
+            self.solver = self._cut_solver(plan, strength)
+            plan, self.start_index = self.solver.plan("cpu"), 0
         self.num_model_evals = plan.num_model_evals
         self._rows = plan.coefs.numpy().tolist()
         self._times = plan.timesteps.numpy().tolist()
-        self.start_index = self._start_index(plan, strength)
         self.strength = strength
         self.memory_estimate = self._check_memory(model) if check_memory else None
         self.model = _prepare_model(model, self.device, self.dtype)
@@ -451,6 +454,8 @@ class Sampler:
 
     # -- preparation ------------------------------------------------------------------------------------------
     def _start_index(self, plan, strength):
+        """The first model evaluation SDEdit runs, or None when the plan cannot start exactly near it (the
+        solver keeps history from earlier evaluations: its grid must be cut instead)."""
         if strength is None:
             return 0
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
@@ -462,15 +467,24 @@ class Sampler:
                              f"{1 / evals:.3g}")
         # a solver step may take several evaluations (Heun, RK4, predictor-corrector): the start may move to
         # the next exact start within one step, no further
+        rows = plan.coefs.numpy().tolist()
         per_step = max(1, math.ceil(evals / self.solver.num_steps))
         first = evals - keep
         for k in range(first, min(first + per_step, evals)):
-            if _self_contained_start(plan, self._rows, k):
+            if _self_contained_start(plan, rows, k):
                 return k
-        raise ValueError(f"solver {self.solver.name!r} cannot start at evaluation {first} of {evals} (its "
-                         "updates there use history written by earlier evaluations: a multistep or multi-stage "
-                         "solver); for SDEdit (strength < 1) use a single-step solver such as 'ddim', 'ddpm', "
-                         "'edm_euler' or 'rflow_euler'")
+        return None
+
+    def _cut_solver(self, plan, strength):
+        step = (plan.num_model_evals - int(plan.num_model_evals * strength)) * self.solver.num_steps \
+            // plan.num_model_evals
+        try:
+            return self.solver.starting_at(step)
+        except ValueError as error:
+            raise ValueError(f"strength={strength}: solver {self.solver.name!r} cannot start at step {step} of "
+                             f"{self.solver.num_steps} ({error}); for SDEdit use a single-step solver such as "
+                             "'ddim', 'ddpm', 'edm_euler' or 'rflow_euler', or a multistep one (dpmpp_*, "
+                             "unipc)") from None
 
     def _start_row(self):
         """fused_step row of the initial state: init_noise_scale·z, or SDEdit's alpha·init + sigma·z."""

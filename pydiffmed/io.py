@@ -20,6 +20,7 @@ import json
 import math
 import os
 import secrets
+import stat
 
 import numpy as np
 import torch
@@ -55,8 +56,10 @@ def atomic_path(path, overwrite: bool = False):
     temporary = os.path.join(directory, f".pdm-tmp-{secrets.token_hex(6)}-{name}")
     # Created here (mode 0o666 less the umask, like any new file) so the writer only ever opens an existing path.
     os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(temporary).st_mode)
     try:
         yield temporary
+        os.chmod(temporary, mode)  # writers that replace the file (safetensors) would leave it 0o600
         _fsync_file(temporary)
         _publish(temporary, path, overwrite)
     except BaseException:

@@ -345,15 +345,20 @@ def test_sdedit_starts_from_the_init_volume(tmp_path, tiny, capsys):
     sidecar = json.loads((tmp_path / "s" / "sample_0000.json").read_text())
     assert sidecar["strength"] == 0.5 and sidecar["init_sha256"] == modelfile.file_sha256(tmp_path / "init.nii.gz")
     assert sidecar["start_eval"] == 2
-    # A multistep solver cannot start half way: the engine refuses it (a usage error, nothing written) or starts
-    # later (a warning gives the effective strength), depending on where the solver's history allows a start.
-    code, _, err = sample(capsys, tiny, tmp_path / "m", "--num", 1, "--init", tmp_path / "init.nii.gz",
-                          "--strength", 0.5, steps=6)
-    if code == 2:
-        assert_one_line_error(err, "single-step")
-        assert not (tmp_path / "m").exists()
-    else:
-        assert code == 0 and "pydiffmed: warning:" in err and "effective strength" in err
+    # A multistep solver (the default dpmpp_2m) restarts its history at the kept step: exactly what was asked
+    code, _, err = sample(capsys, tiny, tmp_path / "m", "--num", 1, "--solver", "dpmpp_2m", "--init",
+                          tmp_path / "init.nii.gz", "--strength", 0.5, steps=6)
+    assert code == 0 and "warning" not in err, err
+    data, _ = nifti(tmp_path / "m" / "sample_0000.nii.gz")
+    expected = reference(tiny, [0], solver="dpmpp_2m", steps=6, init=init[None], strength=0.5)
+    np.testing.assert_allclose(data, expected[0], rtol=1e-5, atol=1e-3)
+    assert json.loads((tmp_path / "m" / "sample_0000.json").read_text())["start_eval"] == 3
+    # pndm cannot start part-way: a usage error, nothing written
+    code, _, err = sample(capsys, tiny, tmp_path / "p", "--num", 1, "--solver", "pndm", "--init",
+                          tmp_path / "init.nii.gz", "--strength", 0.5, steps=6)
+    assert code == 2
+    assert_one_line_error(err, "pndm")
+    assert not (tmp_path / "p").exists()
 
 
 def test_class_labels_and_guidance(tmp_path, class_model, capsys):

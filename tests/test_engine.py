@@ -375,12 +375,25 @@ def test_sdedit_runs_the_tail_of_the_plan_from_the_noised_volume():
     assert (near - init).abs().mean() < (far - init).abs().mean()
 
 
-def test_sdedit_with_multistep_solver_needs_full_strength():
-    with pytest.raises(ValueError, match="multistep"):
-        tiny_sampler("dpmpp_2m", strength=0.5)
-    sampler = tiny_sampler("dpmpp_2m", strength=1.0)
-    assert sampler.start_index == 0
-    assert torch.isfinite(sampler(0, init=torch.zeros(SHAPE_OF(3)))).all()
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_sdedit_with_multistep_solver_cuts_its_grid(name):
+    """A multistep solver's history cannot start part-way: the Sampler runs solver.starting_at(k) instead (a
+    fresh history from step k, as diffusers' img2img does), from the init volume noised to step k's level."""
+    init = torch.randn(SHAPE_OF(2))
+    sampler = pydiffmed.Sampler(TorchGMM(), name, SHAPE_OF(2), num_steps=10, schedule=SCHEDULE, strength=0.4)
+    cut = get_solver(name, SCHEDULE, 10).starting_at(6)
+    assert sampler.start_index == 0 and sampler.num_model_evals == 4
+    np.testing.assert_array_equal(sampler.solver.timesteps.numpy(), cut.timesteps.numpy())
+    out = sampler([3, 4], init=init)
+    seeds = torch.tensor([3, 4])
+    alpha, sigma = (float(v) for v in SCHEDULE.alpha_sigma(float(cut.timesteps[0])))
+    x = alpha * init + sigma * ops.philox_normal(seeds, cut.num_model_evals, SHAPE_OF(2))
+    model = TorchGMM()
+    for i in range(4):
+        x = cut.step(i, x, model(x, cut.timesteps[i].expand(2)), seeds=seeds)
+    torch.testing.assert_close(out, x, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="pndm.*cannot start"):
+        tiny_sampler("pndm", strength=0.5)
 
 
 # --- NaN, callback, progress --------------------------------------------------------------------------------

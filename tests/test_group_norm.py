@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydiffmed import backends, nn as pdm_nn
-from pydiffmed.ops import group_norm
+from pydiffmed.ops import group_norm, reference
 from pydiffmed.ops._checks import channels_last_format
 
 from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, run_backend, runnable_backends
@@ -359,6 +359,27 @@ def test_opcheck(channels_last):
     x, g, w, b, bnc = make_inputs(SHAPES[0], torch.float32, channels_last, bias_nc=True)
     for args in ((x, g, w, b, 1e-5, "silu", bnc, False, "cpu"), (x, g, None, None, 1e-6, "", None, True, "cpu")):
         torch.library.opcheck(torch.ops.pydiffmed.group_norm.default, args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("token_major", [False, True])
+def test_backward_matches_reference_autograd(channels_last, token_major):
+    """The op's backward (recompute through torch's GroupNorm) against autograd through the two-pass reference."""
+    x, g, w, b, bnc = make_inputs(SHAPES[0], torch.float32, channels_last, act="silu", bias_nc=True, seed=5)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, bnc)]
+    out = group_norm(leaves[0], g, *leaves[1:3], act="silu", bias_nc=leaves[3], token_major=token_major)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, bnc)]
+    ref = reference.group_norm(ref_leaves[0], g, *ref_leaves[1:3], act="silu", bias_nc=ref_leaves[3])
+    if token_major:
+        ref = ref.flatten(2).transpose(1, 2)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    for name, got, want in zip(("x", "weight", "bias", "bias_nc"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+    only_x = x.detach().clone().requires_grad_()  # frozen affine parameters: a gradient for x alone
+    group_norm(only_x, g, w, b, token_major=token_major).sum().backward()
+    assert only_x.grad is not None and torch.isfinite(only_x.grad).all()
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

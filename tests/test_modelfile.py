@@ -67,6 +67,9 @@ def test_save_load_round_trip(tmp_path, unet, probe, form):
     np.testing.assert_allclose(info.affine(), pydiffmed.io.make_affine((1.0, 1.2, 2.0), "LPS", shape=(16, 16, 16)))
     assert info.unet["channels"] == [8, 16]
     assert modelfile.read_model_info(path).sha256 == info.sha256
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(weights).st_mode & 0o777 == 0o666 & ~umask  # not the 0o600 safetensors writes by itself
     if form == "directory":
         assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
         assert json.loads((path / "config.json").read_text())["weights_sha256"] == info.sha256

@@ -426,6 +426,39 @@ def test_unipc_matches_diffusers(order, variant, grid, pred, spacing, n, thresho
     assert rel_err(x, y) <= TOL
 
 
+@pytest.mark.parametrize("name,n,begin", [("dpmpp_2m", 20, 10), ("dpmpp_3m", 12, 5), ("dpmpp_2m_sde", 16, 9),
+                                            ("unipc", 20, 6), ("unipc", 10, 9)])
+def test_starting_part_way_matches_diffusers_begin_index(name, n, begin):
+    """SDEdit / img2img: a multistep solver started at step `begin` equals diffusers' scheduler after
+    set_begin_index(begin) (a fresh multistep history, lower order first; 'fewer than 15 steps' still counts
+    the whole grid)."""
+    if name == "unipc":
+        ref = diffusers.UniPCMultistepScheduler(solver_order=2, timestep_spacing="linspace")
+    else:
+        ref = diffusers.DPMSolverMultistepScheduler(
+            solver_order=3 if name == "dpmpp_3m" else 2, timestep_spacing="linspace",
+            algorithm_type="sde-dpmsolver++" if name.endswith("sde") else "dpmsolver++")
+    ref.set_timesteps(n)
+    ref.set_begin_index(begin)
+    full = get_solver(name, NoiseSchedule.discrete("linear"), n, spacing="linspace")
+    ours = full.starting_at(begin)
+    assert ours.num_steps == n - begin and ours.num_model_evals == n - begin
+    np.testing.assert_array_equal(ours.timesteps.numpy(), full.timesteps.numpy()[begin:])
+
+    def peer(i, x):
+        t = ref.timesteps[begin + i]
+        return ref.step(tiny_model(x, t.expand(2)), t, x, **({} if name == "unipc" else
+                                                              {"variance_noise": noise(i)})).prev_sample
+
+    x, y = run_both(peer, ours, start(15, 0.8))
+    assert rel_err(x, y) <= TOL
+    assert full.starting_at(0) is full
+    with pytest.raises(ValueError, match="step must be"):
+        full.starting_at(n)
+    with pytest.raises(ValueError, match="cannot start part-way"):
+        get_solver("pndm", NoiseSchedule.discrete("linear"), n).starting_at(2)
+
+
 EULER_CASES = [(cls, pred, spacing, karras, n, churn)
                for cls in ("euler", "heun") for pred in ("epsilon", "v_prediction", "sample")
                for spacing, karras, n, churn in (("linspace", False, 10, 0.0), ("leading", True, 12, 0.0),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .. import backends
 from ._checks import (as_float32, channels_last_format, check_float_tensor, check_same_device, check_shape,
@@ -52,7 +53,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bia
     args = (x, num_groups, weight, bias, eps, act or "", bias_nc, bool(token_major), name)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or needs_grad:
-        # torch.compile must see one op; with autograd on, the custom op raises its "no backward" error
+        # torch.compile must see one op; autograd needs the op's registered backward
         return torch.ops.pydiffmed.group_norm(*args)
     return _group_norm_run(*args)  # eager: skip the custom-op layer's per-call overhead (~0.1 ms)
 
@@ -73,6 +74,41 @@ def _group_norm_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
 @_group_norm_op.register_fake
 def _(x, num_groups, weight, bias, eps, act, bias_nc, token_major, backend):
     return _empty_output(x, token_major)
+
+
+def _setup_backward(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, act, bias_nc, token_major, _ = inputs
+    ctx.save_for_backward(x, weight, bias, bias_nc)
+    ctx.num_groups, ctx.eps, ctx.act, ctx.token_major = num_groups, eps, act, token_major
+
+
+def _backward(ctx, grad_y):
+    """Gradients by recomputing the forward with torch's GroupNorm (sampling never needs them; training the demo
+    model does)."""
+    saved = ctx.saved_tensors
+    wants = [t is not None and needs for t, needs in zip(saved, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4],
+                                                                  ctx.needs_input_grad[6]))]
+    with torch.enable_grad():
+        x, weight, bias, bias_nc = (t.detach().requires_grad_(w) if t is not None else None
+                                    for t, w in zip(saved, wants))
+        y = _differentiable_group_norm(x, ctx.num_groups, weight, bias, ctx.eps, ctx.act, bias_nc)
+        if ctx.token_major:
+            y = y.flatten(2).transpose(1, 2)
+        inputs = [t for t, w in zip((x, weight, bias, bias_nc), wants) if w]
+        grads = iter(torch.autograd.grad(y, inputs, grad_y)) if inputs else iter(())
+    gx, gw, gb, gbnc = (next(grads) if w else None for w in wants)
+    return gx, None, gw, gb, None, None, gbnc, None, None
+
+
+_group_norm_op.register_autograd(_backward, setup_context=_setup_backward)
+
+
+def _differentiable_group_norm(x, num_groups, weight, bias, eps, act, bias_nc):
+    xf = x.float()
+    if bias_nc is not None:
+        xf = xf + bias_nc.float().reshape(*bias_nc.shape, *(1,) * (x.ndim - 2))
+    y = F.group_norm(xf, num_groups, *(None if t is None else t.float() for t in (weight, bias)), eps=eps)
+    return (F.silu(y) if act == "silu" else y).to(x.dtype)
 
 
 def _empty_output(x, token_major):

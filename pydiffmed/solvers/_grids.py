@@ -209,3 +209,18 @@ def _fp32_train_sigmas(alphas_cumprod):
 
     ab = torch.tensor(alphas_cumprod, dtype=torch.float32)
     return (((1 - ab) / ab) ** 0.5).numpy()
+
+
+class CutGridMixin:
+    """For solvers on a `multistep_grid` (arrays _model_t, _alpha, _sigma): `Solver.starting_at` cuts the grid.
+    _begin_step counts the steps cut; _grid_evals is the uncut length (diffusers' len(timesteps))."""
+
+    _begin_step = 0
+
+    @property
+    def _grid_evals(self):
+        return self._begin_step + len(self._model_t)
+
+    def _drop_steps(self, step):
+        self._model_t, self._alpha, self._sigma = self._model_t[step:], self._alpha[step:], self._sigma[step:]
+        self._begin_step += step

@@ -4,6 +4,7 @@ eager loop."""
 from __future__ import annotations
 
 import abc
+import copy
 
 import math
 
@@ -127,6 +128,24 @@ class Solver(abc.ABC):
             coefs=torch.tensor(self._rows, dtype=torch.float32, device=device),
             buffers=self._buffers, forms=list(self._forms), form_of_eval=self._form_of_eval,
             init_noise_scale=float(self.init_noise_scale), output=self._output)
+
+    def starting_at(self, step: int) -> "Solver":
+        """A copy of this solver with its first `step` steps removed, the rest run as a fresh solve from the
+        grid point they start at (a multistep solver warms up again at lower order, as diffusers' schedulers do
+        after `set_begin_index`): the form SDEdit needs. Solvers whose grid cannot be cut raise ValueError."""
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < self.num_steps:
+            raise ValueError(f"step must be an int in [0, {self.num_steps}), got {step!r}")
+        if step == 0:
+            return self
+        solver = copy.copy(self)
+        solver._drop_steps(int(step))
+        solver.num_steps = self.num_steps - int(step)
+        solver._eager = {}
+        solver._compile()
+        return solver
+
+    def _drop_steps(self, step: int):
+        raise ValueError(f"{self.name} cannot start part-way through its grid")
 
     def reset(self):
         """Forget the buffers of step-by-step use."""

@@ -17,11 +17,11 @@ import math
 
 import numpy as np
 
-from ._grids import multistep_grid
+from ._grids import CutGridMixin, multistep_grid
 from .base import Solver
 
 
-class DPMSolverPP(Solver):
+class DPMSolverPP(CutGridMixin, Solver):
     name = "dpmpp"
 
     def __init__(self, schedule, num_steps, *, order=2, sde=False, solver_type="midpoint", grid="uniform",
@@ -53,9 +53,9 @@ class DPMSolverPP(Solver):
         lower_order_nums = 0
         outputs = []
         for i in range(n):
-            lower_final = i == n - 1 and (self.euler_at_final or (self.lower_order_final and n < 15)
+            lower_final = i == n - 1 and (self.euler_at_final or (self.lower_order_final and self._grid_evals < 15)
                                           or final_zero)
-            lower_second = i == n - 2 and self.lower_order_final and n < 15
+            lower_second = i == n - 2 and self.lower_order_final and self._grid_evals < 15
             d = program.d(i)
             outputs.append(d)
             x = program.current

@@ -14,11 +14,11 @@ import math
 import numpy as np
 
 from .. import prediction
-from ._grids import multistep_grid
+from ._grids import CutGridMixin, multistep_grid
 from .base import Solver
 
 
-class UniPC(Solver):
+class UniPC(CutGridMixin, Solver):
     name = "unipc"
 
     def __init__(self, schedule, num_steps, *, order=2, variant="bh2", predict_x0=True, grid="uniform",
@@ -113,7 +113,7 @@ class UniPC(Solver):
         for i in range(n):
             d = program.d(i)
             sample = program.current
-            if i > 0 and (i - 1) not in self.disable_corrector and last_sample is not None:
+            if i > 0 and (self._begin_step + i - 1) not in self.disable_corrector and last_sample is not None:
                 previous = [outputs[-(k + 1)] for k in range(1, this_order)]
                 sample = self._update(last_sample, i, i - 1, outputs[-1], previous,
                                       [i - (k + 1) for k in range(1, this_order)], this_order, True, d)
