@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import RESULTS_DIR, save  # noqa: E402
+from common import result_path, save  # noqa: E402
 from pydiffmed import get_solver  # noqa: E402
 from pydiffmed.gmm import GaussianMixture, sliced_wasserstein  # noqa: E402
 from pydiffmed.schedules import NoiseSchedule  # noqa: E402
@@ -70,6 +70,59 @@ def ald_options(budget):
     return max(1, (budget - 1) // per_level), {"steps_per_level": per_level}
 
 
+def mixture_problem(side, n):
+    """The Gaussian-mixture problem: mixture, exact draws, SW2 floor (exact vs exact), x_T and per-sample seeds."""
+    torch.manual_seed(0)
+    mixture = GaussianMixture.random(side ** 3, 3, seed=0, separation=4.0, std_range=(0.3, 0.9))
+    exact = mixture.sample(n, seed=1)[0]
+    floor = sliced_wasserstein(exact, mixture.sample(n, seed=2)[0])
+    x_T = torch.randn((n, 1, side, side, side), generator=torch.Generator().manual_seed(3))
+    return {"mixture": mixture, "exact": exact, "floor": floor, "x_T": x_T, "seeds": torch.arange(n)}
+
+
+def find_entry(label):
+    """The SOLVERS entry with this label."""
+    for entry in SOLVERS:
+        if entry[1] == label:
+            return entry
+    raise ValueError(f"no solver labelled {label!r}; labels: {[e[1] for e in SOLVERS]}")
+
+
+def build_solver(entry, budget):
+    """(steps, solver) of a SOLVERS entry at the largest step count whose NFE fits the budget, or None."""
+    name, label, schedule, opts, pred, steps_for, _ = entry
+    if name == "ald":
+        steps, extra = ald_options(budget)
+    else:
+        steps, extra = steps_for(budget), {}
+    if steps < 1:
+        return None
+    try:
+        solver = get_solver(name, schedule, steps, prediction_type=pred, **opts, **extra)
+    except ValueError as err:        # e.g. PNDM's warm start needs a few steps
+        print(f"{label} at {budget} NFE: {err}")
+        return None
+    if solver.num_model_evals > budget:
+        return None
+    return steps, solver
+
+
+def measure(entry, solver, problem, reference=None):
+    """Sample the problem with the exact model of the entry's schedule: the result row (sw2, seconds, and
+    flow_err for a deterministic solver when the reference flow solution is given)."""
+    _, label, schedule, _, pred, _, deterministic = entry
+    model = problem["mixture"].model(schedule, pred)
+    n = problem["x_T"].shape[0]
+    begin = time.perf_counter()
+    x = solver.sample(model, problem["x_T"] * solver.init_noise_scale, seeds=problem["seeds"])
+    seconds = time.perf_counter() - begin
+    row = {"solver": label, "schedule": schedule.kind, "steps": solver.num_steps, "nfe": solver.num_model_evals,
+           "sw2": sliced_wasserstein(x.reshape(n, -1), problem["exact"]), "seconds": seconds}
+    if deterministic and reference is not None:
+        row["flow_err"] = float(((x.double() - reference) ** 2).mean().sqrt())
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="budgets up to 250 NFE, fewer samples")
@@ -84,8 +137,7 @@ def main():
     if args.plot_only:
         import json
 
-        suffix = "_cuda" if torch.cuda.is_available() else "_cpu"
-        with open(os.path.join(RESULTS_DIR, "bench_solvers" + suffix + ".json")) as f:
+        with open(result_path("bench_solvers", "json")) as f:
             rows = json.load(f)["rows"]
         plot(rows, rows[0]["sw2"])
         return
@@ -93,13 +145,8 @@ def main():
     n = args.samples or (500 if args.quick else 1000)
     side = args.side
     dim = side ** 3
-    shape = (n, 1, side, side, side)
-    torch.manual_seed(0)
-    mixture = GaussianMixture.random(dim, 3, seed=0, separation=4.0, std_range=(0.3, 0.9))
-    exact = mixture.sample(n, seed=1)[0]
-    floor = sliced_wasserstein(exact, mixture.sample(n, seed=2)[0])
-    seeds = torch.arange(n, dtype=torch.int64)
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    problem = mixture_problem(side, n)
+    mixture, floor, x_T = problem["mixture"], problem["floor"], problem["x_T"]
 
     start = time.perf_counter()
     reference, ref_nfe = get_solver("ode_dopri5", DISCRETE, rtol=1e-8, atol=1e-8, denoise=True).sample(
@@ -110,33 +157,16 @@ def main():
 
     wanted = None if args.solvers is None else set(args.solvers.split(","))
     rows = [{"solver": "floor (exact vs exact)", "schedule": "-", "steps": 0, "nfe": 0, "sw2": floor}]
-    for name, label, schedule, opts, pred, steps_for, deterministic in SOLVERS:
-        if wanted is not None and label not in wanted:
+    for entry in SOLVERS:
+        if wanted is not None and entry[1] not in wanted:
             continue
-        model = mixture.model(schedule, pred)
         seen = set()
         for budget in budgets:
-            if name == "ald":
-                steps, extra = ald_options(budget)
-            else:
-                steps, extra = steps_for(budget), {}
-            if steps < 1 or steps in seen:
+            built = build_solver(entry, budget)
+            if built is None or built[0] in seen:
                 continue
-            try:
-                solver = get_solver(name, schedule, steps, prediction_type=pred, **opts, **extra)
-            except ValueError as err:        # e.g. PNDM's warm start needs a few steps
-                print(f"{label} at {budget} NFE: {err}")
-                continue
-            if solver.num_model_evals > budget:
-                continue
-            seen.add(steps)
-            begin = time.perf_counter()
-            x = solver.sample(model, x_T * solver.init_noise_scale, seeds=seeds)
-            seconds = time.perf_counter() - begin
-            row = {"solver": label, "schedule": schedule.kind, "steps": steps, "nfe": solver.num_model_evals,
-                   "sw2": sliced_wasserstein(x.reshape(n, -1), exact), "seconds": seconds}
-            if deterministic:
-                row["flow_err"] = float(((x.double() - reference) ** 2).mean().sqrt())
+            seen.add(built[0])
+            row = measure(entry, built[1], problem, reference)
             rows.append(row)
             print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
@@ -199,8 +229,7 @@ def plot(rows, floor):
     axes[0].legend(fontsize=7, ncol=2)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    suffix = "_cuda" if torch.cuda.is_available() else "_cpu"
-    path = os.path.join(RESULTS_DIR, "bench_solvers" + suffix + ".png")
+    path = result_path("bench_solvers", "png")
     fig.savefig(path, dpi=110)
     print("plot:", path)
 

@@ -1,20 +1,25 @@
 """Shared benchmark helpers: timing, same-run bandwidth/FLOP limits, machine description, result files.
 
-Every benchmark prints a markdown table and writes benchmarks/results/<name>.json; benchmarks/RESULTS.md is
-regenerated from those files by `python benchmarks/results_md.py`."""
+Every benchmark prints a markdown table and writes benchmarks/results/<name>_<cpu|cuda>.json; benchmarks/RESULTS.md
+is regenerated from those files by `python benchmarks/results_md.py`. The environment variable
+PYDIFFMED_BENCH_RESULTS names another results directory (the tests use one, so they never touch results/)."""
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_RESULTS_DIR = os.path.join(HERE, "results")
+RESULTS_DIR = os.path.abspath(os.environ.get("PYDIFFMED_BENCH_RESULTS") or DEFAULT_RESULTS_DIR)
 
 
 def sync(device):
@@ -66,17 +71,33 @@ def machine() -> dict:
 def _commit() -> str:
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL, cwd=os.path.dirname(RESULTS_DIR)).strip()
+                                       stderr=subprocess.DEVNULL, cwd=HERE).strip()
     except Exception:
         return "unknown"
 
 
-def save(name: str, rows: list[dict], columns: list[str], notes: str = "") -> str:
-    """Write results/<name>[_<device>].json and return the markdown table."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    suffix = "_cuda" if torch.cuda.is_available() else "_cpu"
-    payload = {"name": name, "machine": machine(), "columns": columns, "rows": rows, "notes": notes}
-    path = os.path.join(RESULTS_DIR, name + suffix + ".json")
+def device_suffix() -> str:
+    return "_cuda" if torch.cuda.is_available() else "_cpu"
+
+
+def result_path(name: str, ext: str = "json", results_dir: str | None = None) -> str:
+    """<results dir>/<name>_<cpu|cuda>.<ext>: where a benchmark's table (json) or plot (png) goes."""
+    return os.path.join(results_dir or RESULTS_DIR, f"{name}{device_suffix()}.{ext}")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(HERE))
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+def save(name: str, rows: list[dict], columns: list[str], notes: str = "", results_dir: str | None = None) -> str:
+    """Write <results dir>/<name>_<device>.json (with the command line that produced it) and return the markdown
+    table. results_dir defaults to RESULTS_DIR (benchmarks/results, or $PYDIFFMED_BENCH_RESULTS)."""
+    path = result_path(name, "json", results_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = {"name": name, "command": command_line(), "machine": machine(), "columns": columns, "rows": rows,
+               "notes": notes}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
@@ -86,9 +107,11 @@ def save(name: str, rows: list[dict], columns: list[str], notes: str = "") -> st
 
 def markdown_table(columns, rows) -> str:
     def fmt(v):
+        if v is None:
+            return ""
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-        return str(v)
+        return str(v).replace("|", "\\|")  # a bare | would end the table cell
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]

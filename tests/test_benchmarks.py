@@ -1,0 +1,213 @@
+"""The benchmark suite's plumbing: bench_end_to_end, bench_scaling and bench_solvers at tiny sizes (--smoke) into a
+temporary results directory (PYDIFFMED_BENCH_RESULTS, so benchmarks/results is never written), their JSON rows,
+and results_md rendering RESULTS.md (tables, plots) and README's benchmarks block from them. No timing is
+asserted: the rows' ratios are checked against the rows' own times."""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(script, args, results_dir, timeout=600):
+    env = dict(os.environ, PYDIFFMED_BENCH_RESULTS=str(results_dir))
+    proc = subprocess.run([sys.executable, os.path.join(BENCH, script), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def load(results_dir, name):
+    with open(os.path.join(results_dir, f"{name}_cpu.json")) as f:
+        return json.load(f)
+
+
+def tiny_v_prediction_model(path):
+    """A small UNet3D saved as a pydiffmed model like the demo one: cosine schedule, v-prediction, 8³."""
+    from pydiffmed.models import UNet3D
+    from pydiffmed.modelfile import save_model
+
+    model = UNet3D(spatial_dims=3, in_channels=1, out_channels=1, channels=(8, 16), attention_levels=(False, True),
+                   num_res_blocks=1, num_head_channels=(0, 16), norm_num_groups=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero everywhere (zero-initialised output convs would hide errors)
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 else 1.0 + 0.1 * noise)
+    save_model(path, model, {"name": "tinydemo", "prediction_type": "v_prediction", "clip_sample": 1.0,
+                             "schedule": {"kind": "discrete", "num_train_timesteps": 1000, "beta_schedule": "cosine"},
+                             "volume_shape": [8, 8, 8]})
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every smoke run writes into this one directory (as the suite writes into benchmarks/results)."""
+    out = tmp_path_factory.mktemp("bench_results")
+    model = tiny_v_prediction_model(str(tmp_path_factory.mktemp("models") / "tinydemo"))
+    run_script("bench_end_to_end.py", ["--smoke", "--threads", "1", "--model", model], out)
+    run_script("bench_scaling.py", ["--smoke", "--threads", "1"], out)
+    run_script("bench_solvers.py", ["--quick", "--side", "2", "--samples", "40", "--solvers", "ddim,dpmpp_2m"], out)
+    return out
+
+
+def test_end_to_end_rows(results):
+    res = load(results, "bench_end_to_end")
+    assert "--smoke" in res["command"] and res["name"] == "bench_end_to_end"
+    rows = res["rows"]
+    assert {r["model"] for r in rows} >= {"tinydemo", "small", "Gaussian mixture (exact denoiser)"}
+    gmm = {r["variant"]: r["gmm_sw2"] for r in rows if r["model"].startswith("Gaussian")}
+    assert set(gmm) == {"ddpm 1000 steps", "dpmpp_2m 20 steps", "floor (exact vs exact)"}
+    assert all(math.isfinite(v) and v > 0 for v in gmm.values())
+    for model in ("tinydemo", "small"):
+        ddim = {r["variant"]: r for r in rows if r["model"] == model and r["case"] == "DDIM 20 steps"}
+        monai = ddim["MONAI fp32 (DiffusionInferer + DDIMScheduler)"]
+        fp32 = ddim["pydiffmed fp32, state fp32"]
+        best = ddim["pydiffmed bf16, state fp32"]
+        assert monai["speedup_vs_MONAI"] == 1.0 and monai["steps"] == 20 == fp32["steps"]
+        for row in (fp32, best):
+            assert row["ms"] > 0
+            assert row["speedup_vs_MONAI"] == pytest.approx(monai["ms"] / row["ms"])
+            assert row["ms_per_eval"] == pytest.approx(row["ms"] / 20)
+        # same weights, same noise, same sampler: fp32 pydiffmed reproduces MONAI's volume
+        assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"])
+        assert math.isfinite(best["max_abs_diff_vs_MONAI"])
+        gain = {r["variant"]: r for r in rows if r["model"] == model and r["case"].startswith("MONAI DDPM 1000")}
+        ddpm = gain["MONAI fp32 (DiffusionInferer + DDPMScheduler)"]
+        dpm = gain["pydiffmed bf16 dpmpp_2m, state fp32"]
+        assert ddpm["steps"] == 1000 and "extrapolated ×1000/2 from 2 timed steps" in ddpm["note"]
+        assert ddpm["ms"] == pytest.approx(ddpm["ms_per_eval"] * 1000)
+        assert dpm["speedup_vs_MONAI"] == pytest.approx(ddpm["ms"] / dpm["ms"])
+        assert ddpm["gmm_sw2"] == gmm["ddpm 1000 steps"] and dpm["gmm_sw2"] == gmm["dpmpp_2m 20 steps"]
+    demo_note = next(r["note"] for r in rows if r["model"] == "tinydemo" and r["variant"].startswith("MONAI fp32 (D"))
+    assert "v_prediction" in demo_note and "cosine" in demo_note
+
+
+def test_end_to_end_reports_an_unloadable_model_as_skipped(tmp_path):
+    missing = str(tmp_path / "no_such_model")
+    out = tmp_path / "results"
+    run_script("bench_end_to_end.py", ["--smoke", "--threads", "1", "--only", "demo", "--model", missing], out)
+    rows = load(out, "bench_end_to_end")["rows"]
+    skipped = [r for r in rows if r["case"] == "skipped"]
+    assert len(skipped) == 1 and skipped[0]["model"] == "demo" and missing in skipped[0]["note"]
+    assert not [r for r in rows if r["case"].startswith("DDIM")]
+    assert len([r for r in rows if r["model"].startswith("Gaussian")]) == 3
+
+
+def test_scaling_rows_and_plot(results):
+    res = load(results, "bench_scaling")
+    rows = res["rows"]
+    points = {(r["impl"], r["volume"], r["batch"]) for r in rows}
+    assert points == {(impl, v, b) for impl in ("pydiffmed", "MONAI") for v, b in (("8³", 1), ("16³", 1), ("8³", 2))}
+    for r in rows:
+        assert "note" not in r, r
+        assert r["ms"] > 0 and r["runs"] >= 1 and r["voxels"] == r["batch"] * int(r["volume"][:-1]) ** 3
+        assert r["peak_MB"] > 0 and r["est_activations_MB"] > 0 and r["est_total_MB"] > r["est_activations_MB"]
+        assert r["memory_method"].startswith(("VmHWM", "ru_maxrss"))
+        if r["impl"] == "pydiffmed":
+            monai = next(m for m in rows if m["impl"] == "MONAI" and m["volume"] == r["volume"]
+                         and m["batch"] == r["batch"])
+            assert r["speedup_vs_MONAI"] == pytest.approx(monai["ms"] / r["ms"])
+            assert r["memory_vs_MONAI"] == pytest.approx(r["peak_MB"] / monai["peak_MB"])
+    for impl in ("pydiffmed", "MONAI"):
+        peak = {r["volume"]: r["peak_MB"] for r in rows if r["impl"] == impl and r["batch"] == 1}
+        assert peak["16³"] > peak["8³"], f"{impl}: 8× the voxels must need more memory: {peak}"
+    with open(os.path.join(results, "bench_scaling_cpu.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def test_solvers_writes_its_plot(results):
+    rows = load(results, "bench_solvers")["rows"]
+    assert {r["solver"] for r in rows} == {"floor (exact vs exact)", "ddim", "dpmpp_2m"}
+    assert all("flow_err" in r for r in rows if r["nfe"] > 0)  # both deterministic: compared with the exact flow
+    with open(os.path.join(results, "bench_solvers_cpu.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
+
+
+def _write_result(results_dir, name, rows, columns):
+    machine = {"cpu": "test cpu", "threads": 2, "torch": torch.__version__, "date": "2026-01-01", "commit": "abc"}
+    with open(os.path.join(results_dir, f"{name}_cpu.json"), "w") as f:
+        json.dump({"name": name, "command": f"python benchmarks/{name}.py --quick", "machine": machine,
+                   "columns": columns, "rows": rows, "notes": ""}, f)
+
+
+def _table_cells(line):
+    """Cells of a markdown table line, honouring \\| escapes."""
+    return line.replace("\\|", "").count("|") - 1
+
+
+def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        results_md = importlib.import_module("results_md")
+    finally:
+        sys.path.remove(BENCH)
+    smoke_results = results
+    results = tmp_path / "results"
+    shutil.copytree(smoke_results, results)
+    gn = [{"shape": "1×64×32³", "G": 32, "dtype": dt, "layout": "contiguous", "backend": be, "speedup": s}
+          for dt, be, s in (("float32", "cpu", 1.5), ("float32", "torch", 1.0), ("bfloat16", "cpu", 3.25),
+                            ("bfloat16", "triton", 2.0))]
+    _write_result(results, "bench_group_norm", gn, ["shape", "G", "dtype", "layout", "backend", "speedup"])
+    unet = [{"config": "small", "volume": "32³", "variant": v, "ms": ms, "MONAI_fp32_ms": 800.0, "speedup": 800 / ms}
+            for v, ms in (("MONAI fp32", 800.0), ("UNet3D fp32", 400.0), ("UNet3D bf16", 160.0))]
+    _write_result(results, "bench_unet", unet, ["config", "volume", "variant", "ms", "speedup"])
+
+    readme = tmp_path / "README.md"
+    before, after = "# project\n\n## Benchmarks\n\ntext before\n\n", "\n\n## Next\n\ntext after\n"
+    readme.write_text(before + results_md.BEGIN + "\nstale numbers\n" + results_md.END + after)
+    out = tmp_path / "RESULTS.md"
+    results_md.main(["--results-dir", str(results), "--out", str(out), "--readme", str(readme)])
+
+    text = out.read_text()
+    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_group_norm", "bench_unet"):
+        assert f"## {name} ({name}_cpu.json)" in text
+    assert "`python benchmarks/bench_scaling.py --smoke --threads 1`" in text
+    links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
+    assert sorted(os.path.basename(link) for link in links) == ["bench_scaling_cpu.png", "bench_solvers_cpu.png"]
+    assert all((tmp_path / link).resolve().exists() for link in links)  # relative to RESULTS.md
+
+    new = readme.read_text()
+    assert new.startswith(before) and new.endswith(after) and "stale numbers" not in new
+    block = new[new.index(results_md.BEGIN):new.index(results_md.END)]
+    table = [line for line in block.splitlines() if line.startswith("|")]
+    assert all(_table_cells(line) == 4 for line in table), table
+    by_subject = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    gn_line = by_subject["GroupNorm, fastest pydiffmed backend vs torch eager"]
+    assert "×1.50 (worst: 1×64×32³ G=32 float32 contiguous (cpu))" in gn_line
+    assert "×3.25 (best: 1×64×32³ G=32 bfloat16 contiguous (cpu)) over 2 cases" in gn_line
+    assert "`python benchmarks/bench_group_norm.py --quick`" in gn_line
+    assert "small 32³: ×5.00 (UNet3D bf16, 160 ms vs 800 ms)" in by_subject[
+        "UNet forward: UNet3D vs MONAI DiffusionModelUNet fp32"]
+
+    e2e = {r["variant"]: r for r in load(results, "bench_end_to_end")["rows"] if r["model"] == "small"}
+    ddim_line = next(v for k, v in by_subject.items() if k.startswith("Sampling, DDIM 20 steps"))
+    assert f"small 8³: {results_md._x(e2e['pydiffmed bf16, state fp32']['speedup_vs_MONAI'])}" in ddim_line
+    gain_line = next(v for k, v in by_subject.items() if k.startswith("What a user gains"))
+    assert "Gaussian-mixture sliced W2" in gain_line and "--smoke" in gain_line
+    assert any(k.startswith("Forward time vs volume") for k in by_subject)
+
+    # without the markers README is left as it is
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers here\n")
+    assert results_md.update_readme(str(plain), results_md.load_results(str(results))) is False
+    assert plain.read_text() == "no markers here\n"
+
+
+def test_the_tests_never_wrote_into_benchmarks_results():
+    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers"):
+        path = os.path.join(BENCH, "results", f"{name}_cpu.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                assert "--smoke" not in json.load(f).get("command", ""), path
