@@ -1,4 +1,5 @@
-# Newcomer targets: `make run` (main job) and `make test` (the test suite). Both create .venv if missing.
+# Newcomer targets: `make demo` (main job: sample volumes from the bundled demo model) and `make test` (the test
+# suite). Both create .venv if missing.
 PYTHON ?= python3
 VENV ?= .venv
 # The torch and triton this machine class has locally; override e.g. `make test TORCH_SPEC="torch==2.14.1"`.
@@ -7,7 +8,7 @@ TRITON_SPEC ?= triton==3.9.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pydiffmed-installed
 
-.PHONY: install build run test bench clean
+.PHONY: install build demo run test bench clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,12 @@ install: $(STAMP)
 # Rebuild the C++ extension in place after editing csrc/ (pip install -e builds it once).
 build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
+
+DEMO_OUT ?= samples
+demo: build
+	$(VENV)/bin/pydiffmed sample --model demo --num 4 --batch 4 --solver dpmpp_2m --steps 20 --seed 0 \
+		--out $(DEMO_OUT) --overwrite
+	@echo "demo volumes (NIfTI), previews (PNG) and sidecars (JSON) are in $(abspath $(DEMO_OUT))/"
 
 run: build
 	$(VENV)/bin/pydiffmed info

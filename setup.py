@@ -35,7 +35,7 @@ setup(
     name="pydiffmed",
     version="0.1.0",
     description="Fast sampler engine for diffusion models on 3-D medical volumes",
-    packages=["pydiffmed", "pydiffmed.ops", "pydiffmed.models", "pydiffmed.solvers", "triton_kernels"],
+    packages=["pydiffmed", "pydiffmed.demo", "pydiffmed.ops", "pydiffmed.models", "pydiffmed.solvers", "triton_kernels"],
     package_data={"pydiffmed": ["models_data/README.md", "models_data/*/*", "models_data/*.safetensors"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext, "build_py": BuildPyWithKernelSources},
