@@ -159,8 +159,20 @@ def headline_scaling(rows):
     return [(f"Forward time vs volume: {big['variant']} vs MONAI fp32, batch 1", ", ".join(parts) + memory)]
 
 
+def headline_demo_quality(rows):
+    by_set = {r["volumes"].split(" ", 1)[1]: r for r in rows}
+    keys = ("demo samples", "fresh phantoms (floor)", "clipped Gaussian noise", "untrained network, same sampler")
+    if not all(k in by_set for k in keys):
+        return []
+    parts = [f"{k}: {by_set[k]['histogram_W1']:.3g} / {by_set[k]['fractions_L1']:.3g} / "
+             f"{by_set[k]['structure']:.2g}" for k in keys]
+    return [("Demo model sample quality vs unseen phantoms (histogram W1 / tissue fractions L1 / structure; "
+             "0 = alike)", "; ".join(parts))]
+
+
 HEADLINES = {"bench_group_norm": headline_group_norm, "bench_unet": headline_unet,
-             "bench_end_to_end": headline_end_to_end, "bench_scaling": headline_scaling}
+             "bench_end_to_end": headline_end_to_end, "bench_scaling": headline_scaling,
+             "bench_demo_quality": headline_demo_quality}
 
 
 def headline_rows(results):

@@ -58,6 +58,7 @@ def results(tmp_path_factory):
     model = tiny_v_prediction_model(str(tmp_path_factory.mktemp("models") / "tinydemo"))
     run_script("bench_end_to_end.py", ["--smoke", "--threads", "1", "--model", model], out)
     run_script("bench_scaling.py", ["--smoke", "--threads", "1"], out)
+    run_script("bench_demo_quality.py", ["--smoke", "--model", model], out)
     run_script("bench_solvers.py", ["--quick", "--side", "2", "--samples", "40", "--solvers", "ddim,dpmpp_2m"], out)
     return out
 
@@ -197,6 +198,13 @@ def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
     gain_line = next(v for k, v in by_subject.items() if k.startswith("What a user gains"))
     assert "Gaussian-mixture sliced W2" in gain_line and "--smoke" in gain_line
     assert any(k.startswith("Forward time vs volume") for k in by_subject)
+    quality = {r["volumes"]: r for r in load(results, "bench_demo_quality")["rows"]}
+    assert sorted(quality) == ["2 clipped Gaussian noise", "2 demo samples", "2 fresh phantoms (floor)",
+                               "2 untrained network, same sampler"]
+    assert quality["2 clipped Gaussian noise"]["vs_noise_histogram"] == 1.0
+    quality_line = next(v for k, v in by_subject.items() if k.startswith("Demo model sample quality"))
+    floor = quality["2 fresh phantoms (floor)"]
+    assert f"fresh phantoms (floor): {floor['histogram_W1']:.3g} / {floor['fractions_L1']:.3g}" in quality_line
 
     # without the markers README is left as it is
     plain = tmp_path / "plain.md"
