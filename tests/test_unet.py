@@ -159,13 +159,18 @@ def test_gradients_match_monai():
     """Training (the demo model) backpropagates through the fused ops: parameter gradients equal MONAI's."""
     config, monai, x, t, kwargs = build("attn_last_level", seed=4)
     model = UNet3D.from_monai(monai)
-    grad_out = torch.randn(x.shape[:1] + (config["out_channels"],) + x.shape[2:],
-                           generator=torch.Generator().manual_seed(2))
-    (model(x, t, **kwargs) * grad_out).sum().backward()
+    out = model(x, t, **kwargs)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * grad_out).sum().backward()
     (monai(x, t, **kwargs) * grad_out).sum().backward()
     monai_grads = {name: p.grad for name, p in monai.named_parameters()}
+    largest = max(g.abs().max().item() for g in monai_grads.values())
     for name, p in model.named_parameters():
-        assert_relative_close(p.grad, monai_grads[name], what=f"gradient of {name}")
+        # relative to the tensor's own gradient, floored at 1e-3 of the largest: some are zero up to rounding
+        # (a key bias shifts every score of a query alike, which softmax ignores)
+        scale = max(monai_grads[name].abs().max().item(), 1e-3 * largest)
+        err = max_abs_err(p.grad, monai_grads[name])
+        assert err <= 1e-4 * scale, f"gradient of {name}: max error {err:.3g} > 1e-4 × {scale:.3g}"
 
 
 def test_accelerate_rejects_non_modules():
