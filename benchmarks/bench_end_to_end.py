@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_solvers  # noqa: E402
-from bench_unet import CONFIGS, interleaved_medians, randomize_  # noqa: E402
-from common import command_line, save  # noqa: E402
+from bench_unet import CONFIGS, randomize_  # noqa: E402
+from common import command_line, interleaved_medians, save  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
 from pydiffmed.schedules import NoiseSchedule  # noqa: E402

@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_unet import CONFIGS, DTYPE_NAMES, interleaved_medians, randomize_  # noqa: E402
-from common import save  # noqa: E402
+from bench_unet import CONFIGS, DTYPE_NAMES, randomize_  # noqa: E402
+from common import interleaved_medians, save  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
 from pydiffmed.schedules import NoiseSchedule  # noqa: E402

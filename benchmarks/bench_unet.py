@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import save, sync  # noqa: E402
+from common import interleaved_medians, save, sync  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
 
@@ -51,24 +49,6 @@ def randomize_(model, seed=0):
             noise = torch.randn(p.shape, generator=gen)
             p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 else 1.0 + 0.1 * noise)
     return model
-
-
-def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
-    """(median wall time, median process CPU time) of each callable, timing them in turn within every round.
-    CPU time (all threads of this process) is less sensitive than wall time to other processes on the cores."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            sync(device)
-            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
-    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
-            for name, ts in times.items()}
 
 
 def conv_peak(dtype, device, repeats=10) -> float:

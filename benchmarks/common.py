@@ -44,6 +44,24 @@ def median_time(fn, device="cpu", repeats=10, warmup=2, min_time=0.0) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dict:
+    """(median wall time, median process CPU time) of each callable, timing them in turn within every round.
+    CPU time (all threads of this process) is less sensitive than wall time to other processes on the cores."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: (statistics.median(w for w, _ in ts), statistics.median(c for _, c in ts))
+            for name, ts in times.items()}
+
+
 def copy_bandwidth(nbytes: int, device="cpu") -> float:
     """Same-run memory bandwidth (bytes/s) of torch.clone on a buffer of nbytes: read + write counted."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

@@ -272,6 +272,93 @@ def test_cpu_kernel_every_layout_pair(variant, dtype):
                 assert_close_by_rule(got, expected, at_dtype, what=f"{variant} {shape} x_cl={x_cl} y_cl={y_cl}")
 
 
+# --- streaming (non-temporal) stores of y in the AVX-512 apply ----------------------------------------------------
+
+@contextlib.contextmanager
+def stream_min_bytes(nbytes):
+    """The cpu kernel writes y with streaming stores from nbytes of output on (-1: its default) meanwhile."""
+    from pydiffmed import _C
+
+    previous = _C.group_norm_set_stream_min_bytes(nbytes)
+    try:
+        yield
+    finally:
+        _C.group_norm_set_stream_min_bytes(previous)
+
+
+def default_stream_min_bytes():
+    from pydiffmed import _C
+
+    previous = _C.group_norm_set_stream_min_bytes(-1)
+    default = _C.group_norm_set_stream_min_bytes(previous)
+    return default
+
+
+# Above the default streaming threshold at every dtype; S = 55·57·59 is odd, so NCS channels start at every
+# alignment (the unaligned heads and the tails use normal stores); C = 48 lets the channels-last output stream.
+STREAM_SHAPE = (1, 48, (55, 57, 59), 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_streaming_stores_on_a_large_output(dtype):
+    n, c, spatial, _ = STREAM_SHAPE
+    assert n * c * math.prod(spatial) * dtype.itemsize >= default_stream_min_bytes()
+    for cl in (False, True):
+        x, g, w, b, bnc = make_inputs(STREAM_SHAPE, dtype, cl, act="silu", bias_nc=True)
+        # (the transposing apply streams fp32 only)
+        for token_major in (False, True) if dtype == torch.float32 and not cl else (False,):
+            def run():
+                return group_norm(x, g, w, b, act="silu", bias_nc=bnc, token_major=token_major, backend="cpu")
+
+            streamed = run()
+            what = f"cl={cl} token_major={token_major}"
+            check_against_oracle(streamed, x, g, w, b, 1e-5, "silu", bnc, token_major, 0.0, what=what)
+            with stream_min_bytes(1 << 62):
+                plain = run()
+            # the store instruction is the only difference
+            assert torch.equal(streamed, plain), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cpu_streaming_stores_every_layout_pair_and_alignment(dtype):
+    """Streaming forced on small problems: every x/y layout pair, y starting at several element offsets from an
+    aligned address (unaligned y: NCS peels a head, the other layouts fall back to normal stores), bit-equal to
+    plain stores, nothing written before or after y."""
+    from pydiffmed import _C
+
+    # C = 80 and 96: channels-last rows in two slabs (64 + 16 or 32 channels)
+    for shape in ((1, 24, (5, 9, 11), 3), (1, 32, (40, 50), 4), (2, 48, (7, 16), 4), (1, 80, (3, 5), 8),
+                  (1, 96, (4, 20), 8)):
+        n, c, spatial, g = shape
+        s = math.prod(spatial)
+        for x_cl in (False, True):
+            x, g, w, b, bnc = make_inputs(shape, dtype, x_cl, act="silu", bias_nc=True)
+            for y_cl in (False, True):
+                for lead in (0, 1, 3, 8):
+                    outputs = []
+                    for threshold in (0, 1 << 62):
+                        buf = torch.full((lead + n * c * s + 64,), float("nan"), dtype=dtype)
+                        y = buf[lead:lead + n * c * s].view((n, s, c) if y_cl else (n, c, s))
+                        with stream_min_bytes(threshold):
+                            _C.group_norm(x.data_ptr(), y.data_ptr(), backends.DTYPE_CODES[dtype], n, c, s, g, x_cl,
+                                          y_cl, w.data_ptr(), b.data_ptr(), bnc.data_ptr(), 1e-5, True, 2)
+                        what = f"{shape} x_cl={x_cl} y_cl={y_cl} lead={lead} threshold={threshold}"
+                        assert torch.isnan(buf[:lead]).all() and torch.isnan(buf[lead + n * c * s:]).all(), what
+                        assert not torch.isnan(y).any(), what
+                        outputs.append(y.transpose(1, 2) if y_cl else y)
+                    assert torch.equal(outputs[0], outputs[1]), what
+                    at_dtype = torch_at_dtype(x, g, w, b, 1e-5, "silu", bnc).reshape(n, c, s)
+                    assert_close_by_rule(outputs[0], oracle(x, g, w, b, 1e-5, "silu", bnc).reshape(n, c, s),
+                                         at_dtype, what=what)
+
+
+def test_stream_min_bytes_rejects_bad_values():
+    from pydiffmed import _C
+
+    with pytest.raises(ValueError, match="bytes"):
+        _C.group_norm_set_stream_min_bytes(-2)
+
+
 def test_cpu_backend_uses_threads_consistently():
     """The split of the work between threads must not change the statistics beyond rounding."""
     x, g, w, b, bnc = make_inputs(LARGE_SHAPE, torch.float32, False, bias_nc=True)

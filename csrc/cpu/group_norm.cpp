@@ -2,14 +2,18 @@
 // channels-last (N, S, C) memory order, y independently in either (the token-major N x S x C output is the
 // channels-last order). Math shared with CUDA lives in csrc/common/group_norm.h.
 //
-// One OpenMP region, three phases, the same static task split in phases 1 and 3 so a thread re-reads the data it
-// read itself (still in its cache when the problem is small):
+// One OpenMP region, three phases, the same task split (thread_share) in phases 1 and 3 so a thread re-reads the
+// data it read itself, and phase 3 runs through its share backwards, so the part read last (still in cache, all of
+// it when the problem is small) is re-read first:
 //   1. stats: tasks are (n, chunk); a chunk is <= kChunkElems values that stay in L1/L2 between its mean pass
 //      and its centred m2 pass. NCS chunks lie inside one channel; channels-last chunks are blocks of rows, with
 //      per-channel accumulators merged into per-group partials before they are stored.
 //   2. merge: per (n, group), Chan's formula over its partials (in double), then per-channel parameters.
 //   3. apply: y = (x - center) * scale + shift (+ SiLU), loops vectorised along the contiguous axis.
-// x is read from memory twice (phases 1 and 3) and y written once.
+// x is read from memory twice (phases 1 and 3) and y written once. On the AVX-512 path a y of at least
+// stream_min_bytes is written with streaming stores, which skip the read of each line that a plain store does
+// first (write-allocate): 3 line transfers per element instead of 4; and each apply task prefetches the x of the
+// thread's next task into L2, so memory reads overlap the arithmetic.
 //
 // Two implementations of the hot loops, picked at run time:
 //   * Avx512: intrinsics, on CPUs with AVX-512 F/BW/VL/DQ and BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
@@ -21,9 +25,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -53,6 +59,14 @@ constexpr int64_t kMinElemsPerThread = 16384;
 // NCS groups up to this size are normalised by one thread start to finish, so the apply pass reads the group
 // from L2 instead of memory (x is read from memory once instead of twice).
 constexpr int64_t kGroupResidentBytes = 1 << 20;
+// From this many bytes of y on, the AVX-512 apply writes y with streaming stores (see stream_y_ok): a plain
+// store first reads the line it writes (write-allocate), which turns the apply's one write of y into a read and a
+// write, and streaming skips that read. It pays once x and y no longer fit in the last-level cache; below, plain
+// stores are faster (they leave y in cache; the write-allocate reads hit). Measured on the development machine
+// (2 cores of a large-L3 Xeon VM, fp32): streaming 7-25 % slower up to 16 MiB of y, 5-45 % faster from 20 MiB;
+// for bf16 (compute-bound there) within noise. Settable (group_norm_set_stream_min_bytes) for tests.
+constexpr int64_t kStreamMinBytesDefault = 16 << 20;
+int64_t stream_min_bytes = kStreamMinBytesDefault;
 
 // Per-(sample, channel) apply parameters: y = (x - center) * scale + shift. From pdm::GNChannel with center_lo
 // folded into the shift (shift - center_lo * scale), one array each so that channel loops vectorise.
@@ -229,21 +243,24 @@ struct Generic {
                              float* m2) {
         generic_rows_mean_m2<D>(x, rows, C, pivot, offset, m2);
     }
-    template <int D, bool SILU>
+    // Plain stores only (kStreams = false): the driver never asks for STREAM = true here.
+    template <int D, bool SILU, bool STREAM>
     static void apply_span(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t len, float center,
-                           float scale, float shift) {
+                           float scale, float shift, int64_t = 0) {
         generic_apply_span<D, SILU>(x, y, len, center, scale, shift);
     }
-    template <int D, bool SILU>
+    template <int D, bool SILU, bool STREAM>
     static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
-                           ChannelParams ch) {
+                           ChannelParams ch, int64_t = 0) {
         generic_apply_rows<D, SILU>(x, y, rows, C, ch.center, ch.scale, ch.shift);
     }
-    template <int D, bool SILU>
+    template <int D, bool SILU, bool STREAM>
     static void apply_tile(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t chans, int64_t S,
                            int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
         apply_tile_transposed<D, SILU>(x, y, rows, chans, S, C, x_cl, ch, tmp);
     }
+    static constexpr bool kStreams = false;
+    static void fence() {}
 };
 
 // =============================================================================================================
@@ -272,6 +289,7 @@ struct V16<pdm::kFloat32> {
     static PDM_AVX512 inline __m512 load(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
     static PDM_AVX512 inline void store(T* p, __m512 v) { _mm512_storeu_ps(p, v); }
     static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+    static PDM_AVX512 inline void stream(T* p, __m512 v) { _mm512_stream_ps(p, v); }  // p: 64-byte aligned
 };
 template <>
 struct V16<pdm::kFloat16> {
@@ -287,6 +305,8 @@ struct V16<pdm::kFloat16> {
     }
     static PDM_AVX512 inline void store(T* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, pack(v)); }
     static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, pack(v)); }
+    // p: 32-byte aligned
+    static PDM_AVX512 inline void stream(T* p, __m512 v) { _mm256_stream_si256((__m256i*)p, pack(v)); }
 };
 template <>
 struct V16<pdm::kBFloat16> {
@@ -299,6 +319,8 @@ struct V16<pdm::kBFloat16> {
     static PDM_AVX512 inline __m256i pack(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
     static PDM_AVX512 inline void store(T* p, __m512 v) { _mm256_storeu_si256((__m256i*)p, pack(v)); }
     static PDM_AVX512 inline void store(T* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, pack(v)); }
+    // p: 32-byte aligned
+    static PDM_AVX512 inline void stream(T* p, __m512 v) { _mm256_stream_si256((__m256i*)p, pack(v)); }
 };
 
 // silu(v) = v / (1 + e^-v), with e^-v = 2^t, t = -v*log2(e) = n + f (n integer, |f| <= 1/2), 2^f by its Taylor
@@ -328,6 +350,16 @@ template <int D, bool SILU>
 PDM_AVX512 inline __m512 apply16(__m512 v, __m512 center, __m512 scale, __m512 shift) {
     const __m512 y = _mm512_fmadd_ps(_mm512_sub_ps(v, center), scale, shift);
     return SILU ? silu16<D>(y) : y;
+}
+
+// A full vector of y: a streaming (non-temporal) store when STREAM, which writes the line without first reading
+// it (no write-allocate) and keeps y out of the caches; p must then be aligned to the vector's size.
+template <int D, bool STREAM>
+PDM_AVX512 inline void put16(typename V16<D>::T* p, __m512 v) {
+    if (STREAM)
+        V16<D>::stream(p, v);
+    else
+        V16<D>::store(p, v);
 }
 
 template <int D>
@@ -463,17 +495,33 @@ PDM_AVX512 void avx512_rows_mean_m2(const typename V16<D>::T* x, int64_t rows, i
     }
 }
 
-template <int D, bool SILU>
+// STREAM: the values before y's first 64-byte boundary and the last < 32 go through normal stores, the aligned
+// middle through streaming ones (y must be aligned to its element size).
+// PREFETCH: x + ahead is where the caller's next task reads; it is prefetched into L2 line by line as x is
+// consumed here, so that its memory reads overlap this task's arithmetic instead of stalling the next one.
+template <int D, bool SILU, bool STREAM, bool PREFETCH>
 PDM_AVX512 void avx512_apply_span(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t len, float center_f,
-                                  float scale_f, float shift_f) {
+                                  float scale_f, float shift_f, int64_t ahead) {
     typedef V16<D> L;
     const __m512 center = _mm512_set1_ps(center_f), scale = _mm512_set1_ps(scale_f), shift = _mm512_set1_ps(shift_f);
     int64_t i = 0;
+    if (STREAM) {
+        const int64_t head = std::min<int64_t>(len, (-reinterpret_cast<std::uintptr_t>(y) & 63) / sizeof(*y));
+        for (; i < head; i += 16) {
+            const __mmask16 m = head - i >= 16 ? (__mmask16)0xffff : tail_mask(head - i);
+            L::store(y + i, apply16<D, SILU>(L::load(x + i, m), center, scale, shift), m);
+        }
+        i = head;
+    }
     for (; i + 32 <= len; i += 32) {  // two vectors per iteration: independent work for the long silu chain
+        if (PREFETCH) {
+            _mm_prefetch((const char*)(x + i + ahead), _MM_HINT_T1);
+            if (sizeof(*x) == 4) _mm_prefetch((const char*)(x + i + 16 + ahead), _MM_HINT_T1);
+        }
         const __m512 a = apply16<D, SILU>(L::load(x + i), center, scale, shift);
         const __m512 b = apply16<D, SILU>(L::load(x + i + 16), center, scale, shift);
-        L::store(y + i, a);
-        L::store(y + i + 16, b);
+        put16<D, STREAM>(y + i, a);
+        put16<D, STREAM>(y + i + 16, b);
     }
     for (; i < len; i += 16) {
         const __mmask16 m = len - i >= 16 ? (__mmask16)0xffff : tail_mask(len - i);
@@ -482,10 +530,10 @@ PDM_AVX512 void avx512_apply_span(const typename V16<D>::T* x, typename V16<D>::
 }
 
 // Channels-last apply of NB blocks of 16 channels (the last one masked when MASKED) over `rows` rows of stride
-// C, parameters held in registers.
-template <int D, bool SILU, int NB, bool MASKED>
+// C, parameters held in registers. ahead != 0: prefetch x + ahead as in avx512_apply_span.
+template <int D, bool SILU, int NB, bool MASKED, bool STREAM>
 PDM_AVX512 void avx512_apply_block(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t C,
-                                   __mmask16 last_mask, ChannelParams ch) {
+                                   __mmask16 last_mask, ChannelParams ch, int64_t ahead) {
     typedef V16<D> L;
     __m512 center[NB], scale[NB], shift[NB];
     for (int b = 0; b < NB; ++b) {
@@ -498,39 +546,41 @@ PDM_AVX512 void avx512_apply_block(const typename V16<D>::T* x, typename V16<D>:
         const typename L::T* xr = x + r * C;
         typename L::T* yr = y + r * C;
         for (int b = 0; b < NB; ++b) {
+            if (ahead) _mm_prefetch((const char*)(xr + 16 * b + ahead), _MM_HINT_T1);
             if (MASKED && b == NB - 1) {
                 L::store(yr + 16 * b, apply16<D, SILU>(L::load(xr + 16 * b, last_mask), center[b], scale[b], shift[b]),
                          last_mask);
             } else {
-                L::store(yr + 16 * b, apply16<D, SILU>(L::load(xr + 16 * b), center[b], scale[b], shift[b]));
+                put16<D, STREAM>(yr + 16 * b, apply16<D, SILU>(L::load(xr + 16 * b), center[b], scale[b], shift[b]));
             }
         }
     }
 }
 
-template <int D, bool SILU, bool MASKED>
+template <int D, bool SILU, bool MASKED, bool STREAM>
 PDM_AVX512 void apply_block_dispatch(int nb, const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows,
-                                     int64_t C, __mmask16 last, ChannelParams ch) {
+                                     int64_t C, __mmask16 last, ChannelParams ch, int64_t ahead) {
     switch (nb) {
-        case 1: avx512_apply_block<D, SILU, 1, MASKED>(x, y, rows, C, last, ch); break;
-        case 2: avx512_apply_block<D, SILU, 2, MASKED>(x, y, rows, C, last, ch); break;
-        case 3: avx512_apply_block<D, SILU, 3, MASKED>(x, y, rows, C, last, ch); break;
-        default: avx512_apply_block<D, SILU, 4, MASKED>(x, y, rows, C, last, ch); break;
+        case 1: avx512_apply_block<D, SILU, 1, MASKED, STREAM>(x, y, rows, C, last, ch, ahead); break;
+        case 2: avx512_apply_block<D, SILU, 2, MASKED, STREAM>(x, y, rows, C, last, ch, ahead); break;
+        case 3: avx512_apply_block<D, SILU, 3, MASKED, STREAM>(x, y, rows, C, last, ch, ahead); break;
+        default: avx512_apply_block<D, SILU, 4, MASKED, STREAM>(x, y, rows, C, last, ch, ahead); break;
     }
 }
 
-// Channels-last block of rows: slabs of up to 64 channels (their parameters fill 12 registers).
-template <int D, bool SILU>
+// Channels-last block of rows: slabs of up to 64 channels (their parameters fill 12 registers). STREAM only
+// when C % 16 == 0 (no masked block) and y is vector-aligned (see stream_y_ok).
+template <int D, bool SILU, bool STREAM>
 PDM_AVX512 void avx512_apply_rows(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t C,
-                                  ChannelParams ch) {
+                                  ChannelParams ch, int64_t ahead) {
     for (int64_t c0 = 0; c0 < C; c0 += 64) {
         const int64_t chans = std::min<int64_t>(64, C - c0);
         const int nb = (int)((chans + 15) / 16);
         const __mmask16 last = chans % 16 ? tail_mask(chans % 16) : (__mmask16)0xffff;
         if (chans % 16)
-            apply_block_dispatch<D, SILU, true>(nb, x + c0, y + c0, rows, C, last, ch.at(c0));
+            apply_block_dispatch<D, SILU, true, false>(nb, x + c0, y + c0, rows, C, last, ch.at(c0), ahead);
         else
-            apply_block_dispatch<D, SILU, false>(nb, x + c0, y + c0, rows, C, last, ch.at(c0));
+            apply_block_dispatch<D, SILU, false, STREAM>(nb, x + c0, y + c0, rows, C, last, ch.at(c0), ahead);
     }
 }
 
@@ -560,8 +610,8 @@ PDM_AVX512 inline void transpose16(__m512 r[16]) {
 
 // The transposing apply (see apply_tile_transposed) in 16 x 16 blocks: the math along x's contiguous axis, a
 // register transpose, stores along y's. Partial blocks (fewer than 16 channels or positions) take the generic
-// tile.
-template <int D, bool SILU>
+// tile. STREAM only when every full block's stores are vector-aligned (see stream_y_ok).
+template <int D, bool SILU, bool STREAM>
 PDM_AVX512 void avx512_apply_tile(const typename V16<D>::T* x, typename V16<D>::T* y, int64_t rows, int64_t chans,
                                   int64_t S, int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
     typedef V16<D> L;
@@ -574,7 +624,7 @@ PDM_AVX512 void avx512_apply_tile(const typename V16<D>::T* x, typename V16<D>::
                 r[k] = apply16<D, SILU>(L::load(x + k * S + s), _mm512_set1_ps(ch.center[k]),
                                         _mm512_set1_ps(ch.scale[k]), _mm512_set1_ps(ch.shift[k]));
             transpose16(r);
-            for (int j = 0; j < 16; ++j) L::store(y + (s + j) * C, r[j]);
+            for (int j = 0; j < 16; ++j) put16<D, STREAM>(y + (s + j) * C, r[j]);
         }
         if (s < rows) apply_tile_transposed<D, SILU>(x + s, y + s * C, rows - s, chans, S, C, x_cl, ch, tmp);
     } else {  // channels-last -> NCS: r[j] = position j, 16 channels
@@ -583,7 +633,7 @@ PDM_AVX512 void avx512_apply_tile(const typename V16<D>::T* x, typename V16<D>::
         for (; s + 16 <= rows; s += 16) {
             for (int j = 0; j < 16; ++j) r[j] = apply16<D, SILU>(L::load(x + (s + j) * C), center, scale, shift);
             transpose16(r);
-            for (int k = 0; k < 16; ++k) L::store(y + k * S + s, r[k]);
+            for (int k = 0; k < 16; ++k) put16<D, STREAM>(y + k * S + s, r[k]);
         }
         if (s < rows) apply_tile_transposed<D, SILU>(x + s * C, y + s, rows - s, chans, S, C, x_cl, ch, tmp);
     }
@@ -599,21 +649,27 @@ struct Avx512 {
                              float* m2) {
         avx512_rows_mean_m2<D>(x, rows, C, pivot, offset, m2);
     }
-    template <int D, bool SILU>
+    template <int D, bool SILU, bool STREAM>
     static void apply_span(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t len, float center,
-                           float scale, float shift) {
-        avx512_apply_span<D, SILU>(x, y, len, center, scale, shift);
+                           float scale, float shift, int64_t prefetch_ahead = 0) {
+        if (prefetch_ahead)
+            avx512_apply_span<D, SILU, STREAM, true>(x, y, len, center, scale, shift, prefetch_ahead);
+        else
+            avx512_apply_span<D, SILU, STREAM, false>(x, y, len, center, scale, shift, 0);
     }
-    template <int D, bool SILU>
+    template <int D, bool SILU, bool STREAM>
     static void apply_rows(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t C,
-                           ChannelParams ch) {
-        avx512_apply_rows<D, SILU>(x, y, rows, C, ch);
+                           ChannelParams ch, int64_t prefetch_ahead = 0) {
+        avx512_apply_rows<D, SILU, STREAM>(x, y, rows, C, ch, prefetch_ahead);
     }
-    template <int D, bool SILU>
+    template <int D, bool SILU, bool STREAM>
     static void apply_tile(const typename IO<D>::T* x, typename IO<D>::T* y, int64_t rows, int64_t chans, int64_t S,
                            int64_t C, bool x_cl, ChannelParams ch, float* tmp) {
-        avx512_apply_tile<D, SILU>(x, y, rows, chans, S, C, x_cl, ch, tmp);
+        avx512_apply_tile<D, SILU, STREAM>(x, y, rows, chans, S, C, x_cl, ch, tmp);
     }
+    static constexpr bool kStreams = true;
+    // Orders this thread's streaming stores before whatever follows (they are weakly ordered).
+    static void fence() { _mm_sfence(); }
 };
 #endif  // PDM_HAVE_AVX512_PATH
 
@@ -649,40 +705,78 @@ Chunking cl_chunking(int64_t S, int64_t C) {
     return {(S + rows - 1) / rows, rows};
 }
 
-template <class K, int D, bool SILU>
+// Whether the apply may write y with streaming stores (the size aside). Streaming pays only when each cache line
+// is written whole by consecutive stores; a line left half-written goes to memory in pieces (16-bit transposing
+// tiles that way ran 2-3x slower than plain stores).
+//   * NCS -> NCS: spans store their unaligned head normally, so y needs only element alignment.
+//   * The other applies store whole vectors at fixed offsets: y aligned to 16 elements, the row pitch of y (C
+//     when y is channels-last, else S) a multiple of 16.
+//   * Channels-last -> channels-last: a 16-bit vector is half a line, completed by the next store of the same
+//     row, except across 64-channel slabs: there the row pitch must hold whole lines (C % 32 == 0).
+//   * Transposing: a 16-bit vector's other half line is stored a tile later: fp32 only.
+bool stream_y_ok(const Problem& p, const void* y, std::size_t elem_bytes) {
+    const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(y);
+    if (!p.x_cl && !p.y_cl) return address % elem_bytes == 0;
+    if (address % (16 * elem_bytes) != 0 || (p.y_cl ? p.C : p.S) % 16 != 0) return false;
+    if (p.x_cl && p.y_cl) return elem_bytes == 4 || p.C <= 64 || p.C % 32 == 0;
+    return elem_bytes == 4;
+}
+
+// This thread's share [begin, end) of `count` tasks: contiguous blocks in thread order, the same in every phase
+// for the same count.
+struct Share {
+    int64_t begin, end;
+};
+inline Share thread_share(int64_t count) {
+    const int64_t t = omp_get_thread_num(), threads = omp_get_num_threads();
+    return {count * t / threads, count * (t + 1) / threads};
+}
+
+// Called by every thread of the parallel region, as its last work (no barrier at the end). Each thread applies
+// its share backwards: the statistics pass read the same x forwards, so the x it read last, still in cache,
+// is re-read first (forwards, every re-read of an x larger than the cache would miss).
+template <class K, int D, bool SILU, bool STREAM>
 void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y, const ChannelParams& ch,
                  const Chunking& ncs, const Chunking& cl, float* tmp) {
     const int64_t N = p.N, C = p.C, S = p.S;
     if (!p.x_cl && !p.y_cl) {
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * C * ncs.per_unit; ++task) {
+        const Share share = thread_share(N * C * ncs.per_unit);
+        for (int64_t task = share.end - 1; task >= share.begin; --task) {
             const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
             const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
             const int64_t off = nc * S + start;
-            K::template apply_span<D, SILU>(x + off, y + off, len, ch.center[nc], ch.scale[nc], ch.shift[nc]);
+            const int64_t next = task - 1;  // this thread's next task
+            const int64_t ahead =
+                next < share.begin ? 0 : (next / ncs.per_unit) * S + (next % ncs.per_unit) * ncs.length - off;
+            K::template apply_span<D, SILU, STREAM>(x + off, y + off, len, ch.center[nc], ch.scale[nc],
+                                                    ch.shift[nc], ahead);
         }
     } else if (p.x_cl && p.y_cl) {
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * cl.per_unit; ++task) {
+        const Share share = thread_share(N * cl.per_unit);
+        for (int64_t task = share.end - 1; task >= share.begin; --task) {
             const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
             const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
             const int64_t off = (n * S + r0) * C;
-            K::template apply_rows<D, SILU>(x + off, y + off, rows, C, ch.at(n * C));
+            const int64_t next = task - 1;  // this thread's next task
+            const int64_t ahead =
+                next < share.begin ? 0 : ((next / cl.per_unit) * S + (next % cl.per_unit) * cl.length) * C - off;
+            K::template apply_rows<D, SILU, STREAM>(x + off, y + off, rows, C, ch.at(n * C), ahead);
         }
     } else {
         const int64_t tiles = (S + kTileS - 1) / kTileS;
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * tiles; ++task) {
+        const Share share = thread_share(N * tiles);
+        for (int64_t task = share.end - 1; task >= share.begin; --task) {
             const int64_t n = task / tiles, s0 = (task % tiles) * kTileS, rows = std::min(kTileS, S - s0);
             for (int64_t c0 = 0; c0 < C; c0 += kTileC) {
                 const int64_t chans = std::min(kTileC, C - c0);
                 const int64_t x_off = p.x_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
                 const int64_t y_off = p.y_cl ? (n * S + s0) * C + c0 : (n * C + c0) * S + s0;
-                K::template apply_tile<D, SILU>(x + x_off, y + y_off, rows, chans, S, C, p.x_cl, ch.at(n * C + c0),
-                                                tmp);
+                K::template apply_tile<D, SILU, STREAM>(x + x_off, y + y_off, rows, chans, S, C, p.x_cl,
+                                                        ch.at(n * C + c0), tmp);
             }
         }
     }
+    if (STREAM) K::fence();
 }
 
 // Per-(n, group) channel parameters from that group's NCS partials (one per (channel, chunk), consecutive).
@@ -701,29 +795,46 @@ inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<do
     }
 }
 
-// NCS in and out, small groups: one task per (n, group) does stats, parameters and apply back to back.
-template <class K, int D>
+// NCS in and out, small groups: one task per (n, group) does stats, parameters and apply back to back. While it
+// applies one group (from L2), it prefetches the next one, which its statistics pass then reads from L2.
+template <class K, int D, bool SILU, bool STREAM>
 void run_group_resident(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y, const Chunking& ncs,
                         MeanM2<double>* partials, float* center, float* scale, float* shift, int threads) {
     const int64_t C = p.C, S = p.S, G = p.G, Cg = C / G;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t ng = 0; ng < p.N * G; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const int64_t first = (n * C + g * Cg) * ncs.per_unit;
-        for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
-            const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
-            K::template span_mean_m2<D>(x + nc * S + start, std::min(ncs.length, S - start), &partials[first + k]);
-            if (p.bias_nc) pdm::gn_add_to_mean(partials[first + k], (double)p.bias_nc[nc]);
+#pragma omp parallel num_threads(threads)
+    {
+        const Share share = thread_share(p.N * G);
+        for (int64_t ng = share.begin; ng < share.end; ++ng) {
+            const int64_t n = ng / G, g = ng % G;
+            const int64_t first = (n * C + g * Cg) * ncs.per_unit;
+            const int64_t ahead = ng + 1 < share.end ? Cg * S : 0;  // groups are consecutive in NCS
+            for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
+                const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
+                K::template span_mean_m2<D>(x + nc * S + start, std::min(ncs.length, S - start),
+                                            &partials[first + k]);
+                if (p.bias_nc) pdm::gn_add_to_mean(partials[first + k], (double)p.bias_nc[nc]);
+            }
+            group_params(p, n, g, &partials[first], Cg * ncs.per_unit, center, scale, shift);
+            for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
+                const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
+                const int64_t off = nc * S + start, len = std::min(ncs.length, S - start);
+                K::template apply_span<D, SILU, STREAM>(x + off, y + off, len, center[nc], scale[nc], shift[nc],
+                                                        ahead);
+            }
         }
-        group_params(p, n, g, &partials[first], Cg * ncs.per_unit, center, scale, shift);
-        for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
-            const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
-            const int64_t off = nc * S + start, len = std::min(ncs.length, S - start);
-            if (p.silu)
-                K::template apply_span<D, true>(x + off, y + off, len, center[nc], scale[nc], shift[nc]);
-            else
-                K::template apply_span<D, false>(x + off, y + off, len, center[nc], scale[nc], shift[nc]);
-        }
+        if (STREAM) K::fence();
+    }
+}
+
+// f(silu, stream) with both flags as compile-time constants (std::bool_constant arguments).
+template <class F>
+void with_apply_flags(bool silu, bool stream, F&& f) {
+    if (silu) {
+        if (stream) f(std::true_type{}, std::true_type{});
+        else f(std::true_type{}, std::false_type{});
+    } else {
+        if (stream) f(std::false_type{}, std::true_type{});
+        else f(std::false_type{}, std::false_type{});
     }
 }
 
@@ -745,8 +856,13 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     const int64_t total = N * C * S;
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
 
+    const bool stream = K::kStreams && total * (int64_t)sizeof(T) >= stream_min_bytes && stream_y_ok(p, y, sizeof(T));
+
     if (!p.x_cl && !p.y_cl && N * G >= threads && Cg * S * (int64_t)sizeof(T) <= kGroupResidentBytes) {
-        run_group_resident<K, D>(p, x, y, ncs, partials.data(), center.data(), scale.data(), shift.data(), threads);
+        with_apply_flags(p.silu, stream, [&](auto silu, auto streaming) {
+            run_group_resident<K, D, decltype(silu)::value, decltype(streaming)::value>(
+                p, x, y, ncs, partials.data(), center.data(), scale.data(), shift.data(), threads);
+        });
         return;
     }
 
@@ -759,16 +875,16 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
 
         // 1. partial statistics
         if (!p.x_cl) {
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < N * C * ncs.per_unit; ++task) {
+            const Share share = thread_share(N * C * ncs.per_unit);
+            for (int64_t task = share.begin; task < share.end; ++task) {
                 const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
                 const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
                 K::template span_mean_m2<D>(x + nc * S + start, len, &partials[task]);
                 if (p.bias_nc) pdm::gn_add_to_mean(partials[task], (double)p.bias_nc[nc]);
             }
         } else {
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < N * cl.per_unit; ++task) {
+            const Share share = thread_share(N * cl.per_unit);
+            for (int64_t task = share.begin; task < share.end; ++task) {
                 const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
                 const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
                 K::template rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
@@ -794,6 +910,8 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
             }
         }
 
+#pragma omp barrier  // phase 2 reads every thread's partials
+
         // 2. merge per (n, group); per-channel apply parameters
 #pragma omp for schedule(static)
         for (int64_t ng = 0; ng < N * G; ++ng) {
@@ -814,10 +932,9 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
         }
 
         // 3. apply
-        if (p.silu)
-            apply_phase<K, D, true>(p, x, y, ch, ncs, cl, tile.data());
-        else
-            apply_phase<K, D, false>(p, x, y, ch, ncs, cl, tile.data());
+        with_apply_flags(p.silu, stream, [&](auto silu, auto streaming) {
+            apply_phase<K, D, decltype(silu)::value, decltype(streaming)::value>(p, x, y, ch, ncs, cl, tile.data());
+        });
     }
 }
 
@@ -864,6 +981,15 @@ void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int6
     }
 }
 
+// Sets the y size from which the AVX-512 apply uses streaming stores (0: always; -1: the default); returns the
+// previous value.
+int64_t set_stream_min_bytes(int64_t bytes) {
+    if (bytes < -1) throw std::invalid_argument("group_norm_set_stream_min_bytes: bytes must be >= -1");
+    const int64_t previous = stream_min_bytes;
+    stream_min_bytes = bytes == -1 ? kStreamMinBytesDefault : bytes;
+    return previous;
+}
+
 // "avx512" or "generic": the loops group_norm runs now.
 std::string isa() { return use_avx512 ? "avx512" : "generic"; }
 
@@ -900,4 +1026,7 @@ void register_group_norm(py::module_& m) {
     m.def("group_norm_isa", &pdm_gn_cpu::isa, "The group_norm loops in use: 'avx512' or 'generic'.");
     m.def("group_norm_set_isa", &pdm_gn_cpu::set_isa, py::arg("name"),
           "Select the group_norm loops ('avx512' where supported, or 'generic'); returns the previous choice.");
+    m.def("group_norm_set_stream_min_bytes", &pdm_gn_cpu::set_stream_min_bytes, py::arg("bytes"),
+          "Output size in bytes from which the AVX-512 apply writes y with streaming (non-temporal) stores; 0 = "
+          "always, -1 = the default. Returns the previous value.");
 }
