@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import abc
 import copy
-
 import math
 
 import numpy as np
