@@ -415,12 +415,13 @@ class Sampler:
 
         # host side of the plan: validated on the CPU, then the tables move to the device once
         plan = self.solver.plan("cpu")
+        self._rows = plan.coefs.numpy().tolist()
         self.start_index = self._start_index(plan, strength)
         if self.start_index is None:  # SDEdit with a multistep solver: cut its grid, restart its history
             self.solver = self._cut_solver(plan, strength)
             plan, self.start_index = self.solver.plan("cpu"), 0
+            self._rows = plan.coefs.numpy().tolist()
         self.num_model_evals = plan.num_model_evals
-        self._rows = plan.coefs.numpy().tolist()
         self._times = plan.timesteps.numpy().tolist()
         self.strength = strength
         self.memory_estimate = self._check_memory(model) if check_memory else None
@@ -467,11 +468,10 @@ class Sampler:
                              f"{1 / evals:.3g}")
         # a solver step may take several evaluations (Heun, RK4, predictor-corrector): the start may move to
         # the next exact start within one step, no further
-        rows = plan.coefs.numpy().tolist()
         per_step = max(1, math.ceil(evals / self.solver.num_steps))
         first = evals - keep
         for k in range(first, min(first + per_step, evals)):
-            if _self_contained_start(plan, rows, k):
+            if _self_contained_start(plan, self._rows, k):
                 return k
         return None
 

@@ -21,10 +21,10 @@ import time
 import torch
 
 from .. import data
-from ..modelfile import build_schedule, save_model
+from ..modelfile import MODELS_DIR, build_schedule, save_model
 from ..models import UNet3D
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models_data", "demo")
+DEFAULT_OUT = os.path.join(MODELS_DIR, "demo")
 VOLUME_SIZE = 32
 UNET = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 64),
             attention_levels=(False, False, True), num_res_blocks=1, num_head_channels=(0, 0, 64),
