@@ -87,7 +87,10 @@ def describe() -> str:
 
 def device_reasons(name: str, tensors, forced: bool) -> list[str]:
     """Device rules shared by all ops: where each backend's kernels run."""
-    devices = {t.device.type for t in tensors if t is not None}
+    return _device_rule(name, {t.device.type for t in tensors if t is not None}, forced)
+
+
+def _device_rule(name: str, devices: set, forced: bool) -> list[str]:
     if name == "cpu" and devices - {"cpu"}:
         return [f"cpu backend needs CPU tensors, got {sorted(devices)}"]
     if name == "cuda" and devices - {"cuda"}:
@@ -151,7 +154,10 @@ def select(op: str, backend: str | None, tensors, **inputs) -> tuple[str, Callab
         if reasons:
             raise BackendUnavailable(f"backend {forced!r} cannot run {op}: " + "; ".join(reasons))
         return forced, _REGISTRY[op][forced].run
-    for name in PRIORITY:
-        if name in _REGISTRY.get(op, {}) and not not_supported_reasons(op, name, tensors, **inputs):
-            return name, _REGISTRY[op][name].run
+    impls = _REGISTRY.get(op, {})
+    devices = {t.device.type for t in tensors if t is not None}
+    for name in PRIORITY:  # the same rules as not_supported_reasons, cheapest first: this runs on every op call
+        if name in impls and not _device_rule(name, devices, False) and not backend_reasons(name) \
+                and not impls[name].reasons(**inputs):
+            return name, impls[name].run
     raise BackendUnavailable(f"no backend can run {op}")  # torch supports everything; unreachable in practice

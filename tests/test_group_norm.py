@@ -192,6 +192,24 @@ def test_cpu_exact_on_large_offset(variant):
         assert max_abs_err(out, oracle(x, g, w, b, 1e-5, "silu", bnc)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", CPU_VARIANTS[1:])
+def test_cpu_silu_over_its_whole_range(variant, dtype):
+    """SiLU's tails: outputs of GroupNorm from -200 to 200, where e^-v overflows (v < -88) or underflows, and
+    every value in between; signed zeros and subnormals included."""
+    n, c, s, g = 1, 32, 1000, 4
+    x = torch.linspace(-1, 1, n * c * s).reshape(n, c, 10, 10, 10)[:, torch.randperm(c)].to(dtype)
+    w = torch.linspace(-200, 200, c)
+    for cl in (False, True):
+        xx = x.to(memory_format=torch.channels_last_3d) if cl else x
+        with backend_variant(variant) as backend:
+            out = group_norm(xx, g, w, None, act="silu", backend=backend)
+        ref = oracle(xx, g, w, None, 1e-5, "silu", None)
+        assert torch.isfinite(out).all()
+        assert_close_by_rule(out, ref, torch_at_dtype(xx, g, w, None, 1e-5, "silu", None), floor=1e-5,
+                             what=f"{variant} {dtype} cl={cl}")
+
+
 def test_weight_fp32_with_half_input_equals_half_weight_cast():
     x, g, w, b, _ = make_inputs(SHAPES[1], torch.bfloat16, False)
     for backend in ("torch", "cpu"):

@@ -41,7 +41,10 @@ def layout_of(x: torch.Tensor) -> str:
 
 
 def as_float32(t):
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """t as a contiguous fp32 tensor (t itself when it already is one; kernels only read its data)."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return t.detach().to(torch.float32).contiguous()
 
 
 def check_group_norm_launch(x, y, num_groups, w, b, bias_nc, x_channels_last, y_channels_last):
