@@ -87,10 +87,7 @@ def describe() -> str:
 
 def device_reasons(name: str, tensors, forced: bool) -> list[str]:
     """Device rules shared by all ops: where each backend's kernels run."""
-    return _device_rule(name, {t.device.type for t in tensors if t is not None}, forced)
-
-
-def _device_rule(name: str, devices: set, forced: bool) -> list[str]:
+    devices = {t.device.type for t in tensors if t is not None}
     if name == "cpu" and devices - {"cpu"}:
         return [f"cpu backend needs CPU tensors, got {sorted(devices)}"]
     if name == "cuda" and devices - {"cuda"}:
@@ -109,22 +106,29 @@ def _device_rule(name: str, devices: set, forced: bool) -> list[str]:
 @dataclass
 class OpImpl:
     run: Callable
-    reasons: Callable[..., list]
+    reasons: Callable[..., list] | None  # None: runs every input of the op (on the devices it supports)
 
 
 _REGISTRY: dict[str, dict[str, OpImpl]] = {}
+# select()'s answers for ops whose implementations all have reasons=None: they depend only on this key
+_SELECTIONS: dict[tuple, tuple[str, Callable]] = {}
 
 
-def register(op: str, backend: str, reasons: Callable[..., list] = lambda **_: []):
-    """Decorator: `run` implements `op` on `backend`; `reasons(**inputs)` lists op-specific limits."""
+def register(op: str, backend: str, reasons: Callable[..., list] | None = None):
+    """Decorator: `run` implements `op` on `backend`; `reasons(**inputs)` lists op-specific limits (None: none)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
 
     def deco(run):
         _REGISTRY.setdefault(op, {})[backend] = OpImpl(run, reasons)
+        _SELECTIONS.clear()
         return run
 
     return deco
+
+
+def _input_reasons(impl: OpImpl, inputs: dict) -> list[str]:
+    return [] if impl.reasons is None else list(impl.reasons(**inputs))
 
 
 def forced_backend(backend: str | None) -> str | None:
@@ -142,22 +146,32 @@ def not_supported_reasons(op: str, backend: str, tensors, forced: bool = False, 
     reasons = backend_reasons(backend)
     if reasons:
         return reasons
-    return device_reasons(backend, tensors, forced) + list(impls[backend].reasons(**inputs))
+    return device_reasons(backend, tensors, forced) + _input_reasons(impls[backend], inputs)
 
 
 def select(op: str, backend: str | None, tensors, **inputs) -> tuple[str, Callable]:
     """Pick the implementation of `op` for these inputs. `tensors` are the tensor arguments (device checks);
     `inputs` go to each implementation's `reasons`."""
     forced = forced_backend(backend)
+    # TRITON_INTERPRET matters only to a forced triton (unforced, triton never takes CPU tensors)
+    key = (op, forced, frozenset([t.device.type for t in tensors if t is not None]),
+           forced == "triton" and triton_interpreting())
+    chosen = _SELECTIONS.get(key)
+    if chosen is None:
+        chosen = _select(op, forced, tensors, inputs)
+        if all(impl.reasons is None for impl in _REGISTRY[op].values()):
+            _SELECTIONS[key] = chosen
+    return chosen
+
+
+def _select(op, forced, tensors, inputs):
     if forced is not None:
         reasons = not_supported_reasons(op, forced, tensors, forced=True, **inputs)
         if reasons:
             raise BackendUnavailable(f"backend {forced!r} cannot run {op}: " + "; ".join(reasons))
         return forced, _REGISTRY[op][forced].run
     impls = _REGISTRY.get(op, {})
-    devices = {t.device.type for t in tensors if t is not None}
-    for name in PRIORITY:  # the same rules as not_supported_reasons, cheapest first: this runs on every op call
-        if name in impls and not _device_rule(name, devices, False) and not backend_reasons(name) \
-                and not impls[name].reasons(**inputs):
+    for name in PRIORITY:
+        if name in impls and not not_supported_reasons(op, name, tensors, **inputs):
             return name, impls[name].run
     raise BackendUnavailable(f"no backend can run {op}")  # torch supports everything; unreachable in practice
