@@ -111,7 +111,7 @@ class OpImpl:
 
 _REGISTRY: dict[str, dict[str, OpImpl]] = {}
 # select()'s answers for ops whose implementations all have reasons=None: they depend only on this key
-_SELECTIONS: dict[tuple, tuple[str, Callable]] = {}
+_SELECTIONS: dict[tuple, str] = {}
 
 
 def register(op: str, backend: str, reasons: Callable[..., list] | None = None):
@@ -156,22 +156,21 @@ def select(op: str, backend: str | None, tensors, **inputs) -> tuple[str, Callab
     # TRITON_INTERPRET matters only to a forced triton (unforced, triton never takes CPU tensors)
     key = (op, forced, frozenset([t.device.type for t in tensors if t is not None]),
            forced == "triton" and triton_interpreting())
-    chosen = _SELECTIONS.get(key)
-    if chosen is None:
-        chosen = _select(op, forced, tensors, inputs)
+    name = _SELECTIONS.get(key)
+    if name is None:
+        name = _select(op, forced, tensors, inputs)
         if all(impl.reasons is None for impl in _REGISTRY[op].values()):
-            _SELECTIONS[key] = chosen
-    return chosen
+            _SELECTIONS[key] = name
+    return name, _REGISTRY[op][name].run
 
 
-def _select(op, forced, tensors, inputs):
+def _select(op, forced, tensors, inputs) -> str:
     if forced is not None:
         reasons = not_supported_reasons(op, forced, tensors, forced=True, **inputs)
         if reasons:
             raise BackendUnavailable(f"backend {forced!r} cannot run {op}: " + "; ".join(reasons))
-        return forced, _REGISTRY[op][forced].run
-    impls = _REGISTRY.get(op, {})
+        return forced
     for name in PRIORITY:
-        if name in impls and not not_supported_reasons(op, name, tensors, **inputs):
-            return name, impls[name].run
+        if name in _REGISTRY.get(op, {}) and not not_supported_reasons(op, name, tensors, **inputs):
+            return name
     raise BackendUnavailable(f"no backend can run {op}")  # torch supports everything; unreachable in practice

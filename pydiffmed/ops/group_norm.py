@@ -141,7 +141,7 @@ def _run_cpu(x, y, num_groups, weight, bias, eps, silu, bias_nc):
     params = (as_float32(weight), as_float32(bias), as_float32(bias_nc))  # kept alive until the kernel returns
     pointers = [0 if t is None else t.data_ptr() for t in params]
     _C.group_norm(x.data_ptr(), y.data_ptr(), backends.DTYPE_CODES[x.dtype], n, c, math.prod(x.shape[2:]),
-                  num_groups, x_cl, y.ndim == 3 or x_cl, *pointers, eps, silu, torch.get_num_threads())
+                  num_groups, x_cl, _output_is_channels_last(x, y), *pointers, eps, silu, torch.get_num_threads())
 
 
 @backends.register("group_norm", "triton")
