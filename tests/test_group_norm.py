@@ -558,6 +558,26 @@ def test_env_var_forces_the_backend(monkeypatch):
             group_norm(x, 2)
 
 
+def test_select_remembers_answers_only_while_they_hold(monkeypatch):
+    """select() caches per (op, forced backend, devices): a later registration is seen, and an op with
+    input-dependent limits is asked again on every call."""
+    x = torch.randn(2)
+    monkeypatch.setitem(backends._REGISTRY, "probe_op", {})
+    backends.register("probe_op", "torch")(lambda: "torch")
+    assert backends.select("probe_op", None, (x,))[0] == "torch"
+    backends.register("probe_op", "cpu")(lambda: "cpu")
+    assert backends.select("probe_op", None, (x,))[0] == "cpu"
+
+    monkeypatch.setitem(backends._REGISTRY, "probe_limited_op", {})
+    backends.register("probe_limited_op", "torch")(lambda: "torch")
+    backends.register("probe_limited_op", "cpu", reasons=lambda small: [] if small else ["too big"])(lambda: "cpu")
+    assert backends.select("probe_limited_op", None, (x,), small=True)[0] == "cpu"
+    assert backends.select("probe_limited_op", None, (x,), small=False)[0] == "torch"
+    with pytest.raises(backends.BackendUnavailable, match="too big"):
+        backends.select("probe_limited_op", "cpu", (x,), small=False)
+    assert backends.select("probe_limited_op", "cpu", (x,), small=True)[0] == "cpu"
+
+
 def test_backend_argument_overrides_env_var(monkeypatch):
     called = _spy_backends(monkeypatch)
     monkeypatch.setenv(backends.ENV_VAR, "torch")
