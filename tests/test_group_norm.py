@@ -377,18 +377,24 @@ def test_stream_min_bytes_rejects_bad_values():
         _C.group_norm_set_stream_min_bytes(-2)
 
 
-def test_cpu_backend_uses_threads_consistently():
-    """The split of the work between threads must not change the statistics beyond rounding."""
-    x, g, w, b, bnc = make_inputs(LARGE_SHAPE, torch.float32, False, bias_nc=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncs", "cl"])
+def test_cpu_sample_result_independent_of_batch_and_threads(channels_last, dtype):
+    """Bit for bit: a sample normalised alone or inside a batch, on one thread or two (whoever generates in bulk
+    gets the volumes they would get one at a time)."""
+    n, c, spatial, g = LARGE_SHAPE
+    x, g, w, b, bnc = make_inputs((3, c, spatial, g), dtype, channels_last, act="silu", bias_nc=True)
     old = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = group_norm(x, g, w, b, bias_nc=bnc, backend="cpu")
         torch.set_num_threads(2)
-        two = group_norm(x, g, w, b, bias_nc=bnc, backend="cpu")
+        batch = group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend="cpu")
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for k in range(3):
+                alone = group_norm(x[k:k + 1], g, w, b, act="silu", bias_nc=bnc[k:k + 1], backend="cpu")
+                assert torch.equal(alone, batch[k:k + 1]), f"sample {k}, {threads} thread(s)"
     finally:
         torch.set_num_threads(old)
-    torch.testing.assert_close(one, two, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS[1:])

@@ -54,8 +54,10 @@ constexpr int64_t kChunkElems = 8192;
 // Values per channels-last chunk (a block of rows). Larger than the NCS chunks: each one ends with a per-channel
 // and per-group merge, and on the development machine 32768 ran 5-15 % faster than 8192 (16384 to 65536 alike).
 constexpr int64_t kClChunkElems = 32768;
-// At least this many channels-last chunks per thread, so that small volumes still spread over every thread.
-constexpr int64_t kMinClChunksPerThread = 4;
+// At least this many channels-last chunks per sample, so that small volumes still spread over the threads. The
+// chunking depends on S and C only: a sample's result is the same, bit for bit, alone or in a batch, and on any
+// number of threads.
+constexpr int64_t kMinClChunksPerSample = 16;
 // Tiles of the transposing apply (NCS <-> channels-last): kTileC channels x kTileS spatial positions.
 constexpr int64_t kTileC = 16;
 constexpr int64_t kTileS = 64;
@@ -709,9 +711,9 @@ Chunking ncs_chunking(int64_t S) {
     return {(S + len - 1) / len, len};
 }
 
-Chunking cl_chunking(int64_t N, int64_t S, int64_t C, int threads) {
-    const int64_t balanced = (N * S + kMinClChunksPerThread * threads - 1) / (kMinClChunksPerThread * threads);
-    const int64_t rows = std::max<int64_t>(1, std::min(kClChunkElems / C, balanced));
+Chunking cl_chunking(int64_t S, int64_t C) {
+    const int64_t spread = (S + kMinClChunksPerSample - 1) / kMinClChunksPerSample;
+    const int64_t rows = std::max<int64_t>(1, std::min(kClChunkElems / C, spread));
     return {(S + rows - 1) / rows, rows};
 }
 
@@ -859,7 +861,7 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
 
     const Chunking ncs = ncs_chunking(S);
-    const Chunking cl = cl_chunking(N, S, C, threads);
+    const Chunking cl = cl_chunking(S, C);
     // Partial statistics: NCS: one per (n, c, chunk); channels-last: one per (n, chunk, group).
     const int64_t num_partials = p.x_cl ? N * cl.per_unit * G : N * C * ncs.per_unit;
     std::vector<MeanM2<double>> partials(num_partials);
