@@ -15,7 +15,6 @@ reused, as with a caching allocator (steady-state speed); `--fresh-pages` keeps 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import copy_bandwidth, interleaved_medians, save  # noqa: E402
 from pydiffmed import backends, ops  # noqa: E402
+from pydiffmed.host_memory import keep_freed_memory  # noqa: E402
 
 SHAPES = [((1, 64, 32, 32, 32), 32), ((2, 128, 32, 32, 32), 32), ((1, 32, 64, 64, 64), 16)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -35,16 +35,6 @@ FAST_BACKENDS = ("cpu", "triton", "cuda")
 def fast_backends_for(x):
     """The fast backends dispatch would accept for x (unforced: no Triton interpreter on CPU)."""
     return [name for name in FAST_BACKENDS if not backends.not_supported_reasons("group_norm", name, [x])]
-
-
-def recycle_freed_memory() -> bool:
-    """Make glibc keep and reuse freed memory (no mmap per allocation, no trimming); False where unavailable."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30)) and bool(libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
 def run_case(shape, groups, dtype, channels_last, device, repeats):
@@ -91,7 +81,7 @@ def main():
                         help="CPU: keep glibc's defaults (large buffers page-fault on every call)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    recycled = device == "cpu" and not args.fresh_pages and recycle_freed_memory()
+    recycled = device == "cpu" and not args.fresh_pages and keep_freed_memory()
     repeats = (5 if args.quick else 60) if device == "cpu" else (10 if args.quick else 50)
     rows = []
     for shape, groups in SHAPES:

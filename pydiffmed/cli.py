@@ -529,7 +529,11 @@ def _write_volume(job, k, volume, seconds, overwrite):
 
 
 def _run_sample(job):
+    from .host_memory import keep_freed_memory, user_set_malloc_options
+
     args = job.args
+    if job.device.type == "cpu" and not user_set_malloc_options():
+        keep_freed_memory()  # this process is ours: reuse freed activations instead of faulting in fresh pages
     os.makedirs(job.out, exist_ok=True)
     if args.resume:
         _remove_leftover_temporaries(job)

@@ -5,6 +5,7 @@ conversion round trip, and the models / bench / info commands. Tiny random model
 import json
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -121,6 +122,38 @@ def test_sample_end_to_end(tmp_path, tiny, capsys):
         assert sidecar["shape"] == [1, *SHAPE] and sidecar["orientation"] == "LPS"
         np.testing.assert_allclose(sidecar["spacing"], (1.0, 1.2, 2.0))
     assert not np.allclose(expected[0], expected[1])  # per-volume seeds
+
+
+@pytest.mark.parametrize("tunables", [None, "glibc.malloc.mmap_threshold=131072"])
+def test_cpu_sampling_keeps_freed_memory_unless_the_user_tuned_malloc(tmp_path, tiny, capsys, monkeypatch, tunables):
+    from pydiffmed import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(1) or True)
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    for name in [n for n in os.environ if n.startswith("MALLOC_") and n.endswith("_")]:
+        monkeypatch.delenv(name)
+    code, _, err = sample(capsys, tiny, tmp_path / "s", "--num", 1, "--device", "cpu")
+    assert code == 0, err
+    assert calls == ([1] if tunables is None else [])
+
+
+def test_keep_freed_memory_on_glibc(monkeypatch):
+    from pydiffmed import host_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only: elsewhere keep_freed_memory changes nothing and returns False")
+    assert host_memory.keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert host_memory.user_set_malloc_options()
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert host_memory.user_set_malloc_options()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX2")
+    assert not host_memory.user_set_malloc_options()
 
 
 def test_spacing_and_shape_overrides(tmp_path, capsys):
