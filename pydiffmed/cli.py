@@ -528,12 +528,18 @@ def _write_volume(job, k, volume, seconds, overwrite):
     io.write_json(os.path.join(out, names["sidecar"]), sidecar, overwrite=overwrite)  # last: marks it complete
 
 
-def _run_sample(job):
+def _keep_freed_memory_on_cpu(device):
+    """This process is ours: on the CPU, reuse freed activations instead of faulting in fresh pages
+    (pydiffmed.host_memory), unless the user tuned glibc's malloc."""
     from .host_memory import keep_freed_memory, user_set_malloc_options
 
+    if device.type == "cpu" and not user_set_malloc_options():
+        keep_freed_memory()
+
+
+def _run_sample(job):
     args = job.args
-    if job.device.type == "cpu" and not user_set_malloc_options():
-        keep_freed_memory()  # this process is ours: reuse freed activations instead of faulting in fresh pages
+    _keep_freed_memory_on_cpu(job.device)
     os.makedirs(job.out, exist_ok=True)
     if args.resume:
         _remove_leftover_temporaries(job)
@@ -645,6 +651,7 @@ def _bench(args):
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     backend, _ = _backends_for(device, dtype)
+    _keep_freed_memory_on_cpu(device)
     torch.manual_seed(0)
     model = UNet3D(spatial_dims=3, in_channels=1, out_channels=1, num_res_blocks=1, channels=(16, 32, 64),
                    attention_levels=(False, False, True), norm_num_groups=8, num_head_channels=16)
