@@ -93,9 +93,10 @@ def main():
     notes = ("GN+SiLU with fp32 weight/bias (eager gets them in x's dtype). speedup = eager time / backend time "
              "(eager: F.silu(F.group_norm(x, G, w, b))). GB/s counts 3 × x's bytes (x read twice, y written "
              "once); of_copy_bw divides it by a same-run torch.clone bandwidth on a buffer of x's size. "
-             f"Median of {repeats} rounds, eager and every variant timed in turn within each round; `ms` is the public op (argument checks, dispatch, custom-op layer, "
-             "output allocation), `kernel_ms` the backend's run function with the output allocation but without "
-             "the rest (kernel_speedup = eager_ms / kernel_ms).")
+             f"Median of {repeats} rounds, eager and every variant timed in turn within each round; `ms` is "
+             "the public op (argument checks, dispatch, custom-op layer, output allocation), `kernel_ms` the "
+             "backend's run function with the output allocation but without the rest (kernel_speedup = eager_ms / "
+             "kernel_ms).")
     if device == "cpu":
         notes += f" CPU: {torch.get_num_threads()} threads; the machine may be shared with other jobs. "
         notes += ("Freed memory recycled (glibc mmap/trim thresholds raised): steady-state times." if recycled else

@@ -3,9 +3,10 @@
 Every network evaluation allocates and frees the same multi-MiB activations. glibc serves a block of 128 KiB
 or more (its default, adapted up to 32 MiB) as fresh pages mapped from the OS and unmaps it on free, so each
 evaluation page-faults on every page it writes first: ~1.3 million faults for `make demo` on the development
-machine, which sampled ~15 % faster with freed memory kept for reuse (README, "Command line"). This changes the whole process, so the
-library never does it on its own: the `pydiffmed sample` command does (unless the user set glibc's malloc options
-themselves), and an application that embeds the sampler may call `keep_freed_memory()`.
+machine, which sampled ~15 % faster with freed memory kept for reuse (README, "Command line"). This changes the
+whole process, so the library never does it on its own: the `pydiffmed sample` and `bench` commands do (unless
+the user set glibc's malloc options themselves), and an application that embeds the sampler may call
+`keep_freed_memory()`.
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
 // data it read itself, and phase 3 runs through its share backwards, so the part read last (still in cache, all of
 // it when the problem is small) is re-read first:
 //   1. stats: tasks are (n, chunk); a chunk (kChunkElems or kClChunkElems values) stays in L1/L2 between its
-//      mean pass and its centred m2 pass. NCS chunks lie inside one channel; channels-last chunks are blocks of rows, with
-//      per-channel accumulators merged into per-group partials before they are stored.
+//      mean pass and its centred m2 pass. NCS chunks lie inside one channel; channels-last chunks are blocks of
+//      rows, with per-channel accumulators merged into per-group partials before they are stored.
 //   2. merge: per (n, group), Chan's formula over its partials (in double), then per-channel parameters.
 //   3. apply: y = (x - center) * scale + shift (+ SiLU), loops vectorised along the contiguous axis.
 // x is read from memory twice (phases 1 and 3) and y written once. On the AVX-512 path a y of at least
@@ -18,7 +18,7 @@
 // Two implementations of the hot loops, picked at run time:
 //   * Avx512: intrinsics, on CPUs with AVX-512 F/BW/VL/DQ and BF16 (Cooper Lake, Sapphire Rapids, Zen 4 and
 //     later). The kernel is compute-bound there for 16-bit data, so it uses the hardware fp16/bf16 conversions,
-//     an exp built on vreduceps and vscalefps, and a division (its own unit, beside the FMAs).
+//     an exp built on vreduceps and vscalefps, and a division (fp32) or rcp14 (16-bit) for the reciprocal.
 //   * Generic: plain loops the compiler vectorises, compiled for AVX-512, AVX2 and baseline x86-64 (GCC
 //     target_clones, resolved at load time); pdm::silu and pdm::Convert as in the CUDA code.
 #include <pybind11/pybind11.h>
@@ -335,8 +335,8 @@ struct V16<pdm::kBFloat16> {
 // vscalefps(p, u), which scales by 2^floor(u) and gives exact 0 and inf at the ends of the range. The
 // polynomials are minimax fits of 2^(g - 1/2) on [0, 1] (relative error 1.9e-7 at degree 5 for fp32 outputs,
 // 2.7e-6 at degree 4 for fp16, 7.5e-5 at degree 3 for bf16, each below half an ulp of the output, with fp32
-// Horner rounding). The reciprocal: for fp32 a division, which runs on its own unit beside the FMAs (on Sapphire
-// Rapids ~30 % faster than rcp14 with a Newton step); for 16-bit outputs rcp14 alone (relative error < 2^-14,
+// Horner rounding). The reciprocal: for fp32 a division, which runs on its own unit beside the FMAs (faster than
+// rcp14 with a Newton step on the development machine); for 16-bit outputs rcp14 alone (relative error < 2^-14,
 // an eighth of an fp16 ulp), faster still there. Neither needs a clamp: for v < -88, 1 + e^-v is inf, and
 // v / inf = v * rcp14(inf) = -0.
 template <int D>
@@ -857,9 +857,6 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     T* y = static_cast<T*>(y_raw);
     const int64_t N = p.N, C = p.C, S = p.S, G = p.G, Cg = C / G;
 
-    const int64_t total = N * C * S;
-    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
-
     const Chunking ncs = ncs_chunking(S);
     const Chunking cl = cl_chunking(S, C);
     // Partial statistics: NCS: one per (n, c, chunk); channels-last: one per (n, chunk, group).
@@ -867,6 +864,9 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     std::vector<MeanM2<double>> partials(num_partials);
     std::vector<float> center(N * C), scale(N * C), shift(N * C);
     const ChannelParams ch{center.data(), scale.data(), shift.data()};
+
+    const int64_t total = N * C * S;
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
 
     const bool stream = K::kStreams && total * (int64_t)sizeof(T) >= stream_min_bytes && stream_y_ok(p, y, sizeof(T));
 
