@@ -136,20 +136,36 @@ inline float apply_one(float v, float center, float scale, float shift) {
 }
 
 // Mean (relative to the pivot x[0]) and centred m2 of len contiguous values: one chunk of one channel.
+// Lanes of the generic reductions: several vectors' worth, so that the compiler keeps several independent
+// addition chains (one chain is latency-bound).
+constexpr int kSumLanes = 64;
+
 template <int D>
 PDM_CLONES void generic_span_mean_m2(const typename IO<D>::T* __restrict x, int64_t len, MeanM2<double>* out) {
     const float pivot = IO<D>::load(x[0]);
+    const int64_t body = len / kSumLanes * kSumLanes;
+    float acc[kSumLanes] = {};
+    for (int64_t i = 0; i < body; i += kSumLanes)
+#pragma omp simd
+        for (int k = 0; k < kSumLanes; ++k) acc[k] += IO<D>::load(x[i + k]) - pivot;
+    for (int64_t i = body; i < len; ++i) acc[i - body] += IO<D>::load(x[i]) - pivot;
     float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < len; ++i) sum += IO<D>::load(x[i]) - pivot;
+    for (int k = 0; k < kSumLanes; ++k) sum += acc[k];
     const float offset = sum / (float)len;
     const float mean = pivot + offset;
-    float m2 = 0.0f;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = 0; i < len; ++i) {
+    for (int k = 0; k < kSumLanes; ++k) acc[k] = 0.0f;
+    for (int64_t i = 0; i < body; i += kSumLanes)
+#pragma omp simd
+        for (int k = 0; k < kSumLanes; ++k) {
+            const float d = IO<D>::load(x[i + k]) - mean;
+            acc[k] += d * d;
+        }
+    for (int64_t i = body; i < len; ++i) {
         const float d = IO<D>::load(x[i]) - mean;
-        m2 += d * d;
+        acc[i - body] += d * d;
     }
+    float m2 = 0.0f;
+    for (int k = 0; k < kSumLanes; ++k) m2 += acc[k];
     out->count = (double)len;
     out->mean = (double)pivot + (double)offset;
     out->m2 = (double)m2;
