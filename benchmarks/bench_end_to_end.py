@@ -21,7 +21,7 @@ Cases, per model:
 Clipping is off in both MONAI and pydiffmed (the demo config asks for clip_sample 1.0; MONAI's DDIM then takes
 eps from the unclipped x0, a two-pass update pydiffmed runs only eagerly; the clamp itself costs nothing
 measurable), so the two compute the same sampler and their outputs can be compared.
-All variants of a model are timed interleaved, round by round (bench_unet.interleaved_medians). Before timing,
+All variants of a model are timed interleaved, round by round (common.interleaved_medians). Before timing,
 every model runs one forward at the volume (CPU) or every variant one whole run (GPU: CUDA graph capture). The
 volumes compared are those of the last timed runs (DDIM from a given x_T is deterministic).
 

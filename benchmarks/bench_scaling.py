@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import command_line, result_path, save, sync  # noqa: E402
+from pydiffmed.host_memory import set_malloc_thresholds  # noqa: E402
 
 CONFIG = "small"
 IMPLS = ("pydiffmed", "MONAI")
@@ -81,14 +82,10 @@ def _malloc_returns_memory() -> bool:
     leave the RSS at once and the RSS follows the live tensors (the default keeps freed blocks for reuse)."""
     import ctypes
 
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 128 * 1024) == 1
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
+    if not set_malloc_thresholds(64 * 1024, 128 * 1024):
         return False
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return True
 
 
 def time_forwards(forward, device, repeats, max_seconds):

@@ -38,10 +38,9 @@ def command_of(res) -> str:
     return f"`python benchmarks/{res['name']}.py` (options not recorded)"
 
 
-def machine_of(res, with_threads=True) -> str:
+def machine_of(res) -> str:
     m = res["machine"]
-    where = m.get("gpu") or (f"{m['cpu']}, {m['threads']} threads" if with_threads else m["cpu"])
-    return where
+    return m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
 
 
 def results_markdown(results, out_dir) -> str:
@@ -221,11 +220,15 @@ def update_readme(path, results) -> bool:
         return False
     new = text[:start] + readme_block(results) + text[end + len(END):]
     if new != text:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(new)
-        os.replace(tmp, path)
+        write_atomically(path, new)
     return True
+
+
+def write_atomically(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -242,11 +245,7 @@ def main(argv=None):
     readme = None if args.no_readme else args.readme or (os.path.join(ROOT, "README.md") if default_dir else None)
 
     results = load_results(results_dir)
-    text = results_markdown(results, os.path.dirname(os.path.abspath(out)))
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, out)
+    write_atomically(out, results_markdown(results, os.path.dirname(os.path.abspath(out))))
     print(f"wrote {out} ({len(results)} result files)")
     if readme is not None:
         if update_readme(readme, results):

@@ -23,13 +23,18 @@ def user_set_malloc_options() -> bool:
         name.startswith("MALLOC_") and name.endswith("_") for name in os.environ)
 
 
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """glibc's M_MMAP_THRESHOLD and M_TRIM_THRESHOLD (mallopt). Returns False where this is not glibc (nothing
+    changed)."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of returning it to the OS (mmap threshold 1 GiB, no trimming
     below 2 GiB of free heap): later allocations of the same sizes reuse pages that are already mapped. The
     process's resident memory then stays at its peak. Returns False where this is not glibc (nothing changed)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
+    return set_malloc_thresholds(1 << 30, (1 << 31) - 1)

@@ -807,11 +807,11 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
     if (STREAM) K::fence();
 }
 
-// Per-(n, group) channel parameters from that group's NCS partials (one per (channel, chunk), consecutive).
+// Per-(n, group) channel parameters from that group's `count` partials at group_partials[0], [stride], ...
 inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<double>* group_partials,
-                         int64_t count, float* center, float* scale, float* shift) {
+                         int64_t count, int64_t stride, float* center, float* scale, float* shift) {
     const int64_t C = p.C, Cg = C / p.G;
-    const MeanM2<double> group = pdm::mean_m2_combine<double>(group_partials, count, 1);
+    const MeanM2<double> group = pdm::mean_m2_combine<double>(group_partials, count, stride);
     const float rstd = pdm::gn_rstd((float)group.m2, (float)group.count, p.eps);
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
         const pdm::GNChannel chan =
@@ -842,7 +842,7 @@ void run_group_resident(const Problem& p, const typename IO<D>::T* x, typename I
                                             &partials[first + k]);
                 if (p.bias_nc) pdm::gn_add_to_mean(partials[first + k], (double)p.bias_nc[nc]);
             }
-            group_params(p, n, g, &partials[first], Cg * ncs.per_unit, center, scale, shift);
+            group_params(p, n, g, &partials[first], Cg * ncs.per_unit, 1, center, scale, shift);
             for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
                 const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
                 const int64_t off = nc * S + start, len = std::min(ncs.length, S - start);
@@ -945,18 +945,12 @@ void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
         for (int64_t ng = 0; ng < N * G; ++ng) {
             const int64_t n = ng / G, g = ng % G;
             // NCS: the group's channels, hence their chunks, are consecutive; channels-last: one per row block
-            const MeanM2<double> group =
-                p.x_cl ? pdm::mean_m2_combine<double>(&partials[n * cl.per_unit * G + g], cl.per_unit, G)
-                       : pdm::mean_m2_combine<double>(&partials[(n * C + g * Cg) * ncs.per_unit], Cg * ncs.per_unit, 1);
-            const float rstd = pdm::gn_rstd((float)group.m2, (float)group.count, p.eps);
-            for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-                const pdm::GNChannel chan =
-                    pdm::gn_channel(group.mean, rstd, p.weight ? p.weight[c] : 1.0f, p.bias ? p.bias[c] : 0.0f,
-                                    p.bias_nc ? p.bias_nc[n * C + c] : 0.0f);
-                center[n * C + c] = chan.center_hi;
-                scale[n * C + c] = chan.scale;
-                shift[n * C + c] = chan.shift - chan.center_lo * chan.scale;
-            }
+            if (p.x_cl)
+                group_params(p, n, g, &partials[n * cl.per_unit * G + g], cl.per_unit, G, center.data(),
+                             scale.data(), shift.data());
+            else
+                group_params(p, n, g, &partials[(n * C + g * Cg) * ncs.per_unit], Cg * ncs.per_unit, 1,
+                             center.data(), scale.data(), shift.data());
         }
 
         // 3. apply

@@ -1,6 +1,6 @@
 """Train the bundled `demo` model: a small UNet3D denoiser on the procedural head phantoms of pydiffmed.data.
 
-    python -m pydiffmed.demo.train                       # the shipped model (≈45 min on 2 CPU cores)
+    python -m pydiffmed.demo.train                       # the shipped model (≈1 h on 2 CPU cores)
     python -m pydiffmed.demo.train --iterations 20 --out /tmp/demo_smoke
 
 Every batch holds fresh phantoms (family 0, indices counting up from 0), so the run sees new data throughout;

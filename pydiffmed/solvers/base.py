@@ -139,7 +139,7 @@ class Solver(abc.ABC):
         solver = copy.copy(self)
         solver._drop_steps(int(step))
         solver.num_steps = self.num_steps - int(step)
-        solver._eager = {}
+        solver.reset()
         solver._compile()
         return solver
 
