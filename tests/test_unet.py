@@ -3,6 +3,7 @@ DESIGN §6 rule, device-value-free forward, and checkpoint loading that never un
 import copy
 import os
 import pathlib
+import random
 import pickle
 import re
 
@@ -429,9 +430,12 @@ def test_broken_files_name_the_file(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cut.safetensors: not a readable safetensors"):
         load_state_dict_file(tmp_path / "cut.safetensors")
-    (tmp_path / "junk.pt").write_bytes(os.urandom(64))
-    with pytest.raises(CheckpointError, match="junk.pt"):
-        load_state_dict_file(tmp_path / "junk.pt")
+    rng = random.Random(0)
+    for length in (1, 7, 64, 300):  # seeded: a few of these made torch.load raise IndexError / KeyError
+        for _ in range(50):
+            (tmp_path / "junk.pt").write_bytes(bytes(rng.getrandbits(8) for _ in range(length)))
+            with pytest.raises(CheckpointError, match="junk.pt"):
+                load_state_dict_file(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="no such file"):
         load_state_dict_file(tmp_path / "absent.pt")
 

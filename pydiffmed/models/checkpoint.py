@@ -85,16 +85,22 @@ def load_state_dict_file(path) -> dict:
 
         try:
             return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the safetensors parser's errors are not one class
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: "
+                                  f"{_first_line(exc)})") from exc
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
             f"{path}: refused to load: the file holds Python objects other than tensors and plain containers, "
             f"and pydiffmed only loads with torch.load(weights_only=True) ({_first_line(exc)})") from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({_first_line(exc)})") from exc
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load's parsers raise IndexError, KeyError, struct.error, ...
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: "
+                              f"{_first_line(exc)})") from exc
     state_dict = _unwrap(loaded)
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state_dict).__name__}")
