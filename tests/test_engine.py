@@ -647,3 +647,24 @@ def test_gpu_sample_reuses_cached_graphs_and_recaptures_on_change():
     pydiffmed.sample(unet, (2, 1, 16, 16, 16), "ddim", 4, seed=0, progress=False)
     assert len(engine._sampler_cache) == 2
     engine.clear_cache()
+
+
+@pytest.mark.parametrize("name, schedule, options", [
+    ("pc", NoiseSchedule.ve(), {"prediction_type": "score"}),
+    ("pc", NoiseSchedule.ve(), {"prediction_type": "score", "norm_reduction": "batch"}),
+    ("ddim", SCHEDULE, {"thresholding": True, "use_clipped_model_output": True}),
+    ("ddim", SCHEDULE, {"thresholding": True, "use_clipped_model_output": True, "dynamic_thresholding_ratio": 0.9}),
+    ("dpmpp_2m", SCHEDULE, {})])
+def test_plan_keys_are_hashable_and_compare_by_content(name, schedule, options):
+    """The sample() cache compares plan keys: solvers whose coef_fns hold tensors (the pc corrector's table)
+    must compare by value, equal for equal solvers and different for different ones."""
+    key = engine._plan_key(get_solver(name, schedule, 6, **options))
+    assert key == engine._plan_key(get_solver(name, schedule, 6, **options))
+    assert hash(key) == hash(engine._plan_key(get_solver(name, schedule, 6, **options)))
+    keys = {engine._plan_key(get_solver(n, s, 6, **o)) for n, s, o in [
+        ("pc", NoiseSchedule.ve(), {"prediction_type": "score"}),
+        ("pc", NoiseSchedule.ve(), {"prediction_type": "score", "norm_reduction": "batch"}),
+        ("ddim", SCHEDULE, {"thresholding": True, "use_clipped_model_output": True}),
+        ("ddim", SCHEDULE, {"thresholding": True, "use_clipped_model_output": True, "dynamic_thresholding_ratio": 0.9}),
+        ("dpmpp_2m", SCHEDULE, {})]}
+    assert len(keys) == 5 and key in keys

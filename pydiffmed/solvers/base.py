@@ -28,6 +28,9 @@ class DynamicThreshold:
             raise ValueError(f"sample_max_value must be >= 1, got {max_value}")
         self.ratio, self.max_value = float(ratio), float(max_value)
 
+    def identity(self):
+        return (self.ratio, self.max_value)
+
     def __call__(self, x, m, row, step_index):
         s = dynamic_threshold(x, m, row, ratio=self.ratio, max_value=self.max_value)
         return apply_dynamic_threshold(row, s)

@@ -17,6 +17,18 @@ K = len(COEF_NAMES)
 _COL = {name: k for k, name in enumerate(COEF_NAMES)}
 
 
+def _tensor_identity(t: torch.Tensor) -> tuple:
+    t = t.detach().to("cpu").contiguous()
+    return (str(t.dtype), tuple(t.shape), t.numpy().tobytes())
+
+
+def coef_fn_identity(fn):
+    if fn is None:
+        return None
+    identity = getattr(fn, "identity", None)
+    return (type(fn).__name__, identity()) if callable(identity) else ("object", id(fn))
+
+
 @dataclass(frozen=True)
 class StepForm:
     """Which buffers one fused_step call reads and writes.
@@ -51,6 +63,15 @@ class SamplingPlan:
     @property
     def num_model_evals(self) -> int:
         return len(self.form_of_eval)
+
+    def identity(self) -> tuple:
+        """A hashable value equal for plans that do the same work (numbers, wiring and coef_fns), for caches
+        keyed by plan. A coef_fn contributes its `identity()` when it has one, else its object identity."""
+        forms = tuple((f.x, f.history, f.out, f.x0_out, f.noisy, coef_fn_identity(f.coef_fn)) for f in self.forms)
+        return (_tensor_identity(self.timesteps), _tensor_identity(self.coefs), tuple(self.buffers), forms,
+                tuple(self.form_of_eval), float(self.init_noise_scale), self.output,
+                None if self.model_output_channels is None else
+                (self.model_output_channels.start, self.model_output_channels.stop, self.model_output_channels.step))
 
     def validate(self):
         e = len(self.form_of_eval)
