@@ -11,6 +11,8 @@ are unchanged):
   becoming nn.Identity; any other GroupNorm → pydiffmed's GroupNorm;
 * every plain nn.Conv2d/nn.Conv3d → the oneDNN channels_last path on CPU (class swapped in place, weights
   re-laid out channels_last in place: same Parameter objects and values);
+* every nn.Linear, and the time-embedding MLP as a whole, → computed per sample on the CPU, so that sample k's
+  result does not depend on its batch companions (models/layers.py, "batch invariance");
 * the model's input is converted to channels_last once and its output back to contiguous.
 Modules it does not recognise are left alone, so any configuration (or a customised model) still runs.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.layers import FastConv2d, FastConv3d, channels_last_format, upsample_conv
+from .models.layers import FastConv2d, FastConv3d, PerSampleLinear, channels_last_format, per_sample, upsample_conv
 from .models.unet import ResnetBlock, resnet_forward
 from .nn import GroupNorm3d, GroupNormSiLU
 
@@ -28,7 +30,14 @@ class _MonaiCallResnet(ResnetBlock):
     """pydiffmed's resnet block with MONAI's call form `block(x, emb)` (SiLU of the embedding taken here)."""
 
     def forward(self, x, emb):
-        return resnet_forward(self, x, torch.nn.functional.silu(emb))
+        return resnet_forward(self, x, per_sample(torch.nn.functional.silu, emb))
+
+
+class _PerSampleSequential(nn.Sequential):
+    """MONAI's time-embedding MLP (Linear, SiLU, Linear) computed for each sample alone on the CPU."""
+
+    def forward(self, x):
+        return per_sample(lambda sample: nn.Sequential.forward(self, sample), x)
 
 
 class _MonaiCallUpsample(nn.Module):
@@ -55,8 +64,12 @@ def accelerate(model: nn.Module) -> nn.Module:
 
     _replace_children(model, DiffusionUNetResnetBlock, MonaiSpatialAttention, SpatialTransformer,
                       WrappedUpsample)
+    if type(getattr(model, "time_embed", None)) is nn.Sequential:
+        model.time_embed.__class__ = _PerSampleSequential
     for module in model.modules():
-        if type(module) is nn.Conv3d:
+        if type(module) is nn.Linear:
+            module.__class__ = PerSampleLinear
+        elif type(module) is nn.Conv3d:
             module.__class__ = FastConv3d
         elif type(module) is nn.Conv2d:
             module.__class__ = FastConv2d

@@ -387,13 +387,17 @@ class Sampler:
       on a side stream) and replay them; graphs are re-captured when the model's tensors move or the
       conditioning or inpainting mask shapes change (a callback needs its own graphs, captured once).
     nan_check: keep the device NaN/Inf flag (raised after the loop).
+    batch_invariant: call the model on one sample at a time, so that volume k cannot depend on its batch
+      companions even where the model's libraries pick algorithms by batch size (cuDNN, cuBLAS). On the CPU
+      pydiffmed's models (UNet3D, accelerate()d MONAI models) give this bit for bit without it; the cost is the
+      batching speed-up (benchmarks/bench_determinism.py).
     check_memory: estimate the memory (estimate_memory) and raise InsufficientMemoryError up front when the
       device lacks it.
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
-                 check_memory=True, **solver_options):
+                 check_memory=True, batch_invariant=False, **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.shape = _check_shape(shape)
@@ -412,6 +416,7 @@ class Sampler:
             raise TypeError(f"guidance_scale must be a finite number or None, got {guidance_scale!r}")
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.nan_check = bool(nan_check)
+        self.batch_invariant = bool(batch_invariant)
 
         # host side of the plan: validated on the CPU, then the tables move to the device once
         plan = self.solver.plan("cpu")
@@ -539,7 +544,7 @@ class Sampler:
         form = self.plan.forms[form_index]
         batch = self.shape[0]
         t = torch.index_select(self._timesteps, 0, self.step_index.reshape(1)).expand(self.model_batch)
-        m = self.model(self.model_input, t, **self._cond)
+        m = self._evaluate_model(t)
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"the model returned {type(m).__name__}; expected a tensor")
         if self.plan.model_output_channels is not None:
@@ -580,6 +585,15 @@ class Sampler:
         if self.guidance_scale is not None:
             self.model_input[batch:].copy_(model_input)
         self.step_index.add_(1)
+
+    def _evaluate_model(self, t):
+        if not self.batch_invariant:
+            return self.model(self.model_input, t, **self._cond)
+        outputs = []
+        for i in range(self.model_batch):  # every cond tensor has the model batch as its leading dimension
+            cond = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in self._cond.items()}
+            outputs.append(self.model(self.model_input[i:i + 1], t[i:i + 1], **cond))
+        return torch.cat(outputs) if all(isinstance(m, torch.Tensor) for m in outputs) else outputs[0]
 
     def _blend(self, target, model_input):
         """RePaint: the known region of `target` becomes the known volume re-noised to target's level."""
@@ -845,7 +859,7 @@ def _plan_key(solver):
 def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=0, device=None, dtype=None, *,
            state_dtype=torch.float32, cuda_graph=True, guidance_scale=None, cond=None, uncond=None, mask=None,
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
-           check_memory=True, **solver_options):
+           check_memory=True, batch_invariant=False, **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
@@ -857,7 +871,8 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     solver = _solver_from(solver, schedule, num_steps, solver_options)
     device = torch.device(device) if device is not None else _model_device(model)
     options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
-                   strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory)
+                   strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory,
+                   batch_invariant=batch_invariant)
     cacheable = cuda_graph and device.type == "cuda"
     sampler = None
     if cacheable:

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
+from .layers import add_linear_, linear
 
 
 class SpatialSelfAttention(nn.Module):
@@ -93,7 +94,7 @@ class SpatialSelfAttention(nn.Module):
         """h: B×N×C token-major, normalised. Returns B×N×C attention output (before out_proj)."""
         b, n, c = h.shape
         weight, bias = self.fused_qkv(h.dtype, h.device)
-        qkv = F.linear(h, weight, bias).view(b, n, 3, self.num_heads, self.dim_head)
+        qkv = linear(h, weight, bias).view(b, n, 3, self.num_heads, self.dim_head)
         q, k, v = qkv.unbind(2)  # B×N×heads×d strided views, no copies
         if self.attention_dtype is not None and self.attention_dtype != h.dtype:
             q, k, v = (t.to(self.attention_dtype) for t in (q, k, v))
@@ -104,7 +105,7 @@ class SpatialSelfAttention(nn.Module):
         """MONAI `SABlock` call form: B×N×C in, B×N×C out (out_proj applied)."""
         out = self.attend(h)
         if self.include_fc:
-            out = F.linear(out, self.out_proj.weight.to(out.dtype), self.out_proj.bias.to(out.dtype))
+            out = linear(out, self.out_proj.weight.to(out.dtype), self.out_proj.bias.to(out.dtype))
         return out
 
 
@@ -167,7 +168,7 @@ class SpatialAttentionBlock(nn.Module):
         x_tokens = x.movedim(1, -1).reshape(b, n, c)  # a view for contiguous or channels_last x
         if attn.include_fc:
             torch.add(x_tokens, attn.out_proj.bias.to(y.dtype), out=y_tokens)
-            y_tokens.view(b * n, c).addmm_(out, attn.out_proj.weight.to(y.dtype).t())
+            add_linear_(y_tokens.view(b * n, c), out, attn.out_proj.weight.to(y.dtype), b)
         else:
             torch.add(x_tokens, out.view(b, n, c), out=y_tokens)
         return y

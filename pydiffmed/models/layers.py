@@ -52,10 +52,12 @@ def _onednn_path(x, weight, bias=None, add=None) -> bool:
 
 
 def convolution(x, weight, bias=None, stride=1, padding=0, add=None):
-    """conv(x, weight, bias) (+ add), groups = dilation = 1, 2-D or 3-D. Output channels_last when x is."""
+    """conv(x, weight, bias) (+ add), groups = dilation = 1, 2-D or 3-D. Output channels_last when x is.
+    padding: an int, or one int per spatial axis (the tiled decode pads depth itself: partition.py)."""
     dims = x.ndim - 2
     if _onednn_path(x, weight, bias, add):
-        pads, strides, dilation = [padding] * dims, [stride] * dims, [1] * dims
+        pads = list(padding) if isinstance(padding, (tuple, list)) else [padding] * dims
+        strides, dilation = [stride] * dims, [1] * dims
         x = to_channels_last(x)
         if add is not None and _HAS_CONV_ADD:
             return torch.ops.mkldnn._convolution_pointwise.binary(
@@ -66,9 +68,10 @@ def convolution(x, weight, bias=None, stride=1, padding=0, add=None):
     return y if add is None else y + add
 
 
-def conv_module(x, conv: nn.Module, add=None):
-    """`convolution` with an nn.Conv2d/Conv3d's parameters."""
-    padding = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
+def conv_module(x, conv: nn.Module, add=None, padding=None):
+    """`convolution` with an nn.Conv2d/Conv3d's parameters (and its padding unless `padding` is given)."""
+    if padding is None:
+        padding = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
     weight = conv.weight
     if _pads_input_channels(x, weight, conv.bias, add):
         # oneDNN's CPU kernels for 1 input channel (3 in bf16/fp16) run 2-10× slower than for one channel
@@ -118,6 +121,47 @@ def _uniform(conv) -> bool:
     return (not isinstance(padding, str) and len(set(padding)) == 1 and len(set(conv.stride)) == 1)
 
 
+# --- batch invariance on the CPU ------------------------------------------------------------------------------
+# On the CPU a GEMM's rounding depends on its row count (MKL takes a GEMV path for one row, other blockings for
+# a few rows) and a vectorised elementwise loop rounds its scalar tail differently from its body. So an op over
+# a few rows (the time embedding, B×channels) or a GEMM over B·N token rows would give sample k a result that
+# depends on how many companions it has. Computed per sample, sample k always meets the same code path: the
+# promise "volume k of a batch equals sampling it alone" holds bit for bit. On CUDA these are the plain batched
+# ops (see docs/RELIABILITY.md for what holds there).
+
+def per_sample(fn, *tensors):
+    """fn(*tensors) on the CPU computed for each sample (index 0 of every tensor; None passes through) alone and
+    concatenated; on other devices fn(*tensors) as is."""
+    first = next(t for t in tensors if t is not None)
+    if first.device.type != "cpu":
+        return fn(*tensors)
+    return torch.cat([fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(first.shape[0])])
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample in a GEMM of its own on the CPU."""
+    return per_sample(lambda sample: F.linear(sample, weight, bias), x)
+
+
+class PerSampleLinear(nn.Linear):
+    """nn.Linear computing each sample alone on the CPU (`linear`); `accelerate()` swaps a model's Linears to
+    this class in place (same parameters, same state-dict keys)."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def add_linear_(out_rows, x, weight, batch: int):
+    """out_rows += x @ weightᵀ for row-major (B·N)×C tensors, each sample's N rows in a GEMM of their own on the
+    CPU; in place."""
+    if out_rows.device.type != "cpu":
+        return out_rows.addmm_(x, weight.t())
+    n = out_rows.shape[0] // batch
+    for i in range(batch):
+        out_rows[i * n:(i + 1) * n].addmm_(x[i * n:(i + 1) * n], weight.t())
+    return out_rows
+
+
 # --- cached derived weights ----------------------------------------------------------------------------------
 
 def derived(owner: nn.Module, name: str, sources, build):
@@ -156,16 +200,20 @@ def _subpixel_weights(weight, bias):
     return combined, big_bias
 
 
-def upsample_conv(x, conv: nn.Module):
-    """conv(nearest_upsample_×2(x)) for a 3×3(×3), stride-1, padding-1 `conv`, without the upsampled tensor."""
+def upsample_conv(x, conv: nn.Module, padding=1):
+    """conv(nearest_upsample_×2(x)) for a 3×3(×3), stride-1, padding-1 `conv`, without the upsampled tensor.
+    padding (int or one per axis) is the low-resolution padding: 0 on an axis means x carries one extra row at
+    each end of it (a halo: the tiled decode's depth slabs) and the output covers only the rows between."""
     dims = x.ndim - 2
     if _needs_autograd(x, conv.weight, conv.bias):
+        if padding != 1:
+            raise ValueError("upsample_conv with a halo (padding != 1) is inference-only")
         return conv_module(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv)
     weight, bias = derived(conv, "_pdm_subpixel", (conv.weight, conv.bias) if conv.bias is not None
                            else (conv.weight,), lambda: _subpixel_weights(conv.weight, conv.bias))
-    z = convolution(to_channels_last(x), weight, bias, 1, 1)  # B × (2^dims·C) × (n+1)^dims, channels_last
+    z = convolution(to_channels_last(x), weight, bias, 1, padding)  # B × (2^dims·C) × (n+1)^dims, channels_last
     b, c = x.shape[0], conv.weight.shape[0]
-    low = x.shape[2:]
+    low = [size - 1 for size in z.shape[2:]]  # n low-resolution rows per axis give n + 1 rows of z
     z = to_channels_last(z)
     zs = z.stride()
     spatial_strides = [zs[2 + i] for i in range(dims)]
@@ -200,5 +248,6 @@ def avg_pool_2x(x):
     return to_channels_last(pooled)
 
 
-__all__ = ["Conv", "FastConv2d", "FastConv3d", "avg_pool_2x", "channels_last_format", "conv_module", "convolution",
-           "derived", "to_channels_last", "upsample_conv", "upsample_nearest"]
+__all__ = ["Conv", "FastConv2d", "FastConv3d", "PerSampleLinear", "add_linear_", "avg_pool_2x", "channels_last_format",
+           "conv_module", "convolution", "derived", "linear", "per_sample", "to_channels_last", "upsample_conv",
+           "upsample_nearest"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
-from .layers import Conv, channels_last_format, derived
+from .layers import Conv, PerSampleLinear, add_linear_, channels_last_format, derived, linear
 
 
 def _heads_view(t, heads):
@@ -62,7 +62,7 @@ class TransformerSelfAttention(nn.Module):
         return derived(self, "_pdm_qkv", sources, lambda: torch.cat(sources))
 
     def forward(self, h):
-        qkv = F.linear(h, self.fused_weight())
+        qkv = linear(h, self.fused_weight())
         q, k, v = qkv.chunk(3, dim=-1)
         return _attend(q, k, v, self.num_heads, self.scale, self.upcast)
 
@@ -85,9 +85,9 @@ class TransformerCrossAttention(nn.Module):
     def forward(self, h, context=None):
         source = h if context is None else context.to(h.dtype)
         sources = (self.to_k.weight, self.to_v.weight)
-        kv = F.linear(source, derived(self, "_pdm_kv", sources, lambda: torch.cat(sources)))
+        kv = linear(source, derived(self, "_pdm_kv", sources, lambda: torch.cat(sources)))
         k, v = kv.chunk(2, dim=-1)
-        return _attend(F.linear(h, self.to_q.weight), k, v, self.num_heads, self.scale, self.upcast)
+        return _attend(linear(h, self.to_q.weight), k, v, self.num_heads, self.scale, self.upcast)
 
 
 class FeedForwardGEGLU(nn.Module):
@@ -95,8 +95,8 @@ class FeedForwardGEGLU(nn.Module):
 
     def __init__(self, channels: int, mlp_dim: int):
         super().__init__()
-        self.linear1 = nn.Linear(channels, 2 * mlp_dim)
-        self.linear2 = nn.Linear(mlp_dim, channels)
+        self.linear1 = PerSampleLinear(channels, 2 * mlp_dim)
+        self.linear2 = PerSampleLinear(mlp_dim, channels)
 
     def forward(self, h):
         value, gate = self.linear1(h).chunk(2, dim=-1)
@@ -127,7 +127,7 @@ def _add_projected(x, h, proj):
     """x + proj(h), where proj is an nn.Linear or nn.Identity."""
     if isinstance(proj, nn.Identity):
         return x + h
-    return torch.addmm(proj.bias, h.reshape(-1, h.shape[-1]), proj.weight.t()).view_as(x).add_(x)
+    return linear(h, proj.weight, proj.bias).view_as(x).add_(x)
 
 
 class SpatialTransformer(nn.Module):
@@ -173,7 +173,7 @@ class SpatialTransformer(nn.Module):
         norm = self.norm
         tokens = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, token_major=True)
         w_in = self.proj_in.conv.weight
-        tokens = F.linear(tokens, w_in.reshape(w_in.shape[0], -1), self.proj_in.conv.bias)
+        tokens = linear(tokens, w_in.reshape(w_in.shape[0], -1), self.proj_in.conv.bias)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         n, inner = tokens.shape[1], tokens.shape[2]
@@ -185,7 +185,7 @@ class SpatialTransformer(nn.Module):
         y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
         y_tokens = y.movedim(1, -1).view(b * n, c)  # y's memory, token-major
         torch.add(x_tokens, self.proj_out.conv.bias, out=y_tokens)
-        y_tokens.addmm_(tokens.reshape(b * n, inner), w_out.t())
+        add_linear_(y_tokens, tokens.reshape(b * n, inner), w_out, b)
         return y
 
 
