@@ -1,6 +1,8 @@
 """Denoiser networks built on pydiffmed ops."""
 from .attention_block import SpatialAttentionBlock
+from .autoencoder import AutoencoderKL
 from .checkpoint import CheckpointError, convert_monai_state_dict, load_state_dict_file
 from .unet import UNet3D
 
-__all__ = ["CheckpointError", "SpatialAttentionBlock", "UNet3D", "convert_monai_state_dict", "load_state_dict_file"]
+__all__ = ["AutoencoderKL", "CheckpointError", "SpatialAttentionBlock", "UNet3D", "convert_monai_state_dict",
+           "load_state_dict_file"]

@@ -1,0 +1,330 @@
+"""Exact computation of convolutional networks by depth slabs: halos for convolutions, whole-volume statistics for
+GroupNorm (DESIGN §9).
+
+Why this is exact. A convolution's output rows [a, b) depend only on its input rows [a·s − p, (b−1)·s − p + k):
+the slab plus a halo, with zero rows where the halo leaves the volume (the zero padding of the whole-volume
+convolution). A GroupNorm needs the mean and variance of the whole volume per (sample, group); those are
+accumulated while the slabs of its input are produced (`GroupStats`, one fp64 count/mean/centred second moment
+per slab, merged with Chan et al.'s parallel formula: the two-pass centred variance whatever the slab sizes),
+and the normalisation (+ SiLU) is applied to each slab, halo included, as it is read by the next convolution
+(`GroupNormApply`). No slab is recomputed beyond its halo; the only repeated work is normalising the halo rows
+(elementwise). Networks with attention need every voxel at once and cannot be cut this way.
+
+What memory this bounds, honestly. Layers run one after another; each layer's *full* output is kept (a GroupNorm
+cannot normalise any row before the last row of its input exists), on `storage`: the model's device, or host
+memory ("cpu") when the device is the scarce one. What the slabs bound is the *working* memory of every layer on
+the compute device: the gathered input slab with its halo, the output slab, the residual slab and the statistics
+temporaries — `SlabPlan` picks each layer's slab depth so that this estimate stays under `max_memory`. At most
+three full activations are alive at a time (a residual block's input, its first convolution's output and its
+result; the result overwrites the input in place when the block keeps its channel count). The GroupNorm apply is
+elementwise torch code here (two or three passes over the slab), not the fused kernel, which computes its own
+statistics.
+
+The pieces are model-agnostic: a network maps its blocks onto `ConvLayer`, `UpsampleConvLayer` and
+`DeconvLayer` and calls `run_layer` (see models/autoencoder.py). Slabs cut the first spatial axis (depth; height
+for 2-D networks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.layers import channels_last_format, conv_module, upsample_conv
+
+
+# --- whole-volume GroupNorm statistics ------------------------------------------------------------------------
+
+class GroupStats:
+    """Per-(sample, group) element count, mean and centred second moment (Σ(x − mean)²) of one activation,
+    accumulated tile by tile in fp64. `merge` also combines the statistics of tiles held elsewhere (other
+    ranks)."""
+
+    def __init__(self, num_groups: int):
+        self.num_groups = num_groups
+        self.count = 0
+        self.mean = None  # N×G fp64
+        self.m2 = None  # N×G fp64
+
+    def update(self, tile: torch.Tensor) -> None:
+        """Add a tile N×C×(spatial...) of the activation (any layout, any float dtype). Per channel, torch's
+        Welford `var_mean` (one pass, no temporaries for fp32; fp64 accumulators on CPU); channels then merge
+        into groups with the same formula as tiles do."""
+        n, c = tile.shape[:2]
+        per_group = c // self.num_groups
+        # channels innermost, as channels_last activations lie in memory: the reduction reads them in order
+        last = tile.detach().movedim(1, -1)
+        if last.dtype != torch.float32 and last.dtype != torch.float64:
+            last = last.float()
+        var, mean = torch.var_mean(last, dim=tuple(range(1, last.ndim - 1)), correction=0)
+        count = math.prod(tile.shape[2:])
+        mean = mean.double().view(n, self.num_groups, per_group)
+        m2 = var.double().view(n, self.num_groups, per_group) * count
+        group_mean = mean.mean(-1)
+        group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
+        self.merge(count * per_group, group_mean, group_m2)
+
+    def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Chan, Golub & LeVeque's pairwise update: exact in exact arithmetic, and free of the cancellation of
+        E[x²] − E[x]²."""
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * count / total)
+        self.count = total
+
+    def normalizer(self, norm: nn.GroupNorm, act: str | None = None) -> "GroupNormApply":
+        """The apply phase of `norm` (its weight, bias, eps) with these statistics."""
+        if self.count == 0:
+            raise RuntimeError("GroupStats.normalizer before any tile was added")
+        if norm.num_groups != self.num_groups:
+            raise ValueError(f"statistics were gathered for {self.num_groups} groups, the norm has "
+                             f"{norm.num_groups}")
+        per_group = norm.num_channels // self.num_groups
+        rstd = (self.m2 / self.count + norm.eps).rsqrt()
+        mean = self.mean.repeat_interleave(per_group, dim=1)
+        scale = rstd.repeat_interleave(per_group, dim=1)
+        shift = torch.zeros_like(scale)
+        if norm.weight is not None:
+            scale = scale * norm.weight.detach().to(scale)
+        if norm.bias is not None:
+            shift = shift + norm.bias.detach().to(shift)
+        return GroupNormApply(mean.float(), scale.float(), shift.float(), act)
+
+
+class GroupNormApply:
+    """y = act((x − mean)·scale + shift) per (sample, channel): GroupNorm's apply phase with given statistics
+    (scale = γ/√(var + eps), shift = β), computed in fp32 whatever the tensor dtype."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str | None):
+        if act not in (None, "silu"):
+            raise ValueError(f"act must be None or 'silu', got {act!r}")
+        self.mean, self.scale, self.shift, self.act = mean, scale, shift, act
+
+    def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Writes the normalised src into dst (same shape; dst may be a view into a larger buffer). The math runs
+        on channels-innermost views: torch's broadcasting of an N×C×1×1×1 operand over a channels_last tensor
+        is ~10× slower than over the same memory seen as N×D×H×W×C."""
+        shape = (self.mean.shape[0], *(1,) * (src.ndim - 2), self.mean.shape[1])
+        mean, scale, shift = (t.view(shape) for t in (self.mean, self.scale, self.shift))
+        src_last, dst_last = src.movedim(1, -1), dst.movedim(1, -1)
+        if dst.dtype == torch.float32:
+            work = torch.sub(src_last, mean, out=dst_last)
+        else:
+            work = src_last.float().sub_(mean)
+        torch.addcmul(shift, work, scale, out=work)
+        if self.act == "silu":
+            F.silu(work, inplace=True)
+        if work is not dst_last:
+            dst_last.copy_(work)
+
+
+def sweep_stats(x: torch.Tensor, num_groups: int, rows: int, device=None) -> GroupStats:
+    """Statistics of a stored activation, read slab by slab (for an activation no layer produced here)."""
+    stats = GroupStats(num_groups)
+    for a, b in slab_ranges(x.shape[2], rows):
+        stats.update(x[:, :, a:b].to(device or x.device))
+    return stats
+
+
+# --- layers computed by slabs ------------------------------------------------------------------------------------
+
+class ConvLayer:
+    """conv(pad(x)) for a k-wide, stride-s convolution (`conv`: nn.Conv2d/3d, groups = dilation = 1). `pads` is
+    the zero padding per spatial axis as (before, after); default: the convolution's own symmetric padding.
+    Depth padding comes from the slab gather (zero rows outside the volume); symmetric padding of the other axes
+    from the convolution itself (free); asymmetric padding (MONAI's downsampler) from the gather (a copy)."""
+
+    align = 1  # output slab boundaries are multiples of this
+
+    def __init__(self, conv: nn.Module, pads=None):
+        if len(set(conv.kernel_size)) != 1 or len(set(conv.stride)) != 1:
+            raise ValueError("ConvLayer needs the same kernel size and stride on every axis")
+        self.conv = conv
+        self.kernel, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.pads = [tuple(p) for p in pads] if pads is not None else [(p, p) for p in conv.padding]
+        self.conv_padding = [0] + [before if before == after else 0 for before, after in self.pads[1:]]
+        self.gather_pads = [(0, 0) if before == after else (before, after) for before, after in self.pads[1:]]
+        self.out_channels = conv.out_channels
+
+    def out_spatial(self, spatial):
+        return tuple((n + before + after - self.kernel) // self.stride + 1
+                     for n, (before, after) in zip(spatial, self.pads))
+
+    def in_rows(self, a: int, b: int) -> tuple[int, int]:
+        """The input rows (possibly outside [0, D): zero rows) that output rows [a, b) read."""
+        return a * self.stride - self.pads[0][0], (b - 1) * self.stride - self.pads[0][0] + self.kernel
+
+    def compute(self, slab, add=None):
+        return conv_module(slab, self.conv, add=add, padding=self.conv_padding)
+
+
+class UpsampleConvLayer:
+    """conv(nearest_upsample_×2(x)) for a 3×3(×3), padding-1 `conv` (layers.upsample_conv): output rows
+    [2i, 2j) read low-resolution rows [i − 1, j + 1)."""
+
+    align = 2
+
+    def __init__(self, conv: nn.Module):
+        self.conv = conv
+        self.out_channels = conv.out_channels
+        self.gather_pads = [(0, 0)] * (conv.weight.ndim - 3)
+
+    def out_spatial(self, spatial):
+        return tuple(2 * n for n in spatial)
+
+    def in_rows(self, a, b):
+        return a // 2 - 1, b // 2 + 1
+
+    def compute(self, slab, add=None):
+        if add is not None:
+            raise ValueError("UpsampleConvLayer takes no residual")
+        return upsample_conv(slab, self.conv, padding=[0] + [1] * (slab.ndim - 3))
+
+
+class DeconvLayer:
+    """A kernel-2, stride-2 transposed convolution: output rows [2i, 2j) read input rows [i, j), no halo."""
+
+    align = 2
+
+    def __init__(self, deconv: nn.Module):
+        if tuple(deconv.kernel_size) != tuple(deconv.stride) or set(deconv.kernel_size) != {2}:
+            raise ValueError("DeconvLayer needs kernel_size = stride = 2")
+        self.deconv = deconv
+        self.out_channels = deconv.out_channels
+        self.gather_pads = [(0, 0)] * (deconv.weight.ndim - 3)
+
+    def out_spatial(self, spatial):
+        return tuple(2 * n for n in spatial)
+
+    def in_rows(self, a, b):
+        return a // 2, b // 2
+
+    def compute(self, slab, add=None):
+        if add is not None:
+            raise ValueError("DeconvLayer takes no residual")
+        return self.deconv(slab)
+
+
+def slab_ranges(size: int, rows: int, align: int = 1) -> list[tuple[int, int]]:
+    """[a, b) ranges covering [0, size) with at most `rows` rows each (at least `align`), boundaries at multiples
+    of `align`; the last range may be shorter."""
+    if rows < 1:
+        raise ValueError(f"slab rows must be ≥ 1, got {rows}")
+    step = max(align, rows - rows % align)
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def gather(x: torch.Tensor, lo: int, hi: int, pads, norm: GroupNormApply | None, device) -> torch.Tensor:
+    """Rows [lo, hi) of the stored activation x on `device`, normalised by `norm` if given, with zero rows where
+    [lo, hi) leaves the volume and `pads` ((before, after) per non-depth axis) zeros around the other axes. A
+    view of x when nothing needs to change."""
+    size = x.shape[2]
+    inner_lo, inner_hi = max(lo, 0), min(hi, size)
+    raw = x[:, :, inner_lo:inner_hi].to(device)
+    pads = [(inner_lo - lo, hi - inner_hi), *pads]
+    memory_format = channels_last_format(x.ndim)
+    if not any(before or after for before, after in pads):
+        if norm is None:
+            return raw
+        out = torch.empty(raw.shape, dtype=raw.dtype, device=raw.device, memory_format=memory_format)
+        norm(raw, out)
+        return out
+    shape = (*raw.shape[:2], *(n + before + after for n, (before, after) in zip(raw.shape[2:], pads)))
+    out = torch.empty(shape, dtype=raw.dtype, device=raw.device, memory_format=memory_format).zero_()
+    interior = out[(slice(None), slice(None), *(slice(before, before + n)
+                                                for n, (before, _) in zip(raw.shape[2:], pads)))]
+    if norm is None:
+        interior.copy_(raw)
+    else:
+        norm(raw, interior)
+    return out
+
+
+def run_layer(layer, x: torch.Tensor, *, rows: int, norm: GroupNormApply | None = None, add=None, out=None,
+              stats: GroupStats | None = None, device=None, storage=None, memory_format=None) -> torch.Tensor:
+    """The layer's full output, computed slab by slab: for each output slab [a, b), gather the input rows it
+    reads (normalised by `norm`), compute, add `add(a, b)` (a residual slab, fused into the convolution), update
+    `stats` with the result and store it into `out` (allocated on `storage` when not given; `out` may alias x's
+    storage only if no later slab reads the rows written — a residual block writing over its own input does
+    this). device: where slabs are computed (default x's device)."""
+    device = torch.device(device) if device is not None else x.device
+    storage = torch.device(storage) if storage is not None else x.device
+    spatial = layer.out_spatial(x.shape[2:])
+    if out is None:
+        out = torch.empty((x.shape[0], layer.out_channels, *spatial), dtype=x.dtype, device=storage,
+                          memory_format=memory_format or channels_last_format(x.ndim))
+    for a, b in slab_ranges(spatial[0], rows, layer.align):
+        lo, hi = layer.in_rows(a, b)
+        y = layer.compute(gather(x, lo, hi, layer.gather_pads, norm, device),
+                          None if add is None else add(a, b))
+        if stats is not None:
+            stats.update(y)
+        out[:, :, a:b].copy_(y)
+    return out
+
+
+# --- the one planner ---------------------------------------------------------------------------------------------
+
+class SlabPlan:
+    """Slab depth per layer: `tile` rows for every layer, or the most rows whose working-memory estimate
+    (`working_bytes`) fits `max_memory` bytes; a budget below a layer's smallest slab (one row, two for the
+    ×2 upsamplers) is an error naming what that slab needs. `peak_estimate` records the largest estimate of any
+    layer planned so far (for `tile` plans too)."""
+
+    def __init__(self, tile: int | None = None, max_memory: int | None = None):
+        if tile is None and max_memory is None:
+            raise ValueError("give tile (rows per slab) or max_memory (bytes)")
+        if tile is not None and (isinstance(tile, bool) or not isinstance(tile, int) or tile < 1):
+            raise ValueError(f"tile must be a positive int (slab depth in rows), got {tile!r}")
+        if max_memory is not None and max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory!r}")
+        self.tile, self.max_memory = tile, max_memory
+        self.peak_estimate = 0  # the largest working_bytes of any layer run under this plan
+
+    def rows(self, layer, x: torch.Tensor, *, norm: bool, add: bool, stats: bool) -> int:
+        size = layer.out_spatial(x.shape[2:])[0]
+        if self.tile is not None:
+            rows = self.tile
+        else:
+            smallest = working_bytes(layer, x, layer.align, norm=norm, add=add, stats=stats)
+            if smallest > self.max_memory:
+                raise ValueError(f"max_memory={self.max_memory} bytes is below the smallest slab of a "
+                                 f"{type(layer).__name__} on input {tuple(x.shape)} ({smallest} bytes for "
+                                 f"{layer.align} row(s))")
+            rows, low, high = layer.align, layer.align, size
+            while low <= high:  # the largest row count within budget (estimates grow with rows)
+                mid = (low + high) // 2
+                if working_bytes(layer, x, mid, norm=norm, add=add, stats=stats) <= self.max_memory:
+                    rows, low = mid, mid + 1
+                else:
+                    high = mid - 1
+        rows = min(max(rows, layer.align), size + size % layer.align)
+        self.peak_estimate = max(self.peak_estimate, working_bytes(layer, x, rows, norm=norm, add=add, stats=stats))
+        return rows
+
+
+def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, stats: bool) -> int:
+    """Estimated bytes a slab of `rows` output rows needs on the compute device: input slab with halo and its
+    normalised copy (+ an fp32 temporary for half types), output (twice for the sub-pixel upsampler: phases, then
+    interleaved), residual slab, and the fp64 statistics temporaries."""
+    n, c_in = x.shape[:2]
+    item = x.element_size()
+    lo, hi = layer.in_rows(0, rows - rows % layer.align or layer.align)
+    in_plane = math.prod(s + before + after for s, (before, after) in zip(x.shape[3:], layer.gather_pads))
+    in_elems = n * c_in * (hi - lo) * in_plane
+    out_elems = n * layer.out_channels * rows * math.prod(layer.out_spatial(x.shape[2:])[1:])
+    total = in_elems * item * (2 if norm or n > 1 else 1) + (in_elems * 4 if norm and item < 4 else 0)
+    total += out_elems * item * (2 if isinstance(layer, UpsampleConvLayer) else 1)
+    total += out_elems * item if add else 0
+    total += out_elems * 16 if stats else 0
+    return total
+
+
+__all__ = ["ConvLayer", "DeconvLayer", "GroupNormApply", "GroupStats", "SlabPlan", "UpsampleConvLayer", "gather",
+           "run_layer", "slab_ranges", "sweep_stats", "working_bytes"]
