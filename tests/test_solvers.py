@@ -610,6 +610,7 @@ PLAN_CASES = {
     "dpmpp_3m": (NoiseSchedule.discrete(), {}), "dpmpp_2m_sde": (NoiseSchedule.discrete(), {"grid": "karras"}),
     "unipc": (NoiseSchedule.discrete(), {}), "edm_euler": (NoiseSchedule.ve(), {"s_churn": 5.0}),
     "edm_heun": (NoiseSchedule.discrete(), {}), "rflow_euler": (NoiseSchedule.flow(), {}),
+    "rflow_heun": (NoiseSchedule.flow(), {"use_timestep_transform": True, "input_img_size_numel": 64 ** 3}),
 }
 
 

@@ -5,7 +5,7 @@
 
 One file per family: ddpm, ddim (+ inversion), pndm, ald (NCSN), sde (Euler-Maruyama, predictor-corrector),
 ode (Heun, RK4, adaptive Dormand-Prince), dpmpp (DPM-Solver++ 2M / 3M / 2M-SDE), unipc, edm (Euler, Heun),
-rflow (rectified-flow Euler).
+rflow (rectified-flow Euler and Heun on MONAI's RFlowScheduler grid).
 """
 from ..schedules import NoiseSchedule
 from .ald import AnnealedLangevin
@@ -17,7 +17,7 @@ from .edm import EDMEuler, EDMHeun
 from .ode import ODEDopri5, ODEHeun, ODERK4
 from .plan import SamplingPlan, StepForm
 from .pndm import PNDM
-from .rflow import RFlowEuler
+from .rflow import RFlowEuler, RFlowHeun
 from .sde import EulerMaruyama, PredictorCorrector
 from .unipc import UniPC
 
@@ -39,6 +39,7 @@ SOLVERS = {
     "edm_euler": EDMEuler,
     "edm_heun": EDMHeun,
     "rflow_euler": RFlowEuler,
+    "rflow_heun": RFlowHeun,
 }
 
 
