@@ -1,4 +1,6 @@
 """`accelerate(model)`: put pydiffmed's fused blocks into an existing MONAI `DiffusionModelUNet`, in place.
+MONAI's `ControlNet` (the same encoder blocks, plus its conditioning embedding and 1×1 convolutions) works too;
+`pydiffmed.models.ControlNet3D` is its native, slightly faster form.
 
 Replaced (each new module holds the model's own Parameter objects, so the state dict, its keys and the outputs
 are unchanged):
@@ -53,7 +55,7 @@ class _MonaiCallUpsample(nn.Module):
 
 def accelerate(model: nn.Module) -> nn.Module:
     """Swap the GroupNorm/SiLU, resnet, attention, upsampling and convolution modules of a MONAI
-    `DiffusionModelUNet` (2-D or 3-D) for pydiffmed's, in place; returns the same model object."""
+    `DiffusionModelUNet` or `ControlNet` (2-D or 3-D) for pydiffmed's, in place; returns the same model object."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if any(isinstance(m, nn.Conv1d) for m in model.modules()):
