@@ -5,16 +5,21 @@ the machine, show backends.
     pydiffmed convert --monai-checkpoint model.pt --monai-config config.json --out DIR
     pydiffmed models | bench | info
 
-Bad input (unknown solver or model, impossible shape, unreadable volume, unwritable output, ...) is found before
-any work starts and reported as one line on stderr with exit status 2. A run that fails or is interrupted
+Bad input (unknown solver or model, impossible shape, unreadable volume, unwritable output, sizes that do not fit
+memory, ...) is found before any work starts and reported as one line on stderr with exit status 2. An
+unexpected error is one line naming its type (PYDIFFMED_DEBUG=1 shows the traceback). A run that fails or is interrupted
 part way exits with status 1 (130 for Ctrl-C) and leaves only complete files (every write is atomic); rerun
-it with --resume to finish it.
+it with --resume to finish it: a volume counts as done only when its sidecar (written last) parses, matches the
+run and records the sha256 of its NIfTI and preview as they are on disk; anything else is sampled again. A
+running `sample` holds a lock on its output directory (OUT/.pydiffmed.lock); a second one refuses at once.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import errno
+import functools
 import json
 import math
 import os
@@ -36,7 +41,11 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Bundled models the project ships once they are trained: named so that a missing one says so.
 _PLANNED_BUNDLED = ("demo",)
+_MAX_VOLUMES = 100_000  # --num: bounds the per-volume bookkeeping (names, files checked: seconds per 10⁵)
+_DEBUG_ENV = "PYDIFFMED_DEBUG"  # set to 1: an unexpected error shows its traceback
 _TEMP_PREFIX = ".pdm-tmp-"  # pydiffmed.io.atomic_path's temporary names: .pdm-tmp-<12 hex>-<final name>
+_LOCK_NAME = ".pydiffmed.lock"  # held (flock) in the output directory by a running `sample`
+_MAX_SIDECAR_BYTES = 1 << 20
 
 
 class UsageError(Exception):
@@ -113,6 +122,25 @@ def _check_count(name, value, minimum=1):
         raise UsageError(f"{name} must be at least {minimum}, got {value}")
 
 
+def _check_seed(seed, num):
+    """Volume k uses seed + k: every such seed must be a 64-bit Philox key; the command takes seeds >= 0."""
+    if not 0 <= seed <= 2 ** 63 - num:
+        raise UsageError(f"--seed {seed}: volume k uses seed + k, so --seed must lie in [0, 2**63 - {num}] for "
+                         f"--num {num} (seeds are 64-bit Philox keys)")
+
+
+def _bad_input_is_usage_error(prepare):
+    """A library ValueError/TypeError raised while the command checks its input (before any work) is bad
+    input: reported as a UsageError (exit status 2, one line)."""
+    @functools.wraps(prepare)
+    def checked(args):
+        try:
+            return prepare(args)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(exc) from None
+    return checked
+
+
 def _check_triple(name, values, positive_int=False):
     if values is None:
         return None
@@ -175,6 +203,21 @@ def _read_volume(flag, path, intensity=None):
         raise UsageError(f"{flag}: {exc}") from None
 
 
+def _check_same_geometry(first, second):
+    """Input volumes that are combined voxel by voxel must lie on the same grid: same voxel-to-world affine
+    (within 1e-3 mm / 1e-5 relative; NIfTI stores it in float32)."""
+    import numpy as np
+
+    (flag_a, path_a, info_a), (flag_b, path_b, info_b) = first, second
+    if not np.allclose(info_a.affine, info_b.affine, rtol=1e-5, atol=1e-3):
+        def where(info):
+            origin = ", ".join(f"{v:.4g}" for v in np.asarray(info.affine)[:3, 3])
+            spacing = " × ".join(f"{v:.4g}" for v in info.spacing)
+            return f"spacing {spacing} mm, orientation {info.orientation}, origin ({origin})"
+        raise UsageError(f"{flag_b} {path_b}: its voxel-to-world affine differs from that of {flag_a} {path_a} "
+                         f"({where(info_b)} vs {where(info_a)}); resample it onto the same grid")
+
+
 def _check_input_shape(flag, volume, channels, shape, allow_one_channel=False):
     spatial = tuple(volume.shape[1:])
     wanted = {channels, 1} if allow_one_channel else {channels}
@@ -186,6 +229,12 @@ def _check_input_shape(flag, volume, channels, shape, allow_one_channel=False):
 
 def _solver(name, steps, schedule, info):
     from .solvers import SOLVERS, get_solver
+    from .solvers.base import check_num_steps
+
+    try:
+        check_num_steps(schedule, steps)
+    except ValueError as exc:
+        raise UsageError(f"--steps {steps}: {exc}") from None
 
     if name in _NOT_SAMPLERS:
         raise UsageError(f"--solver {name}: {_NOT_SAMPLERS[name]}")
@@ -237,12 +286,16 @@ def _run_key(sidecar):
 
 
 def _plan_outputs(job, args):
-    """Which volumes to sample: all of them, or with --resume those without complete outputs. Raises
-    UsageError for outputs in the way (without --overwrite/--resume) or complete ones from a different run."""
-    job.pending, job.skipped = [], []
+    """Which volumes to sample: all of them, or with --resume those without complete, intact outputs (a damaged
+    set is counted in job.damaged and sampled again). Raises UsageError for outputs in the way (without
+    --overwrite/--resume) or complete ones from a different run."""
+    job.pending, job.skipped, job.damaged = [], [], []
     for k, names in enumerate(job.names):
         paths = {kind: os.path.join(job.out, name) for kind, name in names.items()}
         present = [p for p in paths.values() if os.path.lexists(p)]
+        for path in present:
+            if os.path.isdir(path) and not os.path.islink(path):
+                raise UsageError(f"{path} is a directory where an output file goes; move it or use another --out")
         if not present:
             job.pending.append(k)
             continue
@@ -255,11 +308,7 @@ def _plan_outputs(job, args):
                              f"{job.out}); pass --overwrite to replace them or --resume to keep complete volumes "
                              f"and sample the rest")
         if len(present) == len(paths):
-            try:
-                with open(paths["sidecar"], encoding="utf-8") as f:
-                    sidecar = json.load(f)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                sidecar = None
+            sidecar = _read_sidecar(paths["sidecar"])
             if isinstance(sidecar, dict):
                 expected = _jsonable(_run_key(_provenance(job, k)))
                 found = _run_key(sidecar)
@@ -267,15 +316,77 @@ def _plan_outputs(job, args):
                     differ = [key for key in expected if found[key] != expected[key]]
                     raise UsageError(f"--resume: {paths['sidecar']} was made with different settings "
                                      f"({', '.join(differ)}); use a new --out, or --overwrite")
+            problem = _damage(paths, sidecar)
+            if problem is None:
                 job.skipped.append(k)
                 continue
-        job.pending.append(k)  # incomplete: sampled again, its leftover files replaced
+            job.damaged.append(k)
+            warnings.warn(f"--resume: volume {k} is damaged ({problem}); sampling it again")
+        job.pending.append(k)  # incomplete or damaged: sampled again, its leftover files replaced
+
+
+def _regular_file(path):
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _read_sidecar(path):
+    """The sidecar's JSON document, or None when it is not a readable regular file of JSON (never follows a
+    link, never reads more than _MAX_SIDECAR_BYTES)."""
+    if not _regular_file(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_SIDECAR_BYTES + 1)
+        if len(data) > _MAX_SIDECAR_BYTES:
+            return None
+        return json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _damage(paths, sidecar):
+    """Why a volume's three outputs are not an intact set (None when they are): each must be a regular file, the
+    sidecar JSON, and the NIfTI and preview must have the sha256 the sidecar records (written last, when both
+    were complete). A sidecar without hashes (an older pydiffmed) needs a NIfTI that loads with the sidecar's
+    shape and a PNG that decodes."""
+    from PIL import Image
+
+    from . import io, modelfile
+
+    for path in paths.values():
+        if not _regular_file(path):
+            return f"{path} is not a regular file"
+    if not isinstance(sidecar, dict):
+        return f"{paths['sidecar']} is not a readable sidecar"
+    hashes = sidecar.get("files_sha256")
+    if hashes is not None:
+        for kind in ("nifti", "preview"):
+            try:
+                digest = modelfile.file_sha256(paths[kind])
+            except OSError as exc:
+                return f"{paths[kind]}: {exc.strerror or exc}"
+            if not isinstance(hashes, dict) or hashes.get(kind) != digest:
+                return f"{paths[kind]} does not match the sha256 in its sidecar"
+        return None
+    try:
+        volume, _ = io.load_volume(paths["nifti"])
+    except (OSError, ValueError) as exc:
+        return _one_line(exc)
+    if list(volume.shape) != sidecar.get("shape"):
+        return f"{paths['nifti']} has shape {list(volume.shape)}, its sidecar says {sidecar.get('shape')}"
+    try:
+        with Image.open(paths["preview"]) as image:
+            image.load()
+    except Exception as exc:  # Pillow raises many types for a bad file
+        return f"{paths['preview']} does not decode as an image ({type(exc).__name__})"
+    return None
 
 
 def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
+@_bad_input_is_usage_error
 def _prepare_sample(args):
     """Check every argument and input, load the model and build the samplers; raises UsageError. Writes
     nothing."""
@@ -284,6 +395,10 @@ def _prepare_sample(args):
     from .engine import InsufficientMemoryError, Sampler
 
     _check_count("--num", args.num)
+    if args.num > _MAX_VOLUMES:
+        raise UsageError(f"--num {args.num}: at most {_MAX_VOLUMES} volumes per run (split the work into runs with "
+                         f"--seed and --prefix)")
+    _check_seed(args.seed, args.num)
     _check_count("--batch", args.batch)
     _check_count("--steps", args.steps)
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
@@ -323,8 +438,11 @@ def _prepare_sample(args):
     if args.init is not None:
         init, source = _read_volume("--init", args.init, info.intensity)
     if args.mask is not None:
-        mask, _ = _read_volume("--mask", args.mask)
+        mask, mask_info = _read_volume("--mask", args.mask)
         known, known_info = _read_volume("--known", args.known, info.intensity)
+        _check_same_geometry(("--known", args.known, known_info), ("--mask", args.mask, mask_info))
+        if source is not None:
+            _check_same_geometry(("--known", args.known, known_info), ("--init", args.init, source))
         source = source or known_info
         if float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
             raise UsageError(f"--mask {args.mask}: values must lie in [0, 1] (1 where --known is kept), found "
@@ -390,9 +508,9 @@ def _prepare_sample(args):
         try:
             job.samplers[size] = Sampler(job.model, solver, (size, channels, *shape), device=device, dtype=dtype,
                                          guidance_scale=args.guidance_scale, strength=args.strength,
-                                         cuda_graph=not args.eager)
+                                         cuda_graph=not args.eager, batch_invariant=args.batch_invariant)
         except InsufficientMemoryError as exc:
-            raise UsageError(f"--batch {args.batch}: {exc}") from None
+            raise UsageError(f"--batch {args.batch} of {'×'.join(map(str, shape))} volumes: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise UsageError(exc) from None
     if args.strength is not None and job.samplers:
@@ -432,6 +550,7 @@ def _provenance(job, k):
         "backend": job.backend,
         "backends": job.backends,
         "cuda_graph": job.device.type == "cuda" and not args.eager,
+        "batch_invariant": args.batch_invariant,
         "shape": [job.channels, *job.shape],
         "spacing": list(io.spacing_from_affine(job.affine)),
         "orientation": io.orientation_from_affine(job.affine),
@@ -455,8 +574,72 @@ def _provenance(job, k):
 
 # --- sample: the run -----------------------------------------------------------------------------------------
 
+class _OutputLock:
+    """An exclusive lock on an output directory, held by one `sample` run from before it reads the directory
+    until it ends, so that two runs never write into one directory at once: the second refuses at once (exit 2).
+    It is an flock on OUT/.pydiffmed.lock, which holds the owner's pid and is removed when the run ends; a
+    killed run's flock dies with it and its stale file is reused. No-op where fcntl is missing."""
+
+    def __init__(self):
+        self.fd = self.path = None
+
+    def acquire(self, out):
+        """Take the lock if `out` is an existing directory and the lock is not held yet; True if held after."""
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return True
+        if self.fd is not None:
+            return True
+        if not os.path.isdir(out):
+            return False
+        path = os.path.join(out, _LOCK_NAME)
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except FileNotFoundError:  # the directory went away meanwhile
+                return False
+            except OSError as exc:
+                problem = ("the directory is not writable" if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                           else "cannot lock the directory")
+                raise UsageError(f"--out {out}: {problem} (cannot create {_LOCK_NAME}: {exc.strerror or exc})") \
+                    from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                finally:
+                    os.close(fd)
+                raise UsageError(f"another pydiffmed sample is writing to {out} (pid {owner}); wait for it to "
+                                 f"finish or use another --out") from None
+            try:  # the owner before us may have removed the file between our open and our flock: then retry
+                current = os.stat(path, follow_symlinks=False)
+                mine = os.fstat(fd)
+                same = (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd, self.path = fd, path
+                with contextlib.suppress(OSError):  # the pid is informative only (a full disk cannot store it)
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                return True
+            os.close(fd)
+        raise UsageError(f"--out {out}: could not lock the directory ({_LOCK_NAME} keeps changing)")
+
+    def release(self):
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # still holding the flock: a run that opened the old file notices and retries
+        os.close(self.fd)
+        self.fd = self.path = None
+
+
 def _remove_leftover_temporaries(job):
-    """Delete temporary files that interrupted writes of this run's outputs left behind (with --resume)."""
+    """Delete temporary files that interrupted writes of this run's outputs left behind (a killed run's; the
+    directory lock makes sure no other run is writing them)."""
     ours = {name for names in job.names for name in names.values()}
     pattern = re.compile(re.escape(_TEMP_PREFIX) + r"[0-9a-f]+-(.+)\Z")
     removed = 0
@@ -514,18 +697,41 @@ def _batch_inputs(job, indices):
 
 
 def _write_volume(job, k, volume, seconds, overwrite):
-    from . import io
+    """Write volume k's NIfTI, preview and sidecar (last: it marks the set complete and records the sha256 of
+    the other two). Nothing is written for a volume that is not finite in output units. An OSError names the
+    file that could not be written."""
+    import numpy as np
 
-    names, out = job.names[k], job.out
+    from . import io, modelfile
+    from .engine import NonFiniteModelOutput
+
+    paths = {kind: os.path.join(job.out, name) for kind, name in job.names[k].items()}
     intensity = job.info.intensity
-    io.save_volume(os.path.join(out, names["nifti"]), volume, affine=job.affine, intensity=intensity,
-                   overwrite=overwrite)
-    io.save_preview(os.path.join(out, names["preview"]), io.denormalize(volume.numpy(), intensity),
-                    affine=job.affine, overwrite=overwrite)
-    sidecar = _provenance(job, k)
-    sidecar["seconds_per_volume"] = seconds
-    sidecar["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    io.write_json(os.path.join(out, names["sidecar"]), sidecar, overwrite=overwrite)  # last: marks it complete
+    with np.errstate(over="ignore", invalid="ignore"):
+        physical = io.denormalize(volume.numpy(), intensity)
+        bad = int(np.size(physical) - np.count_nonzero(np.isfinite(physical)))
+    if bad:
+        raise NonFiniteModelOutput(f"volume {k} (seed {job.args.seed + k}) has {bad} NaN/Inf voxel(s) in output "
+                                   f"units (intensity scale {(intensity or {}).get('scale', 1.0):g}); nothing "
+                                   f"written for it")
+    path = paths["sidecar"]
+    try:
+        if overwrite and os.path.lexists(path):
+            os.unlink(path)  # the old set stops counting as complete before any of its files is replaced
+        path = paths["nifti"]
+        io.save_volume(path, volume, affine=job.affine, intensity=intensity, overwrite=overwrite)
+        path = paths["preview"]
+        io.save_preview(path, physical, affine=job.affine, overwrite=overwrite)
+        sidecar = _provenance(job, k)
+        sidecar["files_sha256"] = {kind: modelfile.file_sha256(paths[kind]) for kind in ("nifti", "preview")}
+        sidecar["seconds_per_volume"] = seconds
+        sidecar["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        path = paths["sidecar"]
+        io.write_json(path, sidecar, overwrite=overwrite)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _keep_freed_memory_on_cpu(device):
@@ -538,11 +744,20 @@ def _keep_freed_memory_on_cpu(device):
 
 
 def _run_sample(job):
+    from .engine import NonFiniteModelOutput
+
     args = job.args
     _keep_freed_memory_on_cpu(job.device)
     os.makedirs(job.out, exist_ok=True)
-    if args.resume:
-        _remove_leftover_temporaries(job)
+    lock = getattr(job, "lock", None)
+    if lock is not None and lock.fd is None and lock.acquire(job.out):
+        # The directory did not exist when the outputs were planned: another run may have written into it since.
+        planned = list(job.pending)
+        _plan_outputs(job, args)
+        if job.pending != planned:
+            raise UsageError(f"another pydiffmed sample wrote into {job.out} while this one was starting; rerun "
+                             f"with --resume")
+    _remove_leftover_temporaries(job)
     progress = _Progress(len(job.pending), not args.quiet)
     sampled, sampling_seconds = 0, 0.0
     try:
@@ -551,7 +766,12 @@ def _run_sample(job):
             sampler = job.samplers[len(indices)]
             seeds = [args.seed + k for k in indices]
             began = time.perf_counter()
-            volumes = sampler(seeds, progress=not args.quiet, **_batch_inputs(job, indices)).float().cpu()
+            try:
+                volumes = sampler(seeds, progress=not args.quiet, **_batch_inputs(job, indices)).float().cpu()
+            except NonFiniteModelOutput as exc:
+                which = ", ".join(map(str, indices))
+                raise NonFiniteModelOutput(f"{exc}, sampling volume(s) {which}; nothing written for them, "
+                                           f"{sampled + len(job.skipped)} complete volume(s) in {job.out}") from None
             seconds = (time.perf_counter() - began) / len(indices)
             sampling_seconds += seconds * len(indices)
             for k, volume in zip(indices, volumes):
@@ -562,6 +782,8 @@ def _run_sample(job):
         progress.close()
     per_volume = f"{sampling_seconds / sampled:.3g} s per volume" if sampled else "nothing to sample"
     skipped = f", {len(job.skipped)} complete volume(s) kept" if job.skipped else ""
+    if job.damaged:
+        skipped += f", {len(job.damaged)} damaged volume(s) redone"
     print(f"pydiffmed: {sampled} volume(s) written to {job.out}{skipped}; {per_volume} ({args.solver}, "
           f"{args.steps} steps, batch {args.batch}); device {job.device}, {_dtype_name(job.dtype)}, backend "
           f"{job.backend}")
@@ -571,17 +793,24 @@ def _run_sample(job):
 def _sample(args):
     from .engine import NonFiniteModelOutput
 
-    job = _prepare_sample(args)
+    lock = _OutputLock()
     try:
-        return _run_sample(job)
-    except KeyboardInterrupt:
-        return _error(f"interrupted; complete volumes are kept in {job.out} (rerun with --resume to finish)",
-                      INTERRUPTED)
-    except NonFiniteModelOutput as exc:
-        hint = "" if _dtype_name(job.dtype) == "float32" else "; try --dtype float32"
-        return _error(f"{exc}{hint}", RUN_ERROR)
-    except OSError as exc:
-        return _error(f"{exc} (complete volumes are kept in {job.out}; rerun with --resume to finish)", RUN_ERROR)
+        lock.acquire(os.path.abspath(args.out))  # an existing directory: before anything in it is read
+        job = _prepare_sample(args)
+        job.lock = lock  # otherwise taken once _run_sample has created the directory
+        try:
+            return _run_sample(job)
+        except KeyboardInterrupt:
+            return _error(f"interrupted; complete volumes are kept in {job.out} (rerun with --resume to finish)",
+                          INTERRUPTED)
+        except NonFiniteModelOutput as exc:
+            hint = "" if _dtype_name(job.dtype) == "float32" else "; try --dtype float32"
+            return _error(f"{exc}{hint}", RUN_ERROR)
+        except OSError as exc:
+            return _error(f"{exc} (complete volumes are kept in {job.out}; rerun with --resume to finish)",
+                          RUN_ERROR)
+    finally:
+        lock.release()
 
 
 # --- convert, models, bench, info ----------------------------------------------------------------------------
@@ -637,7 +866,7 @@ def _bench(args):
 
     import torch
 
-    from .engine import Sampler
+    from .engine import InsufficientMemoryError, Sampler
     from .models import UNet3D
     from .schedules import NoiseSchedule
     from .solvers import get_solver
@@ -657,9 +886,15 @@ def _bench(args):
                    attention_levels=(False, False, True), norm_num_groups=8, num_head_channels=16)
     model = model.eval().to(device=device, dtype=dtype)
     parameters = sum(p.numel() for p in model.parameters())
-    solver = get_solver("ddim", NoiseSchedule.discrete("linear"), args.steps)
+    try:
+        solver = get_solver("ddim", NoiseSchedule.discrete("linear"), args.steps)
+    except ValueError as exc:
+        raise UsageError(f"--steps {args.steps}: {exc}") from None
     shape = (args.batch, 1, args.size, args.size, args.size)
-    sampler = Sampler(model, solver, shape, device=device, dtype=dtype, cuda_graph=False)
+    try:  # checks the memory the run needs before allocating it
+        sampler = Sampler(model, solver, shape, device=device, dtype=dtype, cuda_graph=False)
+    except InsufficientMemoryError as exc:
+        raise UsageError(f"--size {args.size} --batch {args.batch}: {exc}") from None
     with torch.no_grad():  # warm-up: kernel compilation, oneDNN/cuDNN setup for this shape
         model(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(args.batch, device=device))
     times = []
@@ -713,11 +948,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="a bundled model name (see `pydiffmed models`), a model directory "
                                                   "or a .safetensors model file")
     s.add_argument("--out", required=True, help="output directory (created if missing)")
-    s.add_argument("--num", type=int, default=8, help="number of volumes (default 8)")
+    s.add_argument("--num", type=int, default=8, help="number of volumes (default 8; at most 100000 per run)")
     s.add_argument("--batch", type=int, default=4, help="volumes per model call (default 4)")
     s.add_argument("--solver", default="dpmpp_2m", help="solver name (default dpmpp_2m)")
     s.add_argument("--steps", type=int, default=20, help="solver steps (default 20)")
-    s.add_argument("--seed", type=int, default=0, help="volume k uses seed + k (default 0)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="volume k uses seed + k (default 0; 64-bit seeds: 0 <= seed + k < 2**63)")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
                    help="model precision (auto: float16 on CUDA, float32 on CPU); the solver state stays float32")
@@ -740,8 +976,12 @@ def build_parser() -> argparse.ArgumentParser:
     existing = s.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--resume", action="store_true",
-                          help="keep volumes whose outputs and sidecar are complete; sample the rest")
+                          help="keep volumes whose outputs are complete and intact (the sha256 in their sidecar); "
+                               "sample the rest, damaged ones included")
     s.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--batch-invariant", action="store_true",
+                   help="evaluate the model one volume at a time, so that --batch cannot change a bit of any volume "
+                        "on a GPU either (on the CPU this always holds); slower on a GPU")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)
 
@@ -778,7 +1018,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Run the command; returns the exit status (2: bad input, 1: a run that failed part way, 130: Ctrl-C)."""
+    """Run the command; returns the exit status (2: bad input, 1: a run that failed part way, 130: Ctrl-C). No
+    traceback: an unexpected error is one line naming its type (PYDIFFMED_DEBUG=1 shows the traceback)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed as one line)
@@ -788,6 +1029,11 @@ def main(argv=None) -> int:
             return args.func(args)
         except UsageError as exc:
             return _error(exc, USAGE_ERROR)
+        except Exception as exc:
+            if os.environ.get(_DEBUG_ENV, "") not in ("", "0"):
+                raise
+            return _error(f"unexpected {type(exc).__name__}: {exc} (set {_DEBUG_ENV}=1 to see the traceback)",
+                          RUN_ERROR)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ a CUDA device one CUDA graph per distinct step form — and then samples many ti
 masks or start volumes. One model evaluation is: gather the timestep from the plan by the device step index,
 call the model on the model-dtype input buffer, apply `ops.fused_step` (which also writes the next model
 input), advance the step index. Nothing in the loop reads a device value back to the host; NaN/Inf in the
-model output is recorded in a device flag and raised after the loop with the first evaluation where it
-appeared (`NonFiniteModelOutput`).
+model output or the solver state is recorded in a device flag and raised after the loop with the first
+evaluation where it appeared (`NonFiniteModelOutput`), and NaN/Inf in the inputs (known, mask, init, x_T,
+cond) or a mask outside [0, 1] is the input's ValueError (before the loop on the CPU, after it on a GPU).
 
 Noise: sample b of a batch uses the Philox key seeds[b] (seed + b for an int seed); the initial noise is
 counter word E (= the number of model evaluations), evaluation e's update noise word e and the inpainting
@@ -20,7 +21,9 @@ in (given a model that treats samples independently).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -63,29 +66,43 @@ def _check_shape(shape):
     return tuple(int(s) for s in shape)
 
 
+_SEED_RANGE = "[-2**63, 2**63)"  # a Philox key is the seed's 64-bit two's complement
+
+
 def _seed_tensor(seed, batch):
-    """(B,) int64 CPU tensor of Philox keys: seed + arange(B) for an int, or one seed per sample."""
+    """(B,) int64 CPU tensor of Philox keys: seed + arange(B) for an int, or one seed per sample. Every key must
+    lie in [-2**63, 2**63) (ValueError naming the seed)."""
     if isinstance(seed, bool):
         raise TypeError("seed must be an int, a sequence of B ints or an int64 tensor (B,), got bool")
-    if isinstance(seed, int):
+    if isinstance(seed, numbers.Integral):
+        seed = int(seed)
         if not -2 ** 63 <= seed <= 2 ** 63 - batch:
-            raise ValueError(f"seed {seed} does not fit a 64-bit Philox key")
+            last = f" (samples use seeds {seed}..{seed + batch - 1})" if batch > 1 else ""
+            raise ValueError(f"seed {seed} is out of range{last}: every per-sample seed must lie in {_SEED_RANGE}, "
+                             f"the 64-bit Philox keys")
         return torch.arange(batch, dtype=torch.int64) + seed
     if isinstance(seed, torch.Tensor):
         if seed.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"seed tensor must have an integer dtype, got {_dtype_name(seed.dtype)}")
         seeds = seed.reshape(-1).to(torch.int64)
     else:
+        if hasattr(seed, "__len__") and len(seed) != batch:
+            raise ValueError(f"seed gives {len(seed)} seeds for a batch of {batch} (one per sample, or one int)")
         try:
-            values = list(seed)
+            values = list(itertools.islice(seed, batch + 1))  # never more than one too many
         except TypeError:
             raise TypeError(f"seed must be an int, a sequence of B ints or an int64 tensor, "
                             f"got {type(seed).__name__}") from None
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
             raise TypeError("seed sequence must hold ints")
-        seeds = torch.tensor(values, dtype=torch.int64)
+        for v in values:
+            if not -2 ** 63 <= int(v) < 2 ** 63:
+                raise ValueError(f"seed {int(v)} is out of range: every per-sample seed must lie in {_SEED_RANGE}, "
+                                 f"the 64-bit Philox keys")
+        seeds = torch.tensor([int(v) for v in values], dtype=torch.int64)
     if seeds.numel() != batch:
-        raise ValueError(f"seed gives {seeds.numel()} seeds for a batch of {batch} (one per sample, or one int)")
+        count = f"{seeds.numel()}" if seeds.numel() <= batch else "more"
+        raise ValueError(f"seed gives {count} seeds for a batch of {batch} (one per sample, or one int)")
     return seeds
 
 
@@ -386,7 +403,9 @@ class Sampler:
     cuda_graph: on a CUDA device, capture one graph per distinct step form on the first call (after a warm-up
       on a side stream) and replay them; graphs are re-captured when the model's tensors move or the
       conditioning or inpainting mask shapes change (a callback needs its own graphs, captured once).
-    nan_check: keep the device NaN/Inf flag (raised after the loop).
+    nan_check: keep the device NaN/Inf flags of the model output and the solver state (raised after the loop,
+      naming the first model evaluation). Inputs (known, mask, init, x_T, cond) are always checked: NaN/Inf
+      or a mask outside [0, 1] is a ValueError naming the input.
     batch_invariant: call the model on one sample at a time, so that volume k cannot depend on its batch
       companions even where the model's libraries pick algorithms by batch size (cuDNN, cuBLAS). On the CPU
       pydiffmed's models (UNet3D, accelerate()d MONAI models) give this bit for bit without it; the cost is the
@@ -446,6 +465,9 @@ class Sampler:
         self.model_input = torch.zeros((self.model_batch, *self.shape[1:]), dtype=self.dtype, device=self.device)
         self.step_index = torch.zeros((), dtype=torch.int64, device=self.device)
         self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.first_bad_state = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self.bad_inputs = torch.zeros((), dtype=torch.int64, device=self.device)  # bit k: _input_problems[k]
+        self._input_problems = []
         self.seeds = torch.zeros(batch, dtype=torch.int64, device=self.device)
         self._inpaint_step = torch.zeros((), dtype=torch.int64, device=self.device)
         self._preview = None
@@ -581,7 +603,12 @@ class Sampler:
             seeds=self.seeds if form.noisy else None, noise_step=self.step_index,
             model_output_cond=m_cond, guidance_scale=scale)
         if blend_target is not None:
-            self._blend(self.buffers[blend_target], model_input)
+            out = self.buffers[blend_target]
+            self._blend(out, model_input)
+        if self.nan_check:  # a finite but huge model output can still overflow the state
+            bad = ~torch.isfinite(out).all()
+            self.first_bad_state.copy_(torch.where((self.first_bad_state < 0) & bad, self.step_index,
+                                                   self.first_bad_state))
         if self.guidance_scale is not None:
             self.model_input[batch:].copy_(model_input)
         self.step_index.add_(1)
@@ -646,6 +673,20 @@ class Sampler:
         for k, v in merged.items():
             if isinstance(v, torch.Tensor):
                 self._cond[k].copy_(v)
+                if v.is_floating_point():
+                    name = f"cond[{k!r}]" if self.guidance_scale is None else f"cond[{k!r}] or uncond[{k!r}]"
+                    self._flag_input(name, v.dtype, self._cond[k])
+
+    def _flag_input(self, name, dtype, copy):
+        """Record on the device, without reading it, whether this call's input `name` (of `dtype`, copied into
+        `copy`) has NaN/Inf; raise_if_nonfinite reports it as the input's problem, not the model's."""
+        converted = "" if dtype == copy.dtype else f" (once converted to {_dtype_name(copy.dtype)})"
+        self._flag(f"{name} has NaN/Inf values{converted}", ~torch.isfinite(copy).all())
+
+    def _flag(self, problem, bad):
+        if len(self._input_problems) < 63:
+            self.bad_inputs.add_(bad.to(torch.int64) * (1 << len(self._input_problems)))
+            self._input_problems.append(problem)
 
     @staticmethod
     def _batched(name, v, batch):
@@ -675,6 +716,11 @@ class Sampler:
             self._noised_known = torch.empty_like(self._known)
         self._mask.copy_(mask)
         self._known.copy_(known.expand(self.shape))
+        self._flag_input("known", known.dtype, self._known)
+        if mask_dtype != torch.bool:
+            self._flag_input("mask", mask.dtype, self._mask)
+            self._flag("mask has values outside [0, 1] (1 where `known` is kept, 0 where new content is sampled)",
+                       ((self._mask < 0) | (self._mask > 1)).any())
         return True
 
     def _kinds(self, inpaint):
@@ -746,6 +792,8 @@ class Sampler:
         NaN/Inf; `__call__` does both. Arguments as for __call__."""
         batch = self.shape[0]
         seeds = _seed_tensor(seed, batch)
+        self.bad_inputs.zero_()
+        self._input_problems = []
         self._set_cond(cond, uncond)
         inpaint = self._set_inpainting(mask, known)
         if self.strength is not None:
@@ -772,6 +820,8 @@ class Sampler:
         with torch.no_grad():
             graphs = self.use_cuda_graph and self._graphs_ready(kinds, preview)
             self._start(seeds, init, x_T)
+            if self.device.type == "cpu":  # reading the flags costs nothing here: fail before the run
+                self._raise_if_bad_inputs()
             bar = _progress_bar(self.num_model_evals - self.start_index, progress)
             try:
                 for e in range(self.start_index, self.num_model_evals):
@@ -796,25 +846,44 @@ class Sampler:
         batch = self.shape[0]
         if x_T is not None:
             x.copy_(x_T)
+            self._flag_input("x_T", x_T.dtype, x)
             self.model_input[:batch].copy_(x)
         else:
             if init is not None:
                 x.copy_(init.expand(self.shape))
+                self._flag_input("init", init.dtype, x)
             ops.fused_step(x, x, self._start_coefs, out=x, model_input=self.model_input[:batch], seeds=self.seeds,
                            noise_step=self.num_model_evals)
         if self.guidance_scale is not None:
             self.model_input[batch:].copy_(self.model_input[:batch])
         self.step_index.fill_(self.start_index)
         self.first_bad_step.fill_(-1)
+        self.first_bad_state.fill_(-1)
+
+    def _raise_if_bad_inputs(self, bad=None):
+        bad = int(self.bad_inputs) if bad is None else bad
+        if bad:
+            raise ValueError("; ".join(p for k, p in enumerate(self._input_problems) if bad >> k & 1))
 
     def raise_if_nonfinite(self):
-        """Raise NonFiniteModelOutput if the last run's model output had NaN/Inf (one host read)."""
+        """After a run (one host read): ValueError if its inputs (known, mask, init, x_T, cond tensors) had
+        NaN/Inf or the mask left [0, 1]; NonFiniteModelOutput if the model output had NaN/Inf, or if the solver
+        state became NaN/Inf (a finite but huge model output), naming the first model evaluation where it did."""
+        if not self.nan_check and not self._input_problems:
+            return
+        first, first_state, bad = torch.stack([self.first_bad_step, self.first_bad_state,
+                                               self.bad_inputs]).tolist()
+        self._raise_if_bad_inputs(bad)
         if not self.nan_check:
             return
-        first = int(self.first_bad_step)
-        if first >= 0:
+        if first >= 0 and not 0 <= first_state < first:
             raise NonFiniteModelOutput(f"the model output has NaN/Inf, first at model evaluation {first} (model "
                                        f"time {self._times[first]:g}) of {self.num_model_evals}")
+        if first_state >= 0:  # overflowed while the model output was still finite
+            raise NonFiniteModelOutput(
+                f"the solver state became NaN/Inf at model evaluation {first_state} (model time "
+                f"{self._times[first_state]:g}) of {self.num_model_evals}: the model output was finite but too large "
+                f"for the {_dtype_name(self.state_dtype)} state")
 
     def __call__(self, seed=0, *, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None,
                  callback=None, progress=False):

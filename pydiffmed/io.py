@@ -11,7 +11,12 @@ Intensity normalisation: a model works in normalised units; `intensity = {"scale
 
 Atomic writes: every file is written to a temporary file in the destination directory, flushed to disk (fsync)
 and renamed over the destination, so an interrupted write leaves the complete old file, the complete new file,
-or (for a new file) nothing. An existing file is never replaced unless `overwrite=True`.
+or (for a new file) nothing. An existing file is never replaced unless `overwrite=True`. A failed write (a full
+disk, an exception in the writer) removes its temporary file; only a killed process can leave one behind
+(`.pdm-tmp-<hex>-<name>`, which `pydiffmed sample` removes on its next run).
+
+Deterministic files: the same volume written twice gives byte-identical files: nibabel (>= 5) gzips with
+mtime 0 and no file name in the header, and the PNG previews carry no time or text chunks.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ import numpy as np
 import torch
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
+MAX_VOLUME_VOXELS = 1 << 31  # voxels (all channels) a file may claim: 8 GiB once read as float32
+_GZIP_MAX_RATIO = 1032  # deflate's largest expansion: output bytes per compressed byte
 
 
 class FileReadError(ValueError):
@@ -56,8 +63,8 @@ def atomic_path(path, overwrite: bool = False):
     temporary = os.path.join(directory, f".pdm-tmp-{secrets.token_hex(6)}-{name}")
     # Created here (mode 0o666 less the umask, like any new file) so the writer only ever opens an existing path.
     os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    mode = stat.S_IMODE(os.stat(temporary).st_mode)
-    try:
+    try:  # from here on, any failure (a full disk, Ctrl-C) removes the temporary file
+        mode = stat.S_IMODE(os.stat(temporary).st_mode)
         yield temporary
         os.chmod(temporary, mode)  # writers that replace the file (safetensors) would leave it 0o600
         _fsync_file(temporary)
@@ -221,7 +228,10 @@ def spacing_from_affine(affine) -> tuple:
 def orientation_from_affine(affine) -> str:
     from nibabel.orientations import aff2axcodes
 
-    return "".join(aff2axcodes(np.asarray(affine, dtype=np.float64)))
+    codes = aff2axcodes(np.asarray(affine, dtype=np.float64))
+    if None in codes:  # an axis that maps to no world direction (degenerate geometry)
+        raise ValueError(f"affine has no orientation for every axis (axis codes {codes})")
+    return "".join(codes)
 
 
 def _check_affine(affine) -> np.ndarray:
@@ -376,20 +386,28 @@ def load_volume(path, *, intensity=None, dtype=torch.float32):
     """Read a NIfTI (or any image nibabel reads) → (tensor (C, D, H, W) of `dtype`, VolumeInfo). A 3-D image has
     C = 1; a 4-D image's last axis is the channel axis. intensity: map physical units to normalised ones (see
     `normalize`). FileNotFoundError for a missing file; FileReadError naming the file for anything unreadable
-    (not an image, truncated, corrupt compression, NaN/Inf voxels, more than 4 dimensions)."""
+    (not an image, truncated, corrupt compression, NaN/Inf voxels, more than 4 dimensions, degenerate geometry),
+    and, before any voxel is read, for a header claiming more voxels than MAX_VOLUME_VOXELS or more data than
+    the file can hold."""
     import nibabel as nib
 
     path = _existing_file(path)
     try:
         image = nib.load(path)
+        _check_claimed_size(image, path)
         data = np.asarray(image.get_fdata(dtype=np.float64 if dtype == torch.float64 else np.float32))
         affine = image.affine
-    except MemoryError:
+    except (FileReadError, MemoryError):
         raise
     except Exception as exc:  # nibabel raises many types for a bad file (ImageFileError, EOFError, zlib, ...)
         raise FileReadError(f"{path}: cannot read as a NIfTI volume ({type(exc).__name__}: {exc})") from exc
     if affine is None:
         raise FileReadError(f"{path}: the image has no affine (voxel-to-world geometry)")
+    try:
+        affine = _check_affine(affine)
+        orientation_from_affine(affine)
+    except ValueError as exc:
+        raise FileReadError(f"{path}: unusable voxel-to-world geometry in the header ({exc})") from exc
     while data.ndim > 4 and data.shape[3] == 1:  # NIfTI keeps vector components in dim 5 (dim 4 = time = 1)
         data = data[:, :, :, 0]
     if data.ndim == 3:
@@ -403,7 +421,36 @@ def load_volume(path, *, intensity=None, dtype=torch.float32):
         raise FileReadError(f"{path}: holds {bad} NaN/Inf voxel(s)")
     data = normalize(data, intensity)
     tensor = torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
-    return tensor, VolumeInfo(path, np.asarray(affine, dtype=np.float64), tensor.shape)
+    return tensor, VolumeInfo(path, affine, tensor.shape)
+
+
+def _check_claimed_size(image, path):
+    """FileReadError, before the voxels are read, for a header whose size claim the file cannot back: no voxels,
+    more than MAX_VOLUME_VOXELS, more bytes than an uncompressed file holds, or more than a gzip file could
+    expand to (deflate expands at most ~1032:1)."""
+    shape = tuple(int(n) for n in image.shape)
+    voxels = math.prod(shape)
+    if voxels == 0:
+        raise FileReadError(f"{path}: cannot read as a NIfTI volume: the image holds no voxels (shape {shape})")
+    if voxels > MAX_VOLUME_VOXELS:
+        raise FileReadError(f"{path}: cannot read as a NIfTI volume: the header claims a {'×'.join(map(str, shape))} "
+                            f"image ({voxels} voxels), more than pydiffmed reads ({MAX_VOLUME_VOXELS}); is the "
+                            f"header damaged?")
+    proxy = image.dataobj
+    offset, stored = getattr(proxy, "offset", None), getattr(proxy, "dtype", None)
+    file_holder = image.file_map.get("image")
+    data_file = getattr(file_holder, "filename", None) or path
+    if offset is None or stored is None or not os.path.isfile(data_file):
+        return
+    claimed, size = int(offset) + voxels * np.dtype(stored).itemsize, os.path.getsize(data_file)
+    what = f"the header claims a {'×'.join(map(str, shape))} image of {np.dtype(stored)} ({claimed} bytes)"
+    if data_file.lower().endswith(".gz"):
+        if claimed > _GZIP_MAX_RATIO * size:
+            raise FileReadError(f"{path}: cannot read as a NIfTI volume: {what}, more than a {size}-byte gzip "
+                                f"file can hold; is the file truncated or its header damaged?")
+    elif not data_file.lower().endswith((".bz2", ".zst")) and claimed > size:
+        raise FileReadError(f"{path}: cannot read as a NIfTI volume: the file is truncated: {what}, but the "
+                            f"file has {size} bytes")
 
 
 # --- previews ----------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ config.json (format_version 1):
 is looked up among the models shipped in pydiffmed/models_data/ (`bundled_models()`). `convert_monai` imports a
 MONAI bundle-style checkpoint (a state dict, possibly wrapped under "state_dict"/"model"/…, and a JSON/YAML
 holding DiffusionModelUNet's arguments, either bare or as a bundle's network definition).
+
+Every failure to read a model or bundle file is a ModelFileError (a CheckpointError, a ValueError) naming the file
+and the key or problem. What a file can make pydiffmed read or allocate is bounded before the work is done:
+configs of at most MAX_CONFIG_BYTES of UTF-8, at most MAX_CONFIG_VALUES values once YAML aliases and "@"
+references are expanded, networks of at most MAX_PARAMETERS parameters (counted on a meta-device skeleton), and
+weights are checked against that skeleton (names, shapes, float dtypes, finite values) before the network is built.
 """
 from __future__ import annotations
 
@@ -48,7 +54,8 @@ import os
 import warnings
 
 from . import prediction
-from .io import _check_triple, atomic_path, check_intensity, check_orientation, make_affine, write_json
+from .io import (MAX_VOLUME_VOXELS, _check_triple, atomic_path, check_intensity, check_orientation, make_affine,
+                 write_json)
 from .models.checkpoint import CheckpointError, load_state_dict_file
 from .schedules import NoiseSchedule
 
@@ -72,6 +79,13 @@ _SCHEDULE_KEYS = {
 }
 _REQUIRED_UNET_ARGS = ("spatial_dims", "in_channels", "out_channels")
 
+# Bounds on what a file may make pydiffmed read or allocate: each is checked before the work it bounds.
+MAX_CONFIG_BYTES = 16 << 20          # a config.json / bundle JSON or YAML file
+MAX_CONFIG_VALUES = 1_000_000        # values in a config once YAML aliases and "@" references are expanded
+MAX_PARAMETERS = 4_000_000_000       # parameters of a network a config may describe (16 GB in float32)
+_MAX_UNET_SIZE = 1 << 24             # any one size (channels, embedding dims, ...) of a network argument
+_MAX_UNET_BLOCKS = 2000              # resnet and attention blocks of a network (a bound on building it)
+
 
 class ModelFileError(CheckpointError):
     """A model file or config that cannot be used; the message names the file and every problem found."""
@@ -85,9 +99,9 @@ def build_schedule(spec) -> NoiseSchedule:
         raise ValueError(f"schedule must be a dict, got {type(spec).__name__}")
     spec = dict(spec)
     kind = spec.pop("kind", "discrete")
-    if kind not in _SCHEDULE_KEYS:
+    if not isinstance(kind, str) or kind not in _SCHEDULE_KEYS:
         raise ValueError(f"schedule: kind must be one of {tuple(_SCHEDULE_KEYS)}, got {kind!r}")
-    unknown = sorted(set(spec) - set(_SCHEDULE_KEYS[kind]))
+    unknown = sorted(set(spec) - set(_SCHEDULE_KEYS[kind]), key=str)
     if unknown:
         raise ValueError(f"schedule: unknown key(s) {unknown} for kind {kind!r}; allowed: "
                          f"{', '.join(_SCHEDULE_KEYS[kind])}")
@@ -97,10 +111,14 @@ def build_schedule(spec) -> NoiseSchedule:
         raise ValueError("schedule: give beta_schedule or betas, not both")
     betas = spec.pop("betas", None)
     if betas is not None:
+        if not isinstance(betas, (list, tuple)):
+            raise ValueError(f"schedule: betas must be a list of numbers, got {type(betas).__name__}")
         if "num_train_timesteps" in spec and spec.pop("num_train_timesteps") != len(betas):
             raise ValueError(f"schedule: num_train_timesteps does not match the {len(betas)} betas given")
     else:
         betas = spec.pop("beta_schedule", "linear")
+        if not isinstance(betas, str):
+            raise ValueError(f"schedule: beta_schedule must be a name, got {betas!r}")
     return NoiseSchedule.discrete(betas=betas, **spec)
 
 
@@ -117,13 +135,62 @@ def _jsonable(value):
     return json.loads(json.dumps(value))
 
 
+def _unet_skeleton(args):
+    """UNet3D(**args) on the meta device: its shapes without its memory. ValueError naming the argument that is
+    wrong, or saying that the network is too large (more than MAX_PARAMETERS), before anything is allocated."""
+    import torch
+
+    from .models import UNet3D
+    from .models.unet import _check_types
+
+    _check_types(args)
+    for key, value in args.items():
+        for size in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(size, int) and size > _MAX_UNET_SIZE:
+                raise ValueError(f"{key} holds {size}, beyond any real network (at most {_MAX_UNET_SIZE})")
+    levels = len(args.get("channels", (32, 64, 64, 64)))
+    res_blocks = args.get("num_res_blocks", 2)
+    res_blocks = res_blocks if isinstance(res_blocks, (list, tuple)) else [res_blocks] * levels
+    blocks = sum(2 * n + 3 for n in res_blocks[:levels]) * (1 + args.get("transformer_num_layers", 1))
+    if levels > 64 or blocks > _MAX_UNET_BLOCKS:
+        raise ValueError(f"channels ({levels} levels), num_res_blocks and transformer_num_layers make ~{blocks} "
+                         f"blocks, more than pydiffmed builds ({_MAX_UNET_BLOCKS})")
+    try:
+        with torch.device("meta"):
+            skeleton = UNet3D(**args)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from exc
+    count = sum(p.numel() for p in skeleton.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"the network would have {count:.3g} parameters ({4 * count / 2**30:.3g} GiB in float32), "
+                         f"more than pydiffmed loads ({MAX_PARAMETERS:.3g}); check channels, num_res_blocks, "
+                         f"transformer_num_layers, cross_attention_dim and num_class_embeds")
+    return skeleton
+
+
+def _build_unet(args, state, blame):
+    """UNet3D(**args) holding the weights `state`. The weights are checked (names, shapes, float dtypes, finite
+    values) against a meta-device skeleton first, so a file that does not fit is refused before the network's
+    memory is allocated. ModelFileError(f"{blame}: ...") for weights that do not fit."""
+    from .models import UNet3D
+    from .models.checkpoint import check_state_dict, convert_monai_state_dict
+
+    try:
+        check_state_dict(_unet_skeleton(args), convert_monai_state_dict(state))
+    except CheckpointError as exc:
+        raise ModelFileError(f"{blame}: {exc}") from exc
+    model = UNet3D(**args)
+    model.load_state_dict(state)
+    return model
+
+
 def validate_config(config, source: str = "config") -> dict:
     """Check a model config (see the module docstring) and return it completed with defaults. Raises
     ModelFileError("<source>: invalid model config: ...") listing every problem found."""
     if not isinstance(config, dict):
         raise ModelFileError(f"{source}: a model config must be a JSON object, got {type(config).__name__}")
     problems = []
-    unknown = sorted(set(config) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    unknown = sorted(set(config) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS), key=str)
     if unknown:
         problems.append(f"unknown key(s) {unknown}; allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}")
     missing = [k for k in _REQUIRED_KEYS if k not in config]
@@ -131,7 +198,7 @@ def validate_config(config, source: str = "config") -> dict:
         problems.append(f"missing required key(s) {missing}")
     try:
         out = _jsonable(config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ModelFileError(f"{source}: a model config must hold JSON values only ({exc})") from exc
 
     if config.get("format", FORMAT) != FORMAT:
@@ -155,12 +222,17 @@ def validate_config(config, source: str = "config") -> dict:
             problems.append(f"unet must be an object of UNet3D arguments, got {type(unet).__name__}")
         else:
             allowed = _unet_parameters()
-            bad = sorted(set(unet) - set(allowed))
+            bad = sorted(set(unet) - set(allowed), key=str)
             if bad:
                 problems.append(f"unet: unknown argument(s) {bad}; UNet3D accepts: {', '.join(allowed)}")
             absent = [k for k in _REQUIRED_UNET_ARGS if k not in unet]
             if absent:
                 problems.append(f"unet: missing required argument(s) {absent}")
+            if not bad and not absent:
+                try:
+                    _unet_skeleton(unet)
+                except ValueError as exc:
+                    problems.append(f"unet: {exc}")
             spatial_dims = unet.get("spatial_dims", 3)
             in_channels = unet.get("in_channels")
             if isinstance(unet.get("channels", (32, 64, 64, 64)), (list, tuple)):
@@ -197,6 +269,9 @@ def validate_config(config, source: str = "config") -> dict:
         if (not isinstance(shape, (list, tuple)) or len(shape) != spatial_dims
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
             problems.append(f"volume_shape must be {spatial_dims} positive ints, got {shape!r}")
+        elif math.prod(shape) * (in_channels if isinstance(in_channels, int) else 1) > MAX_VOLUME_VOXELS:
+            problems.append(f"volume_shape {list(shape)} holds more than {MAX_VOLUME_VOXELS} voxels, more than "
+                            f"pydiffmed reads or writes in one volume")
         elif levels:
             factor = 2 ** (levels - 1)
             if any(s % factor for s in shape):
@@ -331,26 +406,49 @@ def resolve_model_path(path_or_name) -> str:
 
 def _read_safetensors(path, want_tensors=True):
     """(tensors or None, metadata dict) of a .safetensors file, every failure a ModelFileError naming it."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()} if want_tensors else None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ValueError, RuntimeError, ...
         raise ModelFileError(f"{path}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     return tensors, metadata
+
+
+def _read_text(path) -> str:
+    """The UTF-8 text of a config file of at most MAX_CONFIG_BYTES; ModelFileError naming it otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ModelFileError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB, too large for a config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelFileError(f"{path}: not UTF-8 text (byte {exc.start} is {data[exc.start:exc.start + 1]!r}); "
+                             f"save the file as UTF-8") from exc
+
+
+def _parse_json(text, source):
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise ModelFileError(f"{source}: not valid JSON (nested too deeply)") from exc
+    except ValueError as exc:  # JSONDecodeError, and ValueError for integers too long to convert
+        raise ModelFileError(f"{source}: not valid JSON ({exc})") from exc
 
 
 def _read_config_file(path) -> dict:
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: missing (a pydiffmed model directory holds {CONFIG_NAME} and "
                              f"{WEIGHTS_NAME})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+    return _parse_json(_read_text(path), path)
 
 
 def _locate(path_or_name, want_tensors):
@@ -377,10 +475,7 @@ def _locate(path_or_name, want_tensors):
         raise ModelFileError(f"{path}: a .safetensors file without an embedded pydiffmed config (metadata key "
                              f"{METADATA_KEY!r}); bare weights need a {CONFIG_NAME} beside them in a directory "
                              f"named as the model, with the weights renamed {WEIGHTS_NAME}")
-    try:
-        raw = json.loads(metadata[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{path}: the embedded config is not valid JSON ({exc})") from exc
+    raw = _parse_json(metadata[METADATA_KEY], f"{path} (embedded config)")
     config = validate_config(raw, f"{path} (embedded config)")
     return config, ModelInfo(config, path, path, file_sha256(path)), tensors
 
@@ -393,20 +488,12 @@ def read_model_info(path_or_name) -> ModelInfo:
 def load_model(path_or_name, *, device=None, dtype=None):
     """Load a pydiffmed model (directory, single .safetensors, or bundled name) → (UNet3D in eval mode,
     NoiseSchedule, ModelInfo). Never unpickles: weights come from safetensors. ModelFileError, naming the file,
-    for a missing/truncated/corrupt file, an invalid config, or weights that do not fit the configured network."""
-    from .models import UNet3D
-
+    for a missing/truncated/corrupt file, an invalid config, or weights that do not fit the configured network
+    (names, shapes, float parameters stored as integers, NaN/Inf values)."""
     config, info, tensors = _locate(path_or_name, want_tensors=True)
     config_source = info.path if info.path == info.weights_path else os.path.join(info.path, CONFIG_NAME)
-    try:
-        model = UNet3D(**config["unet"])
-    except (TypeError, ValueError) as exc:
-        raise ModelFileError(f"{config_source}: unet: {exc}") from exc
-    try:
-        model.load_state_dict(tensors)
-    except CheckpointError as exc:
-        raise ModelFileError(f"{info.weights_path}: weights do not fit the network configured in "
-                             f"{config_source}: {exc}") from exc
+    model = _build_unet(config["unet"], tensors,
+                        f"{info.weights_path}: weights do not fit the network configured in {config_source}")
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
@@ -469,11 +556,13 @@ _RENAMED_UNET_ARGS = {"num_channels": "channels"}  # MONAI GenerativeModels → 
 
 
 def _read_structured(path) -> dict:
+    """The mapping in a JSON or YAML file: at most MAX_CONFIG_BYTES of UTF-8, at most MAX_CONFIG_VALUES values
+    once YAML aliases are expanded (a YAML "billion laughs" is refused, not expanded); ModelFileError naming the
+    file otherwise."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     if path.lower().endswith((".yaml", ".yml")):
         try:
             import yaml
@@ -481,36 +570,66 @@ def _read_structured(path) -> dict:
             raise ModelFileError(f"{path}: reading YAML needs PyYAML (pip install pyyaml)") from exc
         try:
             data = yaml.safe_load(text)
+        except RecursionError as exc:
+            raise ModelFileError(f"{path}: not valid YAML (nested too deeply)") from exc
         except yaml.YAMLError as exc:
             raise ModelFileError(f"{path}: not valid YAML ({exc})") from exc
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelFileError(f"{path}: not valid JSON ({exc})") from exc
+        data = _parse_json(text, path)
     if not isinstance(data, dict):
         raise ModelFileError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        _expanded_size(data, path, {}, set())
+    except RecursionError as exc:
+        raise ModelFileError(f"{path}: nested too deeply") from exc
     return data
 
 
-def _resolve_references(value, root, source, where, depth=0):
-    """Replace MONAI bundle references "@key" (and "@a#b" for nested entries) by the values they name."""
+def _expanded_size(value, source, sizes, open_ids) -> int:
+    """How many values `value` holds with every shared (YAML-aliased) part counted each time it is used; each
+    distinct object is walked once. ModelFileError above MAX_CONFIG_VALUES or for a structure that holds itself."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in sizes:
+        return sizes[id(value)]
+    if id(value) in open_ids:
+        raise ModelFileError(f"{source}: an entry contains itself (a recursive YAML alias)")
+    open_ids.add(id(value))
+    total = 1
+    for item in value.values() if isinstance(value, dict) else value:
+        total += _expanded_size(item, source, sizes, open_ids)
+        if total > MAX_CONFIG_VALUES:
+            raise ModelFileError(f"{source}: expands to more than {MAX_CONFIG_VALUES} values (YAML aliases "
+                                 f"repeated inside each other?); refusing to expand it")
+    open_ids.discard(id(value))
+    sizes[id(value)] = total
+    return total
+
+
+def _resolve_references(value, root, source, where, depth=0, budget=None):
+    """Replace MONAI bundle references "@key" (and "@a#b" for nested entries) by the values they name. The
+    result may hold at most MAX_CONFIG_VALUES values (references that repeat each other are refused)."""
+    budget = [MAX_CONFIG_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ModelFileError(f"{source}: {where}: its \"@\" references expand to more than {MAX_CONFIG_VALUES} "
+                             f"values (references repeated inside each other?); refusing to expand them")
     if depth > 20:
         raise ModelFileError(f"{source}: {where}: references nest too deeply (a cycle?)")
     if isinstance(value, dict):
-        return {k: _resolve_references(v, root, source, f"{where}.{k}", depth) for k, v in value.items()}
+        return {k: _resolve_references(v, root, source, f"{where}.{k}", depth, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve_references(v, root, source, f"{where}[{i}]", depth) for i, v in enumerate(value)]
+        return [_resolve_references(v, root, source, f"{where}[{i}]", depth, budget) for i, v in enumerate(value)]
     if isinstance(value, str) and value.startswith("@"):
         target = root
         for part in value[1:].split("#"):
             if isinstance(target, dict) and part in target:
                 target = target[part]
-            elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            elif isinstance(target, list) and part.isdecimal() and len(part) < 10 and int(part) < len(target):
                 target = target[int(part)]
             else:
                 raise ModelFileError(f"{source}: {where}: reference {value!r} names no entry of the config")
-        return _resolve_references(target, root, source, where, depth + 1)
+        return _resolve_references(target, root, source, where, depth + 1, budget)
     if isinstance(value, str) and value[:1] in ("$", "%"):
         raise ModelFileError(f"{source}: {where}: {value!r} is a bundle expression or macro, which pydiffmed does "
                              f"not evaluate; replace it with its value")
@@ -548,7 +667,7 @@ def _monai_network_args(config, source) -> dict:
             continue  # other bundle components next to bare arguments
         args[_RENAMED_UNET_ARGS.get(key, key)] = _resolve_references(value, config, source, f"{where}.{key}")
     allowed = _unet_parameters()
-    unknown = sorted(set(args) - set(allowed))
+    unknown = sorted(set(args) - set(allowed), key=str)
     if unknown:
         raise ModelFileError(f"{source}: {where}: argument(s) {unknown} are not DiffusionModelUNet arguments "
                              f"pydiffmed knows ({', '.join(allowed)})")
@@ -566,7 +685,9 @@ def _monai_schedule(config, source):
     key, entry = found[0]
     entry = _resolve_references(entry, config, source, key)
     target = str(entry["_target_"])
-    steps = int(entry.get("num_train_timesteps", 1000))
+    steps = entry.get("num_train_timesteps", 1000)
+    if isinstance(steps, float) and steps.is_integer():
+        steps = int(steps)
     if target.endswith("RFlowScheduler"):
         return {"kind": "flow", "num_train_timesteps": steps}, "neg_flow", None, f"{key} ({target})"
     name = entry.get("schedule", entry.get("beta_schedule", "linear_beta"))
@@ -576,7 +697,13 @@ def _monai_schedule(config, source):
         if theirs in entry:
             schedule[ours] = entry[theirs]
     clip = entry.get("clip_sample", True)
-    clip_value = max(abs(float(entry.get("clip_sample_min", -1.0))), abs(float(entry.get("clip_sample_max", 1.0))))
+    if not isinstance(clip, bool):
+        raise ModelFileError(f"{source}: {key}.clip_sample must be true or false, got {clip!r}")
+    bounds = [entry.get("clip_sample_min", -1.0), entry.get("clip_sample_max", 1.0)]
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bounds):
+        raise ModelFileError(f"{source}: {key}: clip_sample_min and clip_sample_max must be finite numbers, "
+                             f"got {bounds}")
+    clip_value = max(abs(float(b)) for b in bounds)
     return schedule, entry.get("prediction_type", "epsilon"), (clip_value if clip else None), f"{key} ({target})"
 
 
@@ -593,27 +720,10 @@ def convert_monai(checkpoint_path, monai_config_path, out, *, name=None, descrip
       whose _target_ is DiffusionModelUNet; "@key" references are resolved). A scheduler entry in the same file
       (DDPM/DDIM/PNDM/RFlowScheduler) gives the schedule and prediction type; without one, MONAI's
       DDPMScheduler defaults apply (with a warning). Keyword arguments override what the files say."""
-    from .models import UNet3D
-
     checkpoint_path, monai_config_path = os.fspath(checkpoint_path), os.fspath(monai_config_path)
     bundle = _read_structured(monai_config_path)
     args = _monai_network_args(bundle, monai_config_path)
     found_schedule, found_prediction, found_clip, schedule_source = _monai_schedule(bundle, monai_config_path)
-    try:
-        model = UNet3D(**args)
-    except (TypeError, ValueError) as exc:
-        raise ModelFileError(f"{monai_config_path}: the network arguments are invalid: {exc}") from exc
-    state = load_state_dict_file(checkpoint_path)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except CheckpointError as exc:
-        raise ModelFileError(f"{checkpoint_path}: does not fit the network described by {monai_config_path}: "
-                             f"{exc}") from exc
-    if schedule is None and schedule_source.startswith("MONAI DDPMScheduler defaults"):
-        warnings.warn(f"{monai_config_path} names no scheduler: assuming MONAI DDPMScheduler defaults (1000 steps, "
-                      f"linear betas 1e-4..0.02, epsilon); pass schedule= to override", stacklevel=2)
     config = {
         "name": name or _default_name(out),
         "description": description if description is not None else
@@ -622,7 +732,7 @@ def convert_monai(checkpoint_path, monai_config_path, out, *, name=None, descrip
         "prediction_type": found_prediction if prediction_type is None else prediction_type,
         "clip_sample": found_clip if clip_sample is None else clip_sample,
         "source": {"converted_from": "monai", "checkpoint": os.path.basename(checkpoint_path),
-                   "checkpoint_sha256": file_sha256(checkpoint_path),
+                   "checkpoint_sha256": None,  # below, once the checkpoint has loaded
                    "config": os.path.basename(monai_config_path),
                    "schedule_from": "arguments" if schedule is not None else schedule_source},
     }
@@ -630,6 +740,16 @@ def convert_monai(checkpoint_path, monai_config_path, out, *, name=None, descrip
                        ("intensity", intensity)):
         if value is not None:
             config[key] = value
+    # What the config says is checked before the checkpoint is read or the network built.
+    validate_config({**config, "unet": args}, monai_config_path)
+    state = load_state_dict_file(checkpoint_path)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    config["source"]["checkpoint_sha256"] = file_sha256(checkpoint_path)
+    model = _build_unet(args, state, f"{checkpoint_path}: does not fit the network described by {monai_config_path}")
+    if schedule is None and schedule_source.startswith("MONAI DDPMScheduler defaults"):
+        warnings.warn(f"{monai_config_path} names no scheduler: assuming MONAI DDPMScheduler defaults (1000 steps, "
+                      f"linear betas 1e-4..0.02, epsilon); pass schedule= to override", stacklevel=2)
     return save_model(out, model, config, overwrite=overwrite)
 
 

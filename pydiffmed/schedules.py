@@ -25,6 +25,7 @@ _BETA_ALIASES = {"squaredcos_cap_v2": "cosine", "linear_beta": "linear", "scaled
                  "sigmoid_beta": "sigmoid"}
 SPACINGS = ("leading", "trailing", "linspace", "monai")
 KINDS = ("discrete", "vp", "subvp", "ve", "flow")
+MAX_TRAIN_TIMESTEPS = 1 << 20  # a bound on the tables a discrete schedule allocates
 
 
 # --- betas -------------------------------------------------------------------------------------------------
@@ -34,21 +35,40 @@ def make_betas(schedule: str, num_train_timesteps: int = 1000, beta_start: float
     """Discrete betas (float64) by name: linear, scaled_linear (linear in sqrt(beta)), cosine (Nichol & Dhariwal:
     alpha_bar(t) = cos²((t/N + s)/(1 + s)·π/2), betas capped at max_beta), sigmoid (sigmoid over
     [-range, range] scaled to [beta_start, beta_end])."""
+    if not isinstance(schedule, str) or _BETA_ALIASES.get(schedule, schedule) not in BETA_SCHEDULES:
+        raise ValueError(f"betas: unknown schedule {schedule!r}; expected one of {BETA_SCHEDULES} "
+                         f"(or {tuple(_BETA_ALIASES)})")
     name = _BETA_ALIASES.get(schedule, schedule)
     n = _check_positive_int("num_train_timesteps", num_train_timesteps)
-    if name == "linear":
-        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
-    if name == "scaled_linear":
-        return np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+    if n > MAX_TRAIN_TIMESTEPS:
+        raise ValueError(f"num_train_timesteps must be at most {MAX_TRAIN_TIMESTEPS}, got {n}")
+    beta_start, beta_end = _check_finite("beta_start", beta_start), _check_finite("beta_end", beta_end)
+    cosine_s, max_beta = _check_finite("cosine_s", cosine_s), _check_finite("max_beta", max_beta)
+    sigmoid_range = _check_finite("sigmoid_range", sigmoid_range)
     if name == "cosine":
-        def alpha_bar(t):
-            return math.cos((t + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
-        return np.array([min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
-    if name == "sigmoid":
-        grid = np.linspace(-sigmoid_range, sigmoid_range, n, dtype=np.float64)
-        return 1.0 / (1.0 + np.exp(-grid)) * (beta_end - beta_start) + beta_start
-    raise ValueError(f"betas: unknown schedule {schedule!r}; expected one of {BETA_SCHEDULES} "
-                     f"(or {tuple(_BETA_ALIASES)})")
+        if cosine_s < 0:
+            raise ValueError(f"cosine_s must be >= 0, got {cosine_s}")
+        if not 0 < max_beta < 1:
+            raise ValueError(f"max_beta must lie in (0, 1), got {max_beta}")
+    else:  # beta_start and beta_end are the first and last betas of these schedules
+        for key, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not 0 < value < 1:
+                raise ValueError(f"{key} must lie in (0, 1) (a beta is a per-step noise variance), got {value}")
+    with np.errstate(all="ignore"):
+        if name == "linear":
+            betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+        elif name == "scaled_linear":
+            betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+        elif name == "cosine":
+            def alpha_bar(t):
+                return math.cos((t + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+            betas = np.array([min(1.0 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)])
+        else:
+            grid = np.linspace(-sigmoid_range, sigmoid_range, n, dtype=np.float64)
+            betas = 1.0 / (1.0 + np.exp(-grid)) * (beta_end - beta_start) + beta_start
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError(f"betas: the {name} schedule with these parameters gives betas outside (0, 1)")
+    return betas
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -119,6 +139,13 @@ def _check_positive_int(name, v):
     return int(v)
 
 
+def _check_finite(name, v) -> float:
+    """v as a float; ValueError naming `name` unless v is a finite real number (bools are not numbers here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
 # --- the schedule --------------------------------------------------------------------------------------------
 
 class NoiseSchedule:
@@ -138,15 +165,20 @@ class NoiseSchedule:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.kind = kind
         self.beta_schedule = None
-        self.num_train_timesteps = int(num_train_timesteps)
-        self.time_scale = float(time_scale)
+        self.num_train_timesteps = _check_positive_int("num_train_timesteps", num_train_timesteps)
+        self.time_scale = _check_finite("time_scale", time_scale)
+        if self.time_scale <= 0:
+            raise ValueError(f"time_scale must be positive, got {time_scale!r}")
         if time_input not in ("t", "sigma"):
             raise ValueError(f"time_input must be 't' or 'sigma', got {time_input!r}")
         if time_input == "sigma" and kind != "ve":
             raise ValueError("time_input='sigma' is only defined for VE schedules")
         self.time_input = time_input
-        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
-        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.beta_min, self.beta_max = _check_finite("beta_min", beta_min), _check_finite("beta_max", beta_max)
+        if kind in ("vp", "subvp") and not (self.beta_min >= 0 and self.beta_max > 0):
+            raise ValueError(f"need beta_min >= 0 and beta_max > 0, got {beta_min}, {beta_max}")
+        self.sigma_min, self.sigma_max = _check_finite("sigma_min", sigma_min), _check_finite("sigma_max", sigma_max)
+        t_min, t_max = _check_finite("t_min", t_min), _check_finite("t_max", t_max)
         self.betas = None if betas is None else np.asarray(betas, dtype=np.float64)
         self.alphas_cumprod = None if alphas_cumprod is None else np.asarray(alphas_cumprod, dtype=np.float64)
         if kind == "discrete":
@@ -164,10 +196,15 @@ class NoiseSchedule:
                  rescale_zero_snr=False, **beta_kwargs):
         """DDPM-family schedule. `betas` is a schedule name (BETA_SCHEDULES or a diffusers/MONAI alias) or an
         explicit sequence of betas."""
+        if not isinstance(rescale_zero_snr, (bool, np.bool_)):
+            raise ValueError(f"rescale_zero_snr must be true or false, got {rescale_zero_snr!r}")
         if isinstance(betas, str):
             b = make_betas(betas, num_train_timesteps, beta_start, beta_end, **beta_kwargs)
         else:
-            b = np.asarray(betas, dtype=np.float64).reshape(-1)
+            try:
+                b = np.asarray(betas, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                b = np.zeros(0)
             if b.size < 2 or not np.all((b > 0) & (b < 1)):
                 raise ValueError("explicit betas must be a sequence of at least 2 values in (0, 1)")
         raw = b
@@ -192,7 +229,7 @@ class NoiseSchedule:
     def ve(cls, sigma_min=0.01, sigma_max=50.0, t_min=1e-5, time_input="sigma", time_scale=1.0):
         """Variance-exploding SDE (NCSN): alpha = 1, sigma = sigma_min·(sigma_max/sigma_min)^t. The model is
         conditioned on sigma (time_input='sigma', as NCSN / score_sde) or on t·time_scale."""
-        if not 0 < sigma_min < sigma_max:
+        if not 0 < _check_finite("sigma_min", sigma_min) < _check_finite("sigma_max", sigma_max):
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         return cls("ve", sigma_min=sigma_min, sigma_max=sigma_max, t_min=t_min, time_input=time_input,
                    time_scale=time_scale)

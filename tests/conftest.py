@@ -9,6 +9,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Every property test draws the same examples on every run and machine (no example database, no random seed), so
+# a failure reproduces and the suite cannot fail at random.
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("deterministic")
 
 
 def pytest_collection_modifyitems(config, items):

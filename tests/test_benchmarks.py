@@ -219,3 +219,21 @@ def test_the_tests_never_wrote_into_benchmarks_results():
         if os.path.exists(path):
             with open(path) as f:
                 assert "--smoke" not in json.load(f).get("command", ""), path
+
+
+def test_determinism_rows(tmp_path):
+    run_script("bench_determinism.py", ["--size", "8", "--batch", "2", "--steps", "1", "--repeats", "1"], tmp_path)
+    rows = load(tmp_path, "bench_determinism")["rows"]
+    assert [r["dtype"] for r in rows] == ["fp32", "fp32", "bf16", "bf16"]
+    for r in rows:
+        assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["cost"] == pytest.approx(r["ms"] / r["baseline_ms"])
+
+
+def test_gpu_suite_cpu_dry_run(tmp_path):
+    """The GPU suite's CPU mode: every step up to the first GPU call, the GPU tests collected and every GPU
+    benchmark's command line checked."""
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_suite.sh"), str(tmp_path / "out"), "--cpu-dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert proc.returncode == 0, summary + proc.stdout[-3000:]
+    assert "bench_determinism_help" in summary and "CPU dry run passed" in summary

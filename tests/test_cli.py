@@ -259,8 +259,9 @@ def test_resume_checks_settings_and_skips_complete_runs(tmp_path, tiny, capsys):
 
 def test_non_finite_model_output_fails_the_run_with_one_line(tmp_path, capsys):
     model = _randomised(UNet3D(**TINY_UNET))
-    with torch.no_grad():
-        model.out[2].conv.bias.fill_(float("nan"))
+    with torch.no_grad():  # finite weights (NaN/Inf weights are refused at load) whose output overflows float32
+        model.out[2].conv.weight.fill_(3e38)
+        model.out[2].conv.bias.fill_(3e38)
     modelfile.save_model(tmp_path / "broken", model, CONFIG)
     code, _, err = sample(capsys, tmp_path / "broken", tmp_path / "s", "--num", 1)
     assert code == 1

@@ -124,3 +124,20 @@ def test_command_files_are_byte_identical_for_every_batch(tmp_path, capsys):
                           if p.suffix in (".gz", ".png")}
     assert len(outputs[1]) == 8
     assert outputs[1] == outputs[3] == outputs[4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_batch_invariant_mode_keeps_volume_k_bitwise(dtype):
+    """On CUDA the batched model may round differently by batch size; batch_invariant=True must not."""
+    torch.backends.cudnn.benchmark = False
+    model = randomised(UNet3D(**CONFIGS["class_labels"])).cuda()
+
+    def sample(seeds, labels):
+        return pydiffmed.sample(model, (len(seeds), 1, 16, 16, 16), "dpmpp_2m", 3, seed=torch.tensor(seeds),
+                                dtype=dtype, cond={"class_labels": torch.tensor(labels, device="cuda")},
+                                batch_invariant=True, progress=False)
+
+    alone = sample([11], [2])
+    batched = sample([12, 11, 13], [0, 2, 1])
+    assert torch.equal(batched[1], alone[0])

@@ -178,9 +178,11 @@ _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"
                "__array__", "__format__", "__repr__"}
 
 
-# ops.fused_step validates coefficient rows on the host only when they are CPU tensors (on a GPU they stay on
-# the device; the meta-device test below covers that path), so reads made by that validation are not counted here.
-_CPU_ONLY_VALIDATION = {("fused_step.py", "fused_step"), ("fused_step.py", "_check_coefficient_values")}
+# ops.fused_step validates coefficient rows on the host only when they are CPU tensors, and a CPU Sampler reads
+# its input-check flags before the loop (on a GPU both stay on the device; the meta-device test below covers
+# that path), so reads made by that validation are not counted here.
+_CPU_ONLY_VALIDATION = {("fused_step.py", "fused_step"), ("fused_step.py", "_check_coefficient_values"),
+                        ("engine.py", "_raise_if_bad_inputs")}
 
 
 class CountHostReads(TorchFunctionMode):

@@ -205,7 +205,8 @@ def test_invalid_network_arguments_name_the_config(tmp_path, unet):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     config["unet"]["norm_num_groups"] = 3
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelFileError, match=r"m/config.json: unet: .*divisible by norm_num_groups=3"):
+    with pytest.raises(ModelFileError,
+                       match=r"(?s)m/config.json: invalid model config:.*unet: .*divisible by norm_num_groups=3"):
         modelfile.load_model(tmp_path / "m")
 
 

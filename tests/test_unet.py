@@ -1,10 +1,9 @@
 """UNet3D and accelerate() against MONAI's DiffusionModelUNet (random weights, both key namings), bf16 by the
 DESIGN §6 rule, device-value-free forward, and checkpoint loading that never unpickles arbitrary objects."""
 import copy
-import os
 import pathlib
-import random
 import pickle
+import random
 import re
 
 import pytest

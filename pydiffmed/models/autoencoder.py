@@ -25,7 +25,7 @@ from torch import nn
 from .. import partition
 from ..nn import GroupNorm3d, GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
-from .checkpoint import check_state_dict, convert_monai_state_dict, load_state_dict_file
+from .checkpoint import MonaiModule, convert_monai_state_dict
 from .layers import Conv, channels_last_format, conv_module, upsample_conv
 
 
@@ -164,7 +164,7 @@ class Decoder(nn.Module):
         return x
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(MonaiModule):
     """MONAI `AutoencoderKL`-compatible autoencoder (Rombach et al. 2022; Pinaya et al. 2022). Arguments and
     defaults are MONAI's; spatial_dims is 2 or 3. `use_checkpoint` and `use_flash_attention` are accepted for
     compatibility (inference needs no activation checkpointing; attention is always the flash kernel here).
@@ -226,16 +226,10 @@ class AutoencoderKL(nn.Module):
 
     # --- loading ---------------------------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a MONAI `AutoencoderKL` state dict (today's keys, or GenerativeModels' older names: attention
-        `to_q/to_k/to_v/proj_attn` directly on the block, the upsampler's `conv` for `postconv`). Raises
-        CheckpointError listing unknown/missing keys and every shape mismatch."""
-        state_dict = self._rename_old_upsampler_keys(convert_monai_state_dict(state_dict))
-        check_state_dict(self, state_dict, strict)
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:
-            self.to(memory_format=channels_last_format(self.spatial_dims + 2))
-        return result
+    def convert_keys(self, state_dict) -> dict:
+        """Today's keys, or GenerativeModels' older names: attention `to_q/to_k/to_v/proj_attn` directly on the
+        block, the upsampler's `conv` for `postconv`."""
+        return self._rename_old_upsampler_keys(convert_monai_state_dict(state_dict))
 
     def _rename_old_upsampler_keys(self, state_dict):
         # `decoder.blocks.i.conv.conv.*` names the upsampler's convolution only where block i is an Upsample
@@ -250,20 +244,9 @@ class AutoencoderKL(nn.Module):
             renamed[key] = value
         return renamed
 
-    def load_checkpoint(self, path, strict: bool = True) -> "AutoencoderKL":
-        """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""
-        self.load_state_dict(load_state_dict_file(path), strict=strict)
-        return self
-
-    @classmethod
-    def from_monai(cls, model: nn.Module) -> "AutoencoderKL":
-        """An AutoencoderKL with the configuration and weights of a live MONAI `AutoencoderKL` (same device and
-        dtype)."""
-        new = cls(**monai_autoencoder_config(model))
-        reference = next(model.parameters())
-        new.to(device=reference.device, dtype=reference.dtype)
-        new.load_state_dict(model.state_dict())
-        return new
+    @staticmethod
+    def monai_config(model: nn.Module) -> dict:
+        return monai_autoencoder_config(model)
 
     # --- the MONAI interface -----------------------------------------------------------------------------------
 

@@ -45,8 +45,9 @@ def _convert_key(key: str) -> str:
 
 
 def check_state_dict(model: nn.Module, state_dict, strict: bool = True) -> None:
-    """Raise CheckpointError listing non-tensor values, unknown and missing keys (strict) and shape mismatches
-    (key, checkpoint shape, model shape) — all of them, not just the first."""
+    """Raise CheckpointError listing non-tensor values, unknown and missing keys (strict), shape mismatches
+    (key, checkpoint shape, model shape), float parameters stored as integers (never cast silently) and tensors
+    holding NaN/Inf — all of them, not just the first."""
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"a state dict must be a dict of tensors, got {type(state_dict).__name__}")
     expected = model.state_dict()
@@ -65,8 +66,60 @@ def check_state_dict(model: nn.Module, state_dict, strict: bool = True) -> None:
         if key in expected and isinstance(value, torch.Tensor) and value.shape != expected[key].shape:
             problems.append(f"shape mismatch for {key!r}: checkpoint has {tuple(value.shape)}, model expects "
                             f"{tuple(expected[key].shape)}")
+    tensors = [(k, v) for k, v in state_dict.items() if k in expected and isinstance(v, torch.Tensor)]
+    not_float = [f"{k!r} ({v.dtype})" for k, v in tensors
+                 if expected[k].is_floating_point() and not v.is_floating_point()]
+    if not_float:
+        problems.append(f"{len(not_float)} float parameter(s) stored as another type (pydiffmed does not cast "
+                        f"them): " + _listing(not_float))
+    non_finite = []
+    for key, value in tensors:
+        if value.is_floating_point() and value.device.type != "meta":
+            bad = int(value.numel() - torch.isfinite(value).sum())
+            if bad:
+                non_finite.append(f"{key!r} ({bad} of {value.numel()})")
+    if non_finite:
+        problems.append(f"{len(non_finite)} tensor(s) hold NaN/Inf values: " + _listing(non_finite))
     if problems:
         raise CheckpointError(f"checkpoint does not fit {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+
+class MonaiModule(nn.Module):
+    """Loading shared by the networks that mirror a MONAI class (UNet3D, ControlNet3D, AutoencoderKL): MONAI's
+    state-dict keys (older GenerativeModels names converted), errors that name every problem, channels_last
+    convolution weights, and `from_monai`. A subclass gives `monai_config(model)` (its constructor arguments read
+    off a live MONAI model) and may extend `convert_keys`."""
+
+    def convert_keys(self, state_dict) -> dict:
+        return convert_monai_state_dict(state_dict)
+
+    @staticmethod
+    def monai_config(model: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a MONAI state dict (today's or the older GenerativeModels key names). Raises CheckpointError
+        listing unknown/missing keys and every shape mismatch."""
+        state_dict = self.convert_keys(state_dict)
+        check_state_dict(self, state_dict, strict)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if assign:  # assigned tensors keep the checkpoint's layout; convolutions want channels_last weights
+            self.to(memory_format=torch.channels_last_3d if self.spatial_dims == 3 else torch.channels_last)
+        return result
+
+    def load_checkpoint(self, path, strict: bool = True):
+        """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""
+        self.load_state_dict(load_state_dict_file(path), strict=strict)
+        return self
+
+    @classmethod
+    def from_monai(cls, model: nn.Module):
+        """This network with the configuration and weights of a live MONAI model (same device and dtype)."""
+        new = cls(**cls.monai_config(model))
+        reference = next(model.parameters())
+        new.to(device=reference.device, dtype=reference.dtype)
+        new.load_state_dict(model.state_dict())
+        return new
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "unet", "diffusion")
@@ -80,7 +133,6 @@ def load_state_dict_file(path) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
@@ -106,8 +158,10 @@ def load_state_dict_file(path) -> dict:
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state_dict).__name__}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: " + ", ".join(bad[:20])
-                              + (f" and {len(bad) - 20} more" if len(bad) > 20 else ""))
+        raise CheckpointError(f"{path}: entries that are not tensors: " + _listing(bad))
+    bad = [repr(k) for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise CheckpointError(f"{path}: keys that are not names: " + _listing(bad))
     return state_dict
 
 
@@ -119,9 +173,13 @@ def _unwrap(loaded):
     return loaded
 
 
+def _listing(items, limit=20) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _first_line(exc) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
-__all__ = ["CheckpointError", "check_state_dict", "convert_monai_state_dict", "load_state_dict_file"]
+__all__ = ["CheckpointError", "MonaiModule", "check_state_dict", "convert_monai_state_dict", "load_state_dict_file"]

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict, convert_monai_state_dict, load_state_dict_file
+from .checkpoint import MonaiModule
 from .layers import (Conv, _onednn_path, _pads_input_channels, channels_last_format, conv_module, per_sample,
                      to_channels_last)
 from .transformer import SpatialTransformer
 from .unet import (_ARGUMENT_TYPES, DownLevel, Downsample, MidLevel, ResnetBlock, _attention_block, _check_types,
-                   _per_level, _positive_int, _positive_ints, _timesteps, _validate, timestep_embedding)
+                   _per_level, _positive_int, _positive_ints, _timesteps, _validate, silu_time_embedding)
 
 _HAS_CONV_UNARY = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -78,7 +78,7 @@ def _zero_conv(spatial_dims, channels, bare=False):
     return conv.conv if bare else conv
 
 
-class ControlNet3D(nn.Module):
+class ControlNet3D(MonaiModule):
     """MONAI `ControlNet`-compatible control network. Arguments and defaults are MONAI's (`spatial_dims` 3 or 2);
     `use_flash_attention` is accepted (attention is always the flash kernel here). Load MONAI checkpoints with
     `load_state_dict` (today's or the older GenerativeModels attention key names), `load_checkpoint(path)` or
@@ -170,29 +170,9 @@ class ControlNet3D(nn.Module):
 
     # --- loading ---------------------------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a MONAI `ControlNet` state dict (today's or the older GenerativeModels attention key names).
-        Raises CheckpointError listing unknown/missing keys and every shape mismatch."""
-        state_dict = convert_monai_state_dict(state_dict)
-        check_state_dict(self, state_dict, strict)
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:
-            self.to(memory_format=channels_last_format(self.spatial_dims + 2))
-        return result
-
-    def load_checkpoint(self, path, strict: bool = True) -> "ControlNet3D":
-        """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""
-        self.load_state_dict(load_state_dict_file(path), strict=strict)
-        return self
-
-    @classmethod
-    def from_monai(cls, model: nn.Module) -> "ControlNet3D":
-        """A ControlNet3D with the configuration and weights of a live MONAI `ControlNet` (same device, dtype)."""
-        new = cls(**monai_controlnet_config(model))
-        reference = next(model.parameters())
-        new.to(device=reference.device, dtype=reference.dtype)
-        new.load_state_dict(model.state_dict())
-        return new
+    @staticmethod
+    def monai_config(model: nn.Module) -> dict:
+        return monai_controlnet_config(model)
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -201,7 +181,8 @@ class ControlNet3D(nn.Module):
         self._check_input(x, controlnet_cond, context, class_labels)
         weight = self.conv_in.conv.weight
         layout = dict(device=weight.device, dtype=weight.dtype, memory_format=channels_last_format(x.ndim))
-        silu_emb = per_sample(self._silu_time_embedding, _timesteps(timesteps, x.shape[0], weight.device),
+        silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
+                              _timesteps(timesteps, x.shape[0], weight.device),
                               class_labels if self.num_class_embeds is not None else None)
         cond = self.controlnet_cond_embedding(controlnet_cond.to(**layout))
         if cond.shape[0] != x.shape[0]:
@@ -218,13 +199,6 @@ class ControlNet3D(nn.Module):
             down = [d.mul_(conditioning_scale) for d in down]
             mid = mid.mul_(conditioning_scale)
         return down, mid
-
-    def _silu_time_embedding(self, timesteps, class_labels):
-        dtype = self.conv_in.conv.weight.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, self.block_out_channels[0]).to(dtype))
-        if class_labels is not None:
-            emb = emb + self.class_embedding(class_labels).to(dtype)
-        return F.silu(emb)
 
     def _check_input(self, x, controlnet_cond, context, class_labels):
         for name, value in (("x", x), ("controlnet_cond", controlnet_cond)):

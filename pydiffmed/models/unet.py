@@ -17,6 +17,7 @@ What differs from MONAI's forward, and why (CPU measurements in benchmarks/bench
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -26,8 +27,8 @@ from torch import nn
 from .. import ops
 from ..nn import GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
-from .checkpoint import check_state_dict, convert_monai_state_dict, load_state_dict_file
-from .layers import Conv, avg_pool_2x, conv_module, upsample_conv, upsample_nearest
+from .checkpoint import MonaiModule
+from .layers import Conv, avg_pool_2x, conv_module, linear, per_sample, upsample_conv, upsample_nearest
 from .transformer import SpatialTransformer
 
 
@@ -39,6 +40,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     angles = timesteps.float()[:, None] * freqs[None, :]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
+
+
+def silu_time_embedding(net: nn.Module, timesteps: torch.Tensor, class_labels) -> torch.Tensor:
+    """SiLU(time_embed(sinusoid(t)) + class embedding), B×temb: the input of every resnet's time projection. `net`
+    has MONAI's attribute names (conv_in, time_embed, block_out_channels, class_embedding)."""
+    dtype = net.conv_in.conv.weight.dtype
+    emb = net.time_embed(timestep_embedding(timesteps, net.block_out_channels[0]).to(dtype))
+    if class_labels is not None:
+        emb = emb + net.class_embedding(class_labels).to(dtype)
+    return F.silu(emb)
 
 
 def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) -> torch.Tensor:
@@ -53,7 +64,7 @@ def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) ->
         if block.down:
             x, h = avg_pool_2x(x), avg_pool_2x(h)
         h = conv_module(h, block.conv1.conv)
-    temb = F.linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
+    temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
     h = ops.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, act="silu", bias_nc=temb)
     skip = block.skip_connection
     residual = x if isinstance(skip, nn.Identity) else conv_module(x, skip.conv)
@@ -175,7 +186,7 @@ class UpLevel(nn.Module):
         return h
 
 
-class UNet3D(nn.Module):
+class UNet3D(MonaiModule):
     """MONAI `DiffusionModelUNet`-compatible denoiser. Arguments and defaults are MONAI's; `spatial_dims` may be
     3 or 2. `dropout_cattn` is accepted (inference has no dropout) and `use_flash_attention` too (attention is
     always the flash kernel here). Load MONAI checkpoints with `load_state_dict` (today's or the older
@@ -194,6 +205,7 @@ class UNet3D(nn.Module):
                  cross_attention_dim: int | None = None, num_class_embeds: int | None = None,
                  upcast_attention: bool = False, dropout_cattn: float = 0.0, include_fc: bool = True,
                  use_combined_linear: bool = False, use_flash_attention: bool = False) -> None:
+        _check_types({name: value for name, value in locals().items() if name in _ARGUMENT_TYPES})
         super().__init__()
         channels, attention_levels = tuple(channels), tuple(bool(a) for a in attention_levels)
         levels = len(channels)
@@ -274,29 +286,9 @@ class UNet3D(nn.Module):
 
     # --- loading ---------------------------------------------------------------------------------------------
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load a MONAI `DiffusionModelUNet` state dict (today's or the older GenerativeModels key names).
-        Raises CheckpointError listing unknown/missing keys and every shape mismatch."""
-        state_dict = convert_monai_state_dict(state_dict)
-        check_state_dict(self, state_dict, strict)
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        if assign:  # assigned tensors keep the checkpoint's layout; convolutions want channels_last weights
-            self.to(memory_format=_channels_last(self.spatial_dims + 2))
-        return result
-
-    def load_checkpoint(self, path, strict: bool = True) -> "UNet3D":
-        """Load weights from a `.safetensors` file or a torch file read with weights_only=True."""
-        self.load_state_dict(load_state_dict_file(path), strict=strict)
-        return self
-
-    @classmethod
-    def from_monai(cls, model: nn.Module) -> "UNet3D":
-        """A UNet3D with the configuration and weights of a live MONAI `DiffusionModelUNet` (same device, dtype)."""
-        new = cls(**monai_unet_config(model))
-        reference = next(model.parameters())
-        new.to(device=reference.device, dtype=reference.dtype)
-        new.load_state_dict(model.state_dict())
-        return new
+    @staticmethod
+    def monai_config(model: nn.Module) -> dict:
+        return monai_unet_config(model)
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -310,11 +302,9 @@ class UNet3D(nn.Module):
         weight = self.conv_in.conv.weight
         batch = x.shape[0]
         h = x.to(device=weight.device, dtype=weight.dtype, memory_format=_channels_last(x.ndim))
-        emb = self.time_embed(timestep_embedding(_timesteps(timesteps, batch, weight.device),
-                                                 self.block_out_channels[0]).to(weight.dtype))
-        if self.num_class_embeds is not None:
-            emb = emb + self.class_embedding(class_labels).to(weight.dtype)
-        silu_emb = F.silu(emb)
+        silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
+                              _timesteps(timesteps, batch, weight.device),
+                              class_labels if self.num_class_embeds is not None else None)
         h = self.conv_in(h)
         skips = [h]
         for level in self.down_blocks:
@@ -358,8 +348,67 @@ def _timesteps(timesteps, batch, device):
     return t.reshape(-1).expand(batch)
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_int(value):
+    return _is_int(value) and value >= 1
+
+
+def _positive_ints(value):
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_positive_int(v) for v in value)
+
+
+def _flag(value):
+    return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
+
+
+def _number_in(low, high):
+    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and low <= v <= high
+
+
+# What each constructor argument must be, checked before any arithmetic on it (a string of channels would
+# otherwise fail inside a `%` with Python's own message, or pass as a tuple of characters).
+_ARGUMENT_TYPES = {
+    "spatial_dims": (_is_int, "an int (2 or 3)"),
+    "in_channels": (_positive_int, "a positive int"),
+    "out_channels": (_positive_int, "a positive int"),
+    "num_res_blocks": (lambda v: _positive_int(v) or _positive_ints(v),
+                       "a positive int or a list of positive ints (one per level)"),
+    "channels": (_positive_ints, "a non-empty list of positive ints"),
+    "attention_levels": (lambda v: isinstance(v, (list, tuple)) and all(_flag(a) for a in v),
+                         "a list of booleans (one per level)"),
+    "norm_num_groups": (_positive_int, "a positive int"),
+    "norm_eps": (lambda v: _number_in(0, math.inf)(v) and 0 < v < math.inf, "a positive finite number"),
+    "resblock_updown": (_flag, "true or false"),
+    "num_head_channels": (lambda v: _positive_int(v) or (isinstance(v, (list, tuple)) and len(v) > 0
+                                                          and all(_is_int(n) and n >= 0 for n in v)),
+                          "a positive int or a list of ints ≥ 0 (one per level; 0 where a level has no attention)"),
+    "with_conditioning": (_flag, "true or false"),
+    "transformer_num_layers": (_positive_int, "a positive int"),
+    "cross_attention_dim": (lambda v: v is None or _positive_int(v), "null or a positive int"),
+    "num_class_embeds": (lambda v: v is None or _positive_int(v), "null or a positive int"),
+    "upcast_attention": (_flag, "true or false"),
+    "dropout_cattn": (_number_in(0.0, 1.0), "a number in [0, 1]"),
+    "include_fc": (_flag, "true or false"),
+    "use_combined_linear": (_flag, "true or false"),
+    "use_flash_attention": (_flag, "true or false"),
+}
+
+
+def _check_types(arguments: dict) -> None:
+    """ValueError naming the first constructor argument whose type (or sign) is wrong."""
+    for name, value in arguments.items():
+        check, expected = _ARGUMENT_TYPES[name]
+        if not check(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise ValueError(f"{name} must be {expected}, got {shown}")
+
+
 def _per_level(name, value, levels):
-    if isinstance(value, int) and not isinstance(value, bool):
+    if _is_int(value):
         return (value,) * levels
     value = tuple(value)
     if len(value) != levels:
@@ -426,4 +475,4 @@ def monai_unet_config(model: nn.Module) -> dict:
     return config
 
 
-__all__ = ["UNet3D", "ResnetBlock", "monai_unet_config", "resnet_forward", "timestep_embedding"]
+__all__ = ["UNet3D", "ResnetBlock", "monai_unet_config", "resnet_forward", "silu_time_embedding", "timestep_embedding"]

@@ -36,6 +36,26 @@ class DynamicThreshold:
         return apply_dynamic_threshold(row, s)
 
 
+# The most steps a solver takes on a continuous-time schedule (a discrete one allows at most its
+# num_train_timesteps). Building a plan costs time quadratic in its model evaluations: ode_rk4 at 4096 steps
+# (16384 evaluations) takes minutes, so a larger count is a mistake, not a wish.
+MAX_STEPS = 4096
+
+
+def check_num_steps(schedule, num_steps):
+    """num_steps as an int, checked before anything is built (ValueError): a positive int, at most the
+    schedule's num_train_timesteps (discrete schedules: more would repeat timesteps) or MAX_STEPS."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    discrete = getattr(schedule, "kind", None) == "discrete"
+    limit = schedule.num_train_timesteps if discrete else MAX_STEPS
+    if num_steps > limit:
+        what = (f"the schedule's num_train_timesteps ({limit})" if discrete else
+                f"{limit} (the limit for continuous-time schedules)")
+        raise ValueError(f"num_steps={num_steps} is too many: at most {what}")
+    return int(num_steps)
+
+
 def default_seeds(batch, seed=0, device=None):
     """The engine's default per-sample Philox keys: seed + arange(B)."""
     return (torch.arange(batch, dtype=torch.int64) + int(seed)).to(device)
@@ -55,12 +75,20 @@ class Solver(abc.ABC):
     name = "solver"
     supports_clip = True
 
+    def __new__(cls, *args, **kwargs):
+        # the step count is checked before a subclass's __init__ builds grids of that size (copy and pickle call
+        # __new__ with no arguments)
+        schedule = args[0] if args else kwargs.get("schedule")
+        num_steps = args[1] if len(args) > 1 else kwargs.get("num_steps")
+        if isinstance(schedule, NoiseSchedule) and num_steps is not None:
+            check_num_steps(schedule, num_steps)
+        return super().__new__(cls)
+
     def __init__(self, schedule, num_steps, *, prediction_type="epsilon", clip=None, thresholding=False,
                  dynamic_thresholding_ratio=0.995, sample_max_value=1.0, seed=0):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a pydiffmed.schedules.NoiseSchedule, got {type(schedule).__name__}")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        check_num_steps(schedule, num_steps)
         self.schedule = schedule
         self.num_steps = int(num_steps)
         self.prediction_type = prediction.canonical(prediction_type)
