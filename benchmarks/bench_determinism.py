@@ -21,6 +21,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,15 +38,19 @@ def _batched_add_linear_(out_rows, x, weight, batch):
 @contextlib.contextmanager
 def batched_small_gemms():
     """The per-sample ops of models/layers.py replaced by their batched forms (for the baseline only)."""
-    saved = [(layers, "per_sample", layers.per_sample), (unet, "per_sample", unet.per_sample),
-             (attention_block, "add_linear_", attention_block.add_linear_),
-             (transformer, "add_linear_", transformer.add_linear_)]
-    layers.per_sample = unet.per_sample = lambda fn, *tensors: fn(*tensors)
-    attention_block.add_linear_ = transformer.add_linear_ = _batched_add_linear_
+    replacements = {(layers, "per_sample"): lambda fn, *tensors: fn(*tensors),
+                    (unet, "per_sample"): lambda fn, *tensors: fn(*tensors)}
+    for module in (layers, unet, attention_block, transformer):
+        replacements[(module, "linear")] = F.linear
+    for module in (attention_block, transformer):
+        replacements[(module, "add_linear_")] = _batched_add_linear_
+    saved = {key: getattr(*key) for key in replacements}
     try:
+        for (module, name), value in replacements.items():
+            setattr(module, name, value)
         yield
     finally:
-        for module, name, value in saved:
+        for (module, name), value in saved.items():
             setattr(module, name, value)
 
 

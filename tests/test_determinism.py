@@ -12,7 +12,7 @@ from monai.networks.nets import DiffusionModelUNet
 import pydiffmed
 from pydiffmed import modelfile
 from pydiffmed.cli import main
-from pydiffmed.models import UNet3D
+from pydiffmed.models import AutoencoderKL, UNet3D
 
 TWO_LEVELS = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32), attention_levels=(False, True),
                   num_res_blocks=1, num_head_channels=(0, 16), norm_num_groups=8)
@@ -65,6 +65,24 @@ def test_unet3d_sample_k_is_bitwise_independent_of_its_batch(name, dtype):
 def test_accelerated_monai_sample_k_is_bitwise_independent_of_its_batch(name, dtype):
     model = pydiffmed.accelerate(randomised(DiffusionModelUNet(**CONFIGS[name]))).to(dtype)
     assert_batch_invariant(model, *inputs(CONFIGS[name], dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autoencoder_decode_of_latent_k_is_bitwise_independent_of_its_batch(dtype):
+    """The latent pipeline's decoder, whole and by slabs (attention at the last level for the whole decode)."""
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(4, 3, 6, 5, 4, generator=generator).to(dtype)
+    for attention, slabs in ((True, {}), (False, {"tile": 3})):
+        ae = randomised(AutoencoderKL(3, latent_channels=3, channels=(8, 16), num_res_blocks=(1, 1),
+                                      attention_levels=(False, attention), norm_num_groups=4,
+                                      with_encoder_nonlocal_attn=attention,
+                                      with_decoder_nonlocal_attn=attention)).to(dtype)
+        with torch.no_grad():
+            alone = [ae.decode(z[k:k + 1], **slabs) for k in range(4)]
+            for idx in ([1, 0], [3, 2, 0], [2, 0, 3, 1]):
+                batch = ae.decode(z[idx], **slabs)
+                for j, k in enumerate(idx):
+                    assert torch.equal(batch[j], alone[k][0]), f"latent {k} in batch {idx}, {slabs}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -133,13 +133,13 @@ def per_sample(fn, *tensors):
     """fn(*tensors) on the CPU computed for each sample (index 0 of every tensor; None passes through) alone and
     concatenated; on other devices fn(*tensors) as is."""
     first = next(t for t in tensors if t is not None)
-    if first.device.type != "cpu":
+    if first.device.type != "cpu" or first.shape[0] == 1:
         return fn(*tensors)
     return torch.cat([fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(first.shape[0])])
 
 
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample in a GEMM of its own on the CPU."""
+    """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample's rows in a GEMM of their own on the CPU."""
     return per_sample(lambda sample: F.linear(sample, weight, bias), x)
 
 
