@@ -214,7 +214,7 @@ def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
 
 
 def test_the_tests_never_wrote_into_benchmarks_results():
-    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers"):
+    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode"):
         path = os.path.join(BENCH, "results", f"{name}_cpu.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -228,6 +228,16 @@ def test_determinism_rows(tmp_path):
     for r in rows:
         assert r["ms"] > 0 and r["baseline_ms"] > 0 and r["cost"] == pytest.approx(r["ms"] / r["baseline_ms"])
 
+
+def test_decode_rows(tmp_path):
+    run_script("bench_decode.py", ["--smoke"], tmp_path)
+    rows = load(tmp_path, "bench_decode")["rows"]
+    assert [r["dtype"] for r in rows] == ["fp32"] * 4 + ["bf16"] * 4
+    for r in rows:
+        assert "error" not in r, r
+        assert r["ms"] > 0 and r["peak_MB"] >= 0 and r["time_ratio"] > 0
+    exact = [r for r in rows if r["dtype"] == "fp32" and r["variant"].startswith("pydiffmed")]
+    assert len(exact) == 2 and all(r["max_abs_diff"] < 1e-3 for r in exact)
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
     """The GPU suite's CPU mode: every step up to the first GPU call, the GPU tests collected and every GPU

@@ -1,0 +1,181 @@
+"""Decoding a latent to a large volume (issue 14): whole decode, MONAI's sliding window, pydiffmed's exact slabs.
+
+Model: a MONAI-like AutoencoderKL (channels 32, 64, 64; latent_channels 4; num_res_blocks 1; no attention;
+4× downsampling), MONAI's module with random non-zero weights (bench_unet.randomize_) and pydiffmed's
+AutoencoderKL.from_monai of it. One latent batch 1×4×(S/4)³ decoded to 1×1×S³ (S = 64 with --quick, the default;
+128 with --full). Rows per dtype (fp32, bf16; GPU: fp16 too):
+* MONAI whole: MONAI AutoencoderKL.decode on the whole latent (the baseline of the ratios);
+* MONAI sliding window: monai.inferers.SlidingWindowInferer(roi = latent side / 2, overlap 0.25, constant blend)
+  over MONAI's decode, windows taken on the latent (the output is ×4 larger: MONAI infers the zoom);
+* pydiffmed whole: pydiffmed AutoencoderKL.decode(z);
+* pydiffmed tiled: decode(z, tile=S/4): every layer by depth slabs of S/4 rows (a quarter of the output depth;
+  the latent-resolution layers then run whole), exact (whole-volume GroupNorm statistics, no seams).
+
+ms: median wall time, all variants of a dtype timed in turn within every round (common.interleaved_medians).
+time_ratio / memory_ratio: against MONAI whole in the same dtype. max_abs_diff: max |output - MONAI whole fp32|
+(for bf16 rows it includes bf16 rounding; MONAI whole bf16 shows how much). peak_MB: memory one more decode
+adds above what is in use before it, each variant in a fresh subprocess after one warm-up decode (CPU: VmHWM after
+clear_refs with malloc's mmap threshold at 64 KiB, as bench_scaling.py; GPU: max_memory_allocated).
+
+    python benchmarks/bench_decode.py [--quick | --full | --smoke] [--size S] [--repeats R] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import command_line, interleaved_medians, save, sync  # noqa: E402
+from bench_unet import DTYPE_NAMES, randomize_  # noqa: E402
+
+CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 64), latent_channels=4,
+              num_res_blocks=1, attention_levels=(False, False, False), norm_num_groups=32,
+              with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
+FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of the autoencoder
+VARIANTS = ("MONAI whole", "MONAI sliding window 0.25", "pydiffmed whole", "pydiffmed tiled")
+MIB = 2.0 ** 20
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def build(device):
+    """(MONAI AutoencoderKL, pydiffmed AutoencoderKL) with the same random weights, fp32, eval mode."""
+    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+
+    from pydiffmed.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    monai = randomize_(MonaiAutoencoderKL(**CONFIG)).eval().to(device)
+    return monai, AutoencoderKL.from_monai(monai).eval().to(device)
+
+
+def latent(size, device):
+    gen = torch.Generator().manual_seed(1)
+    side = size // FACTOR
+    return torch.randn(1, CONFIG["latent_channels"], side, side, side, generator=gen).to(device)
+
+
+def decoders(monai, mine, size):
+    """{variant: decode(z)} for the models (already in the dtype wanted)."""
+    from monai.inferers import SlidingWindowInferer
+
+    roi = max(1, size // FACTOR // 2)
+    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="constant")
+    tile = max(1, size // 4)
+    return {"MONAI whole": monai.decode,
+            "MONAI sliding window 0.25": lambda z: inferer(z, monai.decode),
+            "pydiffmed whole": mine.decode,
+            "pydiffmed tiled": lambda z: mine.decode(z, tile=tile)}
+
+
+def worker(variant, dtype_name, size, device) -> dict:
+    """Peak memory of one more decode by `variant` (run in a fresh process on the CPU)."""
+    from bench_scaling import forward_peak_bytes
+
+    dtype = DTYPES[dtype_name]
+    monai, mine = build(device)
+    monai, mine = monai.to(dtype), mine.to(dtype)
+    z = latent(size, device).to(dtype)
+    decode = decoders(monai, mine, size)[variant]
+    with torch.no_grad():
+        decode(z)  # warm-up: one-time costs (oneDNN primitives, libraries) are not counted
+        sync(device)
+        peak, method = forward_peak_bytes(lambda: decode(z), device)
+    return {"peak_MB": peak / MIB, "memory_method": method}
+
+
+def peak_subprocess(variant, dtype_name, size, threads, timeout_s=600) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{variant},{dtype_name}", "--size", str(size)]
+    cmd += ["--threads", str(threads)] if threads else []
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="64³ output (the default)")
+    sizes.add_argument("--full", action="store_true", help="128³ output")
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes (tests): 16³ output, 1 repeat")
+    parser.add_argument("--size", type=int, default=None, help="output side (a multiple of 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per dtype")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "variant,dtype": one peak measurement
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = args.size or (16 if args.smoke else 128 if args.full else 64)
+    if size % (4 * FACTOR):
+        parser.error(f"--size must be a multiple of {4 * FACTOR}")
+
+    if args.worker:
+        variant, dtype_name = args.worker.rsplit(",", 1)
+        print(json.dumps(worker(variant, dtype_name, size, device)), flush=True)
+        return
+
+    repeats = args.repeats or (1 if args.smoke else 3)
+    warmup = 0 if args.smoke else 1
+    dtypes = ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
+    monai32, mine32 = build(device)
+    z32 = latent(size, device)
+    with torch.no_grad():
+        reference = monai32.decode(z32).float()
+    rows = []
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        monai, mine = build(device)
+        monai, mine = monai.to(dtype), mine.to(dtype)
+        z = z32.to(dtype)
+        fns = decoders(monai, mine, size)
+        with torch.no_grad():
+            times = interleaved_medians({name: (lambda f=f: f(z)) for name, f in fns.items()}, device, repeats,
+                                        warmup=warmup)
+            diffs = {name: (f(z).float() - reference).abs().max().item() for name, f in fns.items()}
+        del monai, mine
+        for variant in VARIANTS:
+            if device == "cpu":
+                peak = peak_subprocess(variant, dtype_name, size, args.threads)
+            else:
+                peak = worker(variant, dtype_name, size, device)
+                torch.cuda.empty_cache()
+            row = {"variant": variant, "dtype": dtype_name, "device": device,
+                   "output": f"{size}³", "ms": times[variant][0] * 1e3, "max_abs_diff": diffs[variant]}
+            row.update(peak)
+            rows.append(row)
+            print(row, flush=True)
+        base = next(r for r in rows if r["dtype"] == dtype_name and r["variant"] == "MONAI whole")
+        for row in rows[-len(VARIANTS):]:
+            row["time_ratio"] = row["ms"] / base["ms"]
+            if "peak_MB" in row and base.get("peak_MB"):
+                row["memory_ratio"] = row["peak_MB"] / base["peak_MB"]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    method = next((r["memory_method"] for r in rows if "memory_method" in r), "none")
+    latent_side = size // FACTOR
+    notes = (f"`{command_line()}`: latent 1×{CONFIG['latent_channels']}×{latent_side}³ → 1×1×{size}³; autoencoder "
+             f"channels {CONFIG['channels']}, num_res_blocks {CONFIG['num_res_blocks']}, no attention, random "
+             f"weights. Sliding window: roi {max(1, latent_side // 2)}³ on the latent, overlap 0.25, constant "
+             f"blend. Tiled: decode(z, tile={size // 4}). ms: median of {repeats} interleaved rounds; "
+             f"time_ratio / memory_ratio vs MONAI whole of the same dtype; max_abs_diff vs MONAI whole fp32; "
+             f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "
+             f"process, by {method}. torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+    columns = ["variant", "dtype", "device", "output", "ms", "time_ratio", "peak_MB", "memory_ratio",
+               "max_abs_diff", "error"]
+    print(save("bench_decode", rows, columns, notes))
+
+
+if __name__ == "__main__":
+    main()
