@@ -30,8 +30,8 @@ from .checkpoint import MonaiModule
 from .layers import (Conv, _onednn_path, _pads_input_channels, channels_last_format, conv_module, per_sample,
                      to_channels_last)
 from .transformer import SpatialTransformer
-from .unet import (_ARGUMENT_TYPES, DownLevel, Downsample, MidLevel, ResnetBlock, _attention_block, _check_types,
-                   _per_level, _positive_int, _positive_ints, _timesteps, _validate, silu_time_embedding)
+from .unet import (_ARGUMENT_TYPES, MidLevel, ResnetBlock, _check_types, _per_level, _positive_int, _positive_ints,
+                   _timesteps, _validate, block_makers, down_level, silu_time_embedding)
 
 _HAS_CONV_UNARY = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -133,16 +133,9 @@ class ControlNet3D(MonaiModule):
                            use_combined_linear=use_combined_linear)
 
         temb = 4 * channels[0]
-        norm = dict(norm_num_groups=norm_num_groups, norm_eps=norm_eps)
-
-        def resnet(cin, cout, **kw):
-            return ResnetBlock(spatial_dims, cin, temb, cout, **kw, **norm)
-
-        def attention(level):
-            return _attention_block(spatial_dims, channels[level], num_head_channels[level], norm_num_groups,
-                                    norm_eps, with_conditioning, transformer_num_layers, cross_attention_dim,
-                                    upcast_attention, include_fc, use_combined_linear)
-
+        resnet, attention = block_makers(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps,
+                                         with_conditioning, transformer_num_layers, cross_attention_dim,
+                                         upcast_attention, include_fc, use_combined_linear)
         self.conv_in = Conv(spatial_dims, in_channels, channels[0], 3)
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
         if num_class_embeds is not None:
@@ -153,13 +146,8 @@ class ControlNet3D(MonaiModule):
         self.down_blocks = nn.ModuleList()
         zero_convs = [_zero_conv(spatial_dims, channels[0], bare=True)]  # MONAI keeps the first one bare
         for i, cout in enumerate(channels):
-            cin = channels[max(i - 1, 0)]
-            resnets = [resnet(cin if j == 0 else cout, cout) for j in range(num_res_blocks[i])]
-            attentions = [attention(i) for _ in range(num_res_blocks[i])] if attention_levels[i] else []
-            downsampler = None
-            if i < levels - 1:
-                downsampler = resnet(cout, cout, down=True) if resblock_updown else Downsample(spatial_dims, cout)
-            self.down_blocks.append(DownLevel(resnets, attentions, downsampler))
+            self.down_blocks.append(down_level(spatial_dims, channels, i, num_res_blocks[i], attention_levels[i],
+                                               resblock_updown, resnet, attention))
             zero_convs += [_zero_conv(spatial_dims, cout) for _ in range(num_res_blocks[i] + (i < levels - 1))]
         self.controlnet_down_blocks = nn.ModuleList(zero_convs)
 

@@ -115,6 +115,35 @@ class Upsample(nn.Module):
         return upsample_conv(x, self.postconv.conv)
 
 
+def block_makers(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps, with_conditioning,
+                 transformer_num_layers, cross_attention_dim, upcast_attention, include_fc, use_combined_linear):
+    """resnet(cin, cout, up=, down=) and attention(level) for one DiffusionModelUNet configuration (shared by
+    UNet3D and ControlNet3D)."""
+    temb = 4 * channels[0]
+
+    def resnet(cin, cout, **kw):
+        return ResnetBlock(spatial_dims, cin, temb, cout, **kw, norm_num_groups=norm_num_groups, norm_eps=norm_eps)
+
+    def attention(level):
+        return _attention_block(spatial_dims, channels[level], num_head_channels[level], norm_num_groups, norm_eps,
+                                with_conditioning, transformer_num_layers, cross_attention_dim, upcast_attention,
+                                include_fc, use_combined_linear)
+
+    return resnet, attention
+
+
+def down_level(spatial_dims, channels, i, num_res_blocks, with_attention, resblock_updown, resnet, attention):
+    """Encoder level i of MONAI's DiffusionModelUNet (and ControlNet): resnets (+ attentions), then a downsampler
+    unless it is the last level."""
+    cin, cout = channels[max(i - 1, 0)], channels[i]
+    resnets = [resnet(cin if j == 0 else cout, cout) for j in range(num_res_blocks)]
+    attentions = [attention(i) for _ in range(num_res_blocks)] if with_attention else []
+    downsampler = None
+    if i < len(channels) - 1:
+        downsampler = resnet(cout, cout, down=True) if resblock_updown else Downsample(spatial_dims, cout)
+    return DownLevel(resnets, attentions, downsampler)
+
+
 def _attention_block(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps, with_conditioning,
                      transformer_num_layers, cross_attention_dim, upcast_attention, include_fc, use_combined_linear):
     if with_conditioning:
@@ -231,31 +260,15 @@ class UNet3D(MonaiModule):
                            include_fc=include_fc, use_combined_linear=use_combined_linear)
 
         temb = 4 * channels[0]
-        norm = dict(norm_num_groups=norm_num_groups, norm_eps=norm_eps)
-
-        def resnet(cin, cout, **kw):
-            return ResnetBlock(spatial_dims, cin, temb, cout, **kw, **norm)
-
-        def attention(level):
-            return _attention_block(spatial_dims, channels[level], num_head_channels[level], norm_num_groups,
-                                    norm_eps, with_conditioning, transformer_num_layers, cross_attention_dim,
-                                    upcast_attention, include_fc, use_combined_linear)
-
+        resnet, attention = block_makers(spatial_dims, channels, num_head_channels, norm_num_groups, norm_eps,
+                                         with_conditioning, transformer_num_layers, cross_attention_dim,
+                                         upcast_attention, include_fc, use_combined_linear)
         self.conv_in = Conv(spatial_dims, in_channels, channels[0], 3)
         self.time_embed = nn.Sequential(nn.Linear(channels[0], temb), nn.SiLU(), nn.Linear(temb, temb))
         if num_class_embeds is not None:
             self.class_embedding = nn.Embedding(num_class_embeds, temb)
-
-        self.down_blocks = nn.ModuleList()
-        for i, cout in enumerate(channels):
-            cin = channels[max(i - 1, 0)]
-            resnets = [resnet(cin if j == 0 else cout, cout) for j in range(num_res_blocks[i])]
-            attentions = [attention(i) for _ in range(num_res_blocks[i])] if attention_levels[i] else []
-            downsampler = None
-            if i < levels - 1:
-                downsampler = resnet(cout, cout, down=True) if resblock_updown else Downsample(spatial_dims, cout)
-            self.down_blocks.append(DownLevel(resnets, attentions, downsampler))
-
+        self.down_blocks = nn.ModuleList(down_level(spatial_dims, channels, i, num_res_blocks[i], attention_levels[i],
+                                                    resblock_updown, resnet, attention) for i in range(levels))
         self.middle_block = MidLevel(resnet(channels[-1], channels[-1]), attention(levels - 1),
                                      resnet(channels[-1], channels[-1]))
 
