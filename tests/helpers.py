@@ -1,9 +1,10 @@
-"""Shared test utilities: the DESIGN §6 tolerance rule and the NaN canary."""
+"""Shared test utilities: the DESIGN §6 tolerance rule, the NaN canary and random weights for models."""
 from __future__ import annotations
 
 import math
 
 import torch
+from torch import nn
 
 from pydiffmed import backends
 
@@ -51,3 +52,31 @@ def runnable_backends(op: str, tensors, **inputs):
         if not backends.not_supported_reasons(op, name, tensors, forced=True, **inputs):
             names.append(name)
     return names
+
+
+def randomize_(model, seed=0):
+    """Random weights everywhere (MONAI zero-initialises conv2, proj_out, the output conv and the ControlNet's
+    1×1 convolutions, which would hide those paths): norms ≈ 1, other weights ~ 1/sqrt(fan_in), biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norms = {m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=gen)
+                if module in norms:
+                    p.copy_(1.0 + 0.1 * noise if name == "weight" else 0.1 * noise)
+                elif p.ndim >= 2:
+                    p.copy_(noise / p[0].numel() ** 0.5)
+                else:
+                    p.copy_(0.1 * noise)
+    return model
+
+
+def randomised(model, seed=0, scale=0.1):
+    """Non-trivial weights N(0, scale²) everywhere (the output convolution starts at zero), small enough to keep
+    samples bounded; eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()

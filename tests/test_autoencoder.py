@@ -4,9 +4,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
-from helpers import assert_close_by_rule, max_abs_err
+from helpers import assert_close_by_rule, max_abs_err, randomize_
 from pydiffmed import partition
 from pydiffmed.models import AutoencoderKL, CheckpointError
 
@@ -34,22 +33,6 @@ CONFIGS = {
 
 def rel_err(out, ref) -> float:
     return max_abs_err(out, ref) / ref.double().abs().max().item()
-
-
-def randomize_(model, seed=0):
-    """Random weights everywhere: norms ≈ 1, other weights ~ 1/sqrt(fan_in), biases small."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if isinstance(module, nn.GroupNorm):
-                    p.copy_(1.0 + 0.1 * noise if name == "weight" else 0.1 * noise)
-                elif p.ndim >= 2:
-                    p.copy_(noise / p[0].numel() ** 0.5)
-                else:
-                    p.copy_(0.1 * noise)
-    return model
 
 
 def build(config, seed=0):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import randomised
+
 import pydiffmed
 from pydiffmed import backends, io, modelfile
 from pydiffmed.cli import main
@@ -33,26 +35,17 @@ SIDECAR_FIELDS = ("model", "model_sha256", "solver", "steps", "seed", "dtype", "
                   "seconds_per_volume")
 
 
-def _randomised(model, seed=0, scale=0.1):
-    """Non-trivial weights (the output convolution starts at zero), small enough to keep samples bounded."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
-    modelfile.save_model(path, _randomised(UNet3D(**TINY_UNET)), CONFIG)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET)), CONFIG)
     return path
 
 
 @pytest.fixture(scope="module")
 def class_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "classy"
-    modelfile.save_model(path, _randomised(UNet3D(**TINY_UNET, num_class_embeds=3), seed=1, scale=0.2), CONFIG)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET, num_class_embeds=3), seed=1, scale=0.2), CONFIG)
     return path
 
 
@@ -158,7 +151,7 @@ def test_keep_freed_memory_applies_on_glibc_only(monkeypatch):
 def test_spacing_and_shape_overrides(tmp_path, capsys):
     path = tmp_path / "noshape"
     config = {k: v for k, v in CONFIG.items() if k != "volume_shape"}
-    modelfile.save_model(path, _randomised(UNet3D(**TINY_UNET)), config)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET)), config)
     code, _, err = sample(capsys, path, tmp_path / "a", "--num", 1)
     assert code == 2
     assert_one_line_error(err, "--shape")
@@ -258,7 +251,7 @@ def test_resume_checks_settings_and_skips_complete_runs(tmp_path, tiny, capsys):
 
 
 def test_non_finite_model_output_fails_the_run_with_one_line(tmp_path, capsys):
-    model = _randomised(UNet3D(**TINY_UNET))
+    model = randomised(UNet3D(**TINY_UNET))
     with torch.no_grad():  # finite weights (NaN/Inf weights are refused at load) whose output overflows float32
         model.out[2].conv.weight.fill_(3e38)
         model.out[2].conv.bias.fill_(3e38)
@@ -433,7 +426,7 @@ MONAI_ARGS = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=[8, 8]
 def test_convert_round_trip_matches_monai(tmp_path, capsys):
     from monai.networks.nets import DiffusionModelUNet
 
-    monai_net = _randomised(DiffusionModelUNet(**MONAI_ARGS), seed=4)
+    monai_net = randomised(DiffusionModelUNet(**MONAI_ARGS), seed=4)
     torch.save(monai_net.state_dict(), tmp_path / "model.pt")
     bundle = {"network_def": {"_target_": "monai.networks.nets.DiffusionModelUNet", **MONAI_ARGS},
               "noise_scheduler": {"_target_": "monai.networks.schedulers.DDPMScheduler",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_close_by_rule, max_abs_err
+from helpers import assert_close_by_rule, max_abs_err, randomize_
 import pydiffmed
 from pydiffmed.models import CheckpointError, ControlledUNet, ControlNet3D, UNet3D
 
@@ -48,24 +48,6 @@ CONFIGS = {
                            conditioning_embedding_in_channels=1, conditioning_embedding_num_channels=(4, 8)),
                       (14, 10), (28, 20)),
 }
-
-
-def randomize_(model, seed=0):
-    """Random weights everywhere, the zero-initialised convolutions (MONAI's zero_module: the ControlNet's 1×1
-    convolutions, the conditioning embedding's conv_out, resnets' conv2, the UNet's output) included."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        norms = {m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if module in norms:
-                    p.copy_(1.0 + 0.1 * noise if name == "weight" else 0.1 * noise)
-                elif p.ndim >= 2:
-                    p.copy_(noise / p[0].numel() ** 0.5)
-                else:
-                    p.copy_(0.1 * noise)
-    return model
 
 
 def build(name, seed=0, batch=2):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from helpers import randomised
 import pydiffmed
 from pydiffmed import modelfile
 from pydiffmed.cli import main
@@ -22,14 +23,6 @@ CONFIGS = {
     "cross_attention": dict(TWO_LEVELS, with_conditioning=True, cross_attention_dim=8, transformer_num_layers=1),
 }
 COMPANIONS = ([0, 1], [2, 0, 4], [3, 1, 0, 2], [4, 3, 2, 1, 0])
-
-
-def randomised(model, seed=0, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return model.eval()
 
 
 def inputs(config, dtype):

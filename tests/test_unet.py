@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_close_by_rule, max_abs_err
+from helpers import assert_close_by_rule, max_abs_err, randomize_
 import pydiffmed
 from pydiffmed.models import CheckpointError, UNet3D, convert_monai_state_dict, load_state_dict_file
 from pydiffmed.models import layers
@@ -51,24 +51,6 @@ CONFIGS = {
                                 with_conditioning=True, cross_attention_dim=6), (16, 24)),
 }
 IN_CH, OUT_CH = 2, 3
-
-
-def randomize_(model, seed=0):
-    """Random weights everywhere (MONAI zero-initialises conv2, proj_out and the output conv, which would hide
-    those paths): norms ≈ 1, other weights ~ 1/sqrt(fan_in), biases small."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        norms = {m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm))}
-        for module in model.modules():
-            for name, p in module.named_parameters(recurse=False):
-                noise = torch.randn(p.shape, generator=gen)
-                if module in norms:
-                    p.copy_(1.0 + 0.1 * noise if name == "weight" else 0.1 * noise)
-                elif p.ndim >= 2:
-                    p.copy_(noise / p[0].numel() ** 0.5)
-                else:
-                    p.copy_(0.1 * noise)
-    return model
 
 
 def build(name, seed=0):

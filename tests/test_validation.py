@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import randomised
 import pydiffmed
 from pydiffmed import engine, modelfile
 from pydiffmed.cli import main
@@ -36,18 +37,10 @@ CONFIG = {"schedule": {"kind": "discrete", "num_train_timesteps": 1000, "beta_sc
 GIB = 2 ** 30
 
 
-def _randomised(model, seed=0, scale=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny"
-    modelfile.save_model(path, _randomised(UNet3D(**TINY_UNET)), CONFIG)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET)), CONFIG)
     return path
 
 
@@ -283,7 +276,7 @@ def test_finite_but_huge_model_output_stops_with_its_step(value, solver):
 @pytest.fixture(scope="module")
 def huge_output_model(tmp_path_factory):
     """A UNet whose output is finite (about 1e38) but overflows the float32 state at the first update."""
-    model = _randomised(UNet3D(**TINY_UNET))
+    model = randomised(UNet3D(**TINY_UNET))
     with torch.no_grad():
         model.out[2].conv.weight.zero_()
         model.out[2].conv.bias.fill_(1e38)
