@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, interleaved_medians, save, sync  # noqa: E402
+from common import command_line, interleaved_medians, run_worker, save, sync  # noqa: E402
 from bench_unet import DTYPE_NAMES, randomize_  # noqa: E402
 
 CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 64), latent_channels=4,
@@ -93,15 +92,7 @@ def worker(variant, dtype_name, size, device) -> dict:
 def peak_subprocess(variant, dtype_name, size, threads, timeout_s=600) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{variant},{dtype_name}", "--size", str(size)]
     cmd += ["--threads", str(threads)] if threads else []
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    return run_worker(cmd, timeout_s)
 
 
 def main(argv=None):

@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import command_line, result_path, save, sync  # noqa: E402
+from common import command_line, result_path, run_worker, save, sync  # noqa: E402
 from pydiffmed.host_memory import set_malloc_thresholds  # noqa: E402
 
 CONFIG = "small"
@@ -149,15 +148,7 @@ def run_point_subprocess(impl, size, batch, repeats, max_seconds, threads, timeo
     """measure_point in a fresh Python (the RSS peak then belongs to this point alone)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{impl},{size},{batch}", "--repeats",
            str(repeats), "--max-seconds", str(max_seconds)] + (["--threads", str(threads)] if threads else [])
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+    return run_worker(cmd, timeout_s)
 
 
 def points(device, quick, smoke):

@@ -62,6 +62,20 @@ def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dic
             for name, ts in times.items()}
 
 
+def run_worker(cmd: list, timeout_s: float) -> dict:
+    """Run a benchmark's measuring worker in a fresh Python (so that its memory peak is its own) and return the
+    last JSON line it printed, or {"error": why} when it timed out, failed or printed none."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"worker exit {proc.returncode}: {tail}"}
+    return json.loads(lines[-1])
+
+
 def copy_bandwidth(nbytes: int, device="cpu") -> float:
     """Same-run memory bandwidth (bytes/s) of torch.clone on a buffer of nbytes: read + write counted."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
