@@ -23,12 +23,7 @@ from monai.networks.schedulers.rectified_flow import timestep_transform  # noqa:
 FLOW = NoiseSchedule.flow()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def velocity_model(x, t):
