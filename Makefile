@@ -33,6 +33,7 @@ run: build
 	$(VENV)/bin/pydiffmed info
 
 test: build
+	$(VENV)/bin/ruff check pydiffmed tests benchmarks triton_kernels setup.py
 	$(PY) -m pytest -q tests
 
 bench: build

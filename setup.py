@@ -21,6 +21,9 @@ class BuildPyWithKernelSources(build_py):
             shutil.copytree(os.path.join(HERE, "csrc", sub), dst)
 
 
+# DICOM output (pydiffmed.dicom) uses pydicom 3's API; pydicom 3 needs Python >= 3.10 (older: NIfTI output only).
+_PYDICOM = "pydicom>=3; python_version>='3.10'"
+
 cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
 ext = Pybind11Extension(
     "pydiffmed._C",
@@ -35,8 +38,11 @@ setup(
     name="pydiffmed",
     version="0.1.0",
     description="Fast sampler engine for diffusion models on 3-D medical volumes",
+    # The Triton kernels live in the top-level folder triton_kernels/ but install as pydiffmed.triton_kernels: a
+    # top-level `triton_kernels` package would collide with PyPI's triton-kernels (and Triton's own repository).
     packages=["pydiffmed", "pydiffmed.demo", "pydiffmed.ops", "pydiffmed.models", "pydiffmed.solvers",
-              "triton_kernels"],
+              "pydiffmed.inverse", "pydiffmed.integrations", "pydiffmed.triton_kernels"],
+    package_dir={"pydiffmed.triton_kernels": "triton_kernels"},
     package_data={"pydiffmed": ["models_data/README.md", "models_data/*/*", "models_data/*.safetensors"]},
     ext_modules=[ext],
     cmdclass={"build_ext": build_ext, "build_py": BuildPyWithKernelSources},
@@ -49,9 +55,9 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml"],
+        "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml", _PYDICOM],
         "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "einops", "nibabel>=5",
-                 "safetensors", "pillow", "pyyaml", "matplotlib"],
+                 "safetensors", "pillow", "pyyaml", "matplotlib", _PYDICOM, "ruff==0.17.6"],
     },
     entry_points={"console_scripts": ["pydiffmed=pydiffmed.cli:main"]},
 )

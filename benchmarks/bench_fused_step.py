@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import copy_bandwidth, median_time, save, sync  # noqa: E402
+from common import copy_bandwidth, save, sync  # noqa: E402
 from pydiffmed import backends, ops  # noqa: E402
 
 SHAPES = [(1, 4, 64, 64, 64), (2, 1, 128, 128, 128)]

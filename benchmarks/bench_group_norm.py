@@ -54,7 +54,7 @@ def run_case(shape, groups, dtype, channels_last, device, repeats):
     for name in fast_backends_for(x):
         fns[name] = lambda name=name: ops.group_norm(x, groups, weight, bias, act="silu", backend=name)
         # the backend's run function alone: the output allocation, but no argument checks, dispatch or custom op
-        run = backends._REGISTRY["group_norm"][name].run
+        run = backends.implementation("group_norm", name).run
         fns[name + " kernel"] = lambda run=run: run(x, torch.empty_like(x), groups, weight, bias, 1e-5, True, None)
     medians = {name: wall for name, (wall, _) in interleaved_medians(fns, device, repeats).items()}
     eager = medians["eager"]

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import interleaved_medians, save, sync  # noqa: E402
+from common import interleaved_medians, save  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
 

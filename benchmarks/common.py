@@ -18,6 +18,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 DEFAULT_RESULTS_DIR = os.path.join(HERE, "results")
 RESULTS_DIR = os.path.abspath(os.environ.get("PYDIFFMED_BENCH_RESULTS") or DEFAULT_RESULTS_DIR)
 
@@ -135,6 +136,16 @@ def save(name: str, rows: list[dict], columns: list[str], notes: str = "", resul
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     return markdown_table(columns, rows)
+
+
+def op_benchmarks() -> list[str]:
+    """bench_<op> for every op in pydiffmed's backend registry that has a script here: the kernel benchmarks
+    (gpu_suite.sh runs them, results_md.py gives each a headline), read from the registry, not kept by hand."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from pydiffmed import backends
+
+    return [f"bench_{op}" for op in backends.ops() if os.path.exists(os.path.join(HERE, f"bench_{op}.py"))]
 
 
 def markdown_table(columns, rows) -> str:

@@ -48,12 +48,15 @@ else
     exit 2
 fi
 
-# Per-benchmark time limits in seconds (sum 550 s: the GPU benchmarks must finish within about 9 minutes).
+# Per-benchmark time limits in seconds (sum 590 s with the three kernel benchmarks of today: the GPU benchmarks
+# must finish within about 9 minutes). The kernel benchmarks are bench_<op> for every op in pydiffmed's backend
+# registry that has a script (benchmarks/common.py op_benchmarks), OP_BENCH_LIMIT seconds each.
 # bench_end_to_end and bench_scaling rewrite their results after every model / point, so one stopped by its limit
 # still leaves the rows measured so far (marked PARTIAL).
-BENCHMARKS=(bench_group_norm:50 bench_fused_step:60 bench_attention:60 bench_unet:110 bench_sampling:120
-            bench_end_to_end:50 bench_scaling:30 bench_determinism:30
-            bench_decode:40)
+OP_BENCH_LIMIT=60
+OP_BENCHMARKS_CMD='import sys; sys.path.insert(0, "benchmarks"); import common; print(" ".join(common.op_benchmarks()))'
+BENCHMARKS=(bench_unet:110 bench_sampling:120 bench_end_to_end:50 bench_scaling:30 bench_determinism:30
+            bench_decode:40 bench_inferer:30)
 TESTS_TIMEOUT=900
 
 SUMMARY="$OUTDIR/summary.txt"
@@ -114,6 +117,18 @@ EOF_PY
 CUDA_CHECK='import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'
 
 run_step env 120 "$PY" "$ENV_CHECK"
+# The kernel benchmarks, from the registry (a failure to list them is a failed step; the others still run).
+if OP_BENCHMARKS=$("$PY" -c "$OP_BENCHMARKS_CMD" 2> "$OUTDIR/op_benchmarks.log"); then
+    echo "kernel benchmarks from the op registry: $OP_BENCHMARKS" >> "$OUTDIR/op_benchmarks.log"
+    OP_ENTRIES=()
+    for bench in $OP_BENCHMARKS; do
+        OP_ENTRIES+=("$bench:$OP_BENCH_LIMIT")
+    done
+    BENCHMARKS=("${OP_ENTRIES[@]}" "${BENCHMARKS[@]}")
+else
+    printf '%-20s %-10s\n' op_benchmarks "failed" >> "$SUMMARY"
+    FAILED+=(op_benchmarks)
+fi
 NO_GPU=0
 if [ $DRY_RUN -eq 0 ] && ! "$PY" -c "$CUDA_CHECK" >> "$OUTDIR/env.log" 2>&1; then
     NO_GPU=1

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from common import DEFAULT_RESULTS_DIR, RESULTS_DIR, markdown_table
+from common import DEFAULT_RESULTS_DIR, RESULTS_DIR, markdown_table, op_benchmarks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -73,24 +73,32 @@ def _secs(ms) -> str:
     return f"{ms / 1e3:.3g} s" if ms >= 1000 else f"{ms:.3g} ms"
 
 
-def headline_group_norm(rows):
-    """Fastest pydiffmed backend per case vs torch eager: the worst and best case."""
-    best = {}
-    for r in rows:
-        if r.get("backend") == "torch" or r.get("speedup") is None:
-            continue
-        key = (r["shape"], r["G"], r["dtype"], r["layout"])
-        if key not in best or r["speedup"] > best[key]["speedup"]:
-            best[key] = r
-    if not best:
-        return []
-    lo = min(best.values(), key=lambda r: r["speedup"])
-    hi = max(best.values(), key=lambda r: r["speedup"])
+def headline_kernel(name):
+    """The headline of a kernel benchmark bench_<op>: the fastest pydiffmed backend per case vs torch eager, the
+    worst and the best case. A case is a row's fields before "backend" (numbers shown as field=value); rows
+    without a speedup (or of the torch backend) count for none."""
+    title = "".join(word.capitalize() for word in name[len("bench_"):].split("_"))
+
     def case(r):
-        return f"{r['shape']} G={r['G']} {r['dtype']} {r['layout']} ({r['backend']})"
-    return [("GroupNorm, fastest pydiffmed backend vs torch eager",
-             f"{_x(lo['speedup'])} (worst: {case(lo)}) to {_x(hi['speedup'])} (best: {case(hi)}) over "
-             f"{len(best)} cases")]
+        fields = list(r)[:list(r).index("backend")]
+        return " ".join(f"{f}={r[f]}" if isinstance(r[f], (int, float)) else str(r[f]) for f in fields)
+
+    def extract(rows):
+        best = {}
+        for r in rows:
+            if r.get("backend") in (None, "torch") or r.get("speedup") is None:
+                continue
+            if case(r) not in best or r["speedup"] > best[case(r)]["speedup"]:
+                best[case(r)] = r
+        if not best:
+            return []
+        lo = min(best.values(), key=lambda r: r["speedup"])
+        hi = max(best.values(), key=lambda r: r["speedup"])
+        return [(f"{title}, fastest pydiffmed backend vs torch eager",
+                 f"{_x(lo['speedup'])} (worst: {case(lo)} ({lo['backend']})) to {_x(hi['speedup'])} (best: "
+                 f"{case(hi)} ({hi['backend']})) over {len(best)} cases")]
+
+    return extract
 
 
 def headline_unet(rows):
@@ -169,15 +177,34 @@ def headline_demo_quality(rows):
              "0 = alike)", "; ".join(parts))]
 
 
-HEADLINES = {"bench_group_norm": headline_group_norm, "bench_unet": headline_unet,
-             "bench_end_to_end": headline_end_to_end, "bench_scaling": headline_scaling,
-             "bench_demo_quality": headline_demo_quality}
+def headline_inferer(rows):
+    parts, steps = [], None
+    for model, volume, case in dict.fromkeys((r["model"], r["volume"], r["case"]) for r in rows):
+        ours = [r for r in rows if (r["model"], r["volume"], r["case"]) == (model, volume, case)
+                and r["variant"].startswith("pydiffmed")]
+        steps = steps or (ours[0]["steps"] if ours else None)
+        fp32 = next((r for r in ours if r["dtype"] == "fp32"), None)
+        speeds = " / ".join(f"{_x(r['speedup_vs_MONAI'])} {r['dtype']}" for r in ours)
+        agree = (f", fp32 max |Δ| {fp32['max_abs_diff_vs_MONAI']:.1g} of {fp32['MONAI_max_abs']:.3g}"
+                 if fp32 else "")
+        parts.append(f"{model} {volume}, {case}: {speeds}{agree}")
+    if not parts:
+        return []
+    return [(f"Drop-in MONAI DiffusionInferer (pydiffmed.integrations.monai) vs MONAI's, DDIM {steps} steps, "
+             "same MONAI model", "; ".join(parts))]
+
+
+# The kernel benchmarks' headlines come first, one per op in the registry (headline_kernel); then these.
+HEADLINES = {"bench_unet": headline_unet,
+             "bench_end_to_end": headline_end_to_end, "bench_inferer": headline_inferer,
+             "bench_scaling": headline_scaling, "bench_demo_quality": headline_demo_quality}
 
 
 def headline_rows(results):
     """[{Subject, Result, Machine, Command}] for the README, in HEADLINES order (CPU before CUDA files)."""
     table = []
-    for name, extract in HEADLINES.items():
+    kernels = {name: headline_kernel(name) for name in op_benchmarks()}
+    for name, extract in {**kernels, **HEADLINES}.items():
         for path, res in results:
             if res["name"] != name:
                 continue

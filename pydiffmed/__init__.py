@@ -3,9 +3,11 @@ __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402,F401
 from .accelerate import accelerate  # noqa: E402
-from .engine import Sampler, estimate_memory, sample  # noqa: E402
+from .engine import Sampler, sample  # noqa: E402
+from .memory import estimate_memory  # noqa: E402
 from .modelfile import load_model  # noqa: E402
+from .schedules import NoiseSchedule  # noqa: E402
 from .solvers import get_solver  # noqa: E402
 
-__all__ = ["Sampler", "accelerate", "backends", "estimate_memory", "get_solver", "load_model", "ops", "sample",
-           "__version__"]
+__all__ = ["NoiseSchedule", "Sampler", "accelerate", "backends", "estimate_memory", "get_solver", "load_model", "ops",
+           "sample", "__version__"]

@@ -26,7 +26,7 @@ def source_dir() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def module(filename: str, arch: str | None = None):
+def module(filename: str):
     """The compiled cupy.RawModule of csrc/cuda/<filename>; NVRTC compiles it once per process (CuPy also
     caches the binary on disk, keyed by source and options)."""
     import cupy

@@ -32,6 +32,8 @@ class _MonaiCallResnet(ResnetBlock):
     """pydiffmed's resnet block with MONAI's call form `block(x, emb)` (SiLU of the embedding taken here)."""
 
     def forward(self, x, emb):
+        if emb.shape[0] == 1 and x.shape[0] > 1:  # one timestep for the whole batch, as MONAI's inferers pass it
+            emb = emb.expand(x.shape[0], *emb.shape[1:])
         return resnet_forward(self, x, per_sample(torch.nn.functional.silu, emb))
 
 

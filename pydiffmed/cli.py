@@ -10,8 +10,9 @@ memory, ...) is found before any work starts and reported as one line on stderr 
 unexpected error is one line naming its type (PYDIFFMED_DEBUG=1 shows the traceback). A run that fails or is interrupted
 part way exits with status 1 (130 for Ctrl-C) and leaves only complete files (every write is atomic); rerun
 it with --resume to finish it: a volume counts as done only when its sidecar (written last) parses, matches the
-run and records the sha256 of its NIfTI and preview as they are on disk; anything else is sampled again. A
-running `sample` holds a lock on its output directory (OUT/.pydiffmed.lock); a second one refuses at once.
+run and records the sha256 of its NIfTI (or DICOM series) and preview as they are on disk; anything else is
+sampled again. A running `sample` holds a lock on its output directory (OUT/.pydiffmed.lock); a second one
+refuses at once.
 """
 from __future__ import annotations
 
@@ -25,18 +26,26 @@ import math
 import os
 import platform
 import re
+import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
+
+from .ops._checks import dtype_name
+
+if TYPE_CHECKING:  # annotations only: the command imports torch and the package lazily
+    import numpy as np
+    import torch
+
+    from . import io, modelfile
+    from .solvers import Solver
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
 INTERRUPTED = 130
 
-# Solvers the command cannot run: DDIM inversion encodes data into noise, and the adaptive Dormand-Prince ODE
-# solver has no fixed-step plan for the engine.
-_NOT_SAMPLERS = {"ddim_inversion": "encodes volumes into noise (DDIM inversion); it does not sample",
-                 "ode_dopri5": "is adaptive and has no fixed-step plan; use it from Python (solver.sample)"}
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Bundled models the project ships once they are trained: named so that a missing one says so.
@@ -113,10 +122,6 @@ def _dtype(text, device):
     return getattr(torch, _DTYPES[text])
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _check_count(name, value, minimum=1):
     if value < minimum:
         raise UsageError(f"{name} must be at least {minimum}, got {value}")
@@ -152,21 +157,13 @@ def _check_triple(name, values, positive_int=False):
 
 
 def _backends_for(device, dtype):
-    """The backend dispatch picks for the model's and the solver's ops on this device and dtype: a one-word
-    summary when all agree, and the choice per op. A forced backend that cannot run them is a UsageError."""
-    import torch
-
+    """The backend dispatch picks for every registered op on this device and dtype (from the ops' declarations):
+    a one-word summary when all agree, and the choice per op. A forced backend that cannot run them is a
+    UsageError."""
     from . import backends
 
-    x = torch.zeros(1, 8, 2, 2, 2, device=device, dtype=dtype)
-    q = torch.zeros(1, 1, 8, 8, device=device, dtype=dtype)
-    state = torch.zeros(1, 1, 2, 2, 2, device=device)
     try:
-        chosen = {
-            "group_norm": backends.select("group_norm", None, (x,), x=x, num_groups=4, act="silu")[0],
-            "attention": backends.select("attention", None, (q, q, q), q=q, k=q, v=q)[0],
-            "fused_step": backends.select("fused_step", None, (state,), x=state)[0],
-        }
+        chosen = {op: backends.choose(op, device=device, dtype=dtype) for op in backends.ops()}
     except (backends.BackendUnavailable, ValueError) as exc:
         raise UsageError(exc) from None
     names = sorted(set(chosen.values()))
@@ -187,10 +184,6 @@ def _model_problem(text, exc):
 
 
 # --- sample: validation --------------------------------------------------------------------------------------
-
-class _Job:
-    """Everything `sample` needs, checked: filled in by _prepare_sample, used by _run_sample."""
-
 
 def _read_volume(flag, path, intensity=None):
     """((C, D, H, W) tensor in model units, VolumeInfo) of an input volume, read in full now so that an
@@ -228,7 +221,7 @@ def _check_input_shape(flag, volume, channels, shape, allow_one_channel=False):
 
 
 def _solver(name, steps, schedule, info):
-    from .solvers import SOLVERS, get_solver
+    from .solvers import SOLVERS, get_solver, names
     from .solvers.base import check_num_steps
 
     try:
@@ -236,16 +229,16 @@ def _solver(name, steps, schedule, info):
     except ValueError as exc:
         raise UsageError(f"--steps {steps}: {exc}") from None
 
-    if name in _NOT_SAMPLERS:
-        raise UsageError(f"--solver {name}: {_NOT_SAMPLERS[name]}")
+    samplers = names(plannable=True, encodes=False)  # what the command can run, by the solvers' declarations
+    if name in SOLVERS and name not in samplers:
+        raise UsageError(f"--solver {name}: {SOLVERS[name].unsupported('sample')}; the command samples with "
+                         f"{', '.join(samplers)}")
     if name not in SOLVERS:
-        available = ", ".join(s for s in sorted(SOLVERS) if s not in _NOT_SAMPLERS)
-        raise UsageError(f"--solver {name!r}: unknown solver; available: {available}")
+        raise UsageError(f"--solver {name!r}: unknown solver; available: {', '.join(samplers)}")
     options = {"prediction_type": info.prediction_type}
     if info.clip_sample is not None and SOLVERS[name].supports_clip:
         options["clip"] = info.clip_sample
-        if name == "ddim":
-            options["use_clipped_model_output"] = True  # the single-pass form the engine runs
+        options.update(SOLVERS[name].plan_clip_options)  # the form of clipping the engine's plan runs
     try:
         solver = get_solver(name, schedule, steps, **options)
         solver.plan("cpu")
@@ -254,10 +247,37 @@ def _solver(name, steps, schedule, info):
     return solver, options
 
 
-def _output_names(prefix, num):
+_FORMATS = {"nifti": ".nii.gz", "dicom": ""}  # --format: the volume's kind and suffix (dicom: a directory)
+
+
+def _output_names(prefix, num, fmt="nifti"):
     width = max(4, len(str(num - 1)))
     return [{kind: f"{prefix}_{k:0{width}d}{suffix}" for kind, suffix in
-             (("nifti", ".nii.gz"), ("preview", ".png"), ("sidecar", ".json"))} for k in range(num)]
+             ((fmt, _FORMATS[fmt]), ("preview", ".png"), ("sidecar", ".json"))} for k in range(num)]
+
+
+def _volume_kind(names):
+    """The kind of a volume's main output in a names/paths dict: "nifti" (a file) or "dicom" (a directory)."""
+    return "dicom" if "dicom" in names else "nifti"
+
+
+def _check_output_format(job):
+    """--format dicom: pydicom installed, one channel, a geometry DICOM can hold (UsageError otherwise)."""
+    if job.args.format != "dicom":
+        return
+    from . import dicom
+
+    try:
+        dicom.require_pydicom()
+    except ImportError as exc:
+        raise UsageError(f"--format dicom: {exc}") from None
+    if job.channels != 1:
+        raise UsageError(f"--format dicom: the model makes {job.channels}-channel volumes and a DICOM series holds "
+                         f"one channel; use --format nifti")
+    try:
+        dicom.check_geometry(job.affine, job.shape)
+    except ValueError as exc:
+        raise UsageError(f"--format dicom: {exc}") from None
 
 
 def _check_out_dir(out):
@@ -282,20 +302,29 @@ def _run_key(sidecar):
     keys = ("model_sha256", "solver", "solver_options", "steps", "seed", "dtype", "shape", "affine", "intensity",
             "guidance_scale", "class_label", "uncond_class_label", "strength", "init_sha256", "mask_sha256",
             "known_sha256")
-    return {key: sidecar.get(key) for key in keys}
+    key = {key: sidecar.get(key) for key in keys}
+    key["format"] = sidecar.get("format", "nifti")  # sidecars before --format existed describe NIfTI runs
+    return key
 
 
 def _plan_outputs(job, args):
     """Which volumes to sample: all of them, or with --resume those without complete, intact outputs (a damaged
     set is counted in job.damaged and sampled again). Raises UsageError for outputs in the way (without
     --overwrite/--resume) or complete ones from a different run."""
+    from . import io
+
     job.pending, job.skipped, job.damaged = [], [], []
     for k, names in enumerate(job.names):
         paths = {kind: os.path.join(job.out, name) for kind, name in names.items()}
         present = [p for p in paths.values() if os.path.lexists(p)]
-        for path in present:
-            if os.path.isdir(path) and not os.path.islink(path):
+        for kind, path in paths.items():
+            if kind != "dicom" and os.path.isdir(path) and not os.path.islink(path):
                 raise UsageError(f"{path} is a directory where an output file goes; move it or use another --out")
+        kind = _volume_kind(paths)  # the other --format's volume must not be there: it would be left stale
+        other = paths[kind] + _FORMATS["nifti"] if kind == "dicom" else paths[kind][:-len(_FORMATS["nifti"])]
+        if os.path.isdir(other) if kind == "nifti" else os.path.lexists(other):
+            raise UsageError(f"{other} is the output of a run with another --format; use another --out or "
+                             f"--prefix, or remove it")
         if not present:
             job.pending.append(k)
             continue
@@ -310,7 +339,7 @@ def _plan_outputs(job, args):
         if len(present) == len(paths):
             sidecar = _read_sidecar(paths["sidecar"])
             if isinstance(sidecar, dict):
-                expected = _jsonable(_run_key(_provenance(job, k)))
+                expected = io.jsonable(_run_key(_provenance(job, k)))
                 found = _run_key(sidecar)
                 if found != expected:
                     differ = [key for key in expected if found[key] != expected[key]]
@@ -344,25 +373,38 @@ def _read_sidecar(path):
         return None
 
 
+def _output_sha256(kind, path):
+    """sha256 of an output: of the file, or for a DICOM series directory io.directory_sha256."""
+    from . import io, modelfile
+
+    return io.directory_sha256(path) if kind == "dicom" else modelfile.file_sha256(path)
+
+
 def _damage(paths, sidecar):
     """Why a volume's three outputs are not an intact set (None when they are): each must be a regular file, the
     sidecar JSON, and the NIfTI and preview must have the sha256 the sidecar records (written last, when both
     were complete). A sidecar without hashes (an older pydiffmed) needs a NIfTI that loads with the sidecar's
-    shape and a PNG that decodes."""
+    shape and a PNG that decodes. A DICOM series is a directory of regular files with the sidecar's
+    io.directory_sha256."""
     from PIL import Image
 
-    from . import io, modelfile
+    from . import io
 
-    for path in paths.values():
-        if not _regular_file(path):
+    volume_kind = _volume_kind(paths)
+    for kind, path in paths.items():
+        if kind == "dicom" and (os.path.islink(path) or not os.path.isdir(path)):
+            return f"{path} is not a directory"
+        if kind != "dicom" and not _regular_file(path):
             return f"{path} is not a regular file"
     if not isinstance(sidecar, dict):
         return f"{paths['sidecar']} is not a readable sidecar"
     hashes = sidecar.get("files_sha256")
+    if hashes is None and volume_kind == "dicom":
+        return f"{paths['sidecar']} records no sha256 of {paths['dicom']}"
     if hashes is not None:
-        for kind in ("nifti", "preview"):
+        for kind in (volume_kind, "preview"):
             try:
-                digest = modelfile.file_sha256(paths[kind])
+                digest = _output_sha256(kind, paths[kind])
             except OSError as exc:
                 return f"{paths[kind]}: {exc.strerror or exc}"
             if not isinstance(hashes, dict) or hashes.get(kind) != digest:
@@ -382,18 +424,17 @@ def _damage(paths, sidecar):
     return None
 
 
-def _jsonable(value):
-    return json.loads(json.dumps(value))
+@dataclass
+class _Inputs:
+    """The input volumes of a run, read in full and checked against each other: SDEdit's init, inpainting's
+    mask and known volume, and `source`: the VolumeInfo of the one the outputs overlay (init, else known)."""
+    init: Optional["torch.Tensor"] = None
+    mask: Optional["torch.Tensor"] = None
+    known: Optional["torch.Tensor"] = None
+    source: Optional["io.VolumeInfo"] = None
 
 
-@_bad_input_is_usage_error
-def _prepare_sample(args):
-    """Check every argument and input, load the model and build the samplers; raises UsageError. Writes
-    nothing."""
-    import pydiffmed
-    from . import modelfile
-    from .engine import InsufficientMemoryError, Sampler
-
+def _check_counts(args):
     _check_count("--num", args.num)
     if args.num > _MAX_VOLUMES:
         raise UsageError(f"--num {args.num}: at most {_MAX_VOLUMES} volumes per run (split the work into runs with "
@@ -401,6 +442,10 @@ def _prepare_sample(args):
     _check_seed(args.seed, args.num)
     _check_count("--batch", args.batch)
     _check_count("--steps", args.steps)
+
+
+def _check_option_pairs(args):
+    """Options that need, or exclude, each other; the output prefix."""
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
     if args.strength is not None and args.init is None:
@@ -413,55 +458,67 @@ def _prepare_sample(args):
         raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix):
         raise UsageError(f"--prefix {args.prefix!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
-    spacing = _check_triple("--spacing", args.spacing)
-    shape_override = _check_triple("--shape", args.shape, positive_int=True)
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
-    backend, chosen = _backends_for(device, dtype)
+
+
+def _load_model(args):
+    """(model, schedule, ModelInfo) of --model, a 3-D model the command line can condition."""
+    from . import modelfile
 
     try:
         model, schedule, info = modelfile.load_model(args.model)
     except modelfile.ModelFileError as exc:
         raise UsageError(_model_problem(args.model, exc)) from None
-    unet = info.unet
-    if unet.get("spatial_dims", 3) != 3:
-        raise UsageError(f"--model {args.model}: a {unet.get('spatial_dims')}-D model; the command samples 3-D "
+    if info.unet.get("spatial_dims", 3) != 3:
+        raise UsageError(f"--model {args.model}: a {info.unet.get('spatial_dims')}-D model; the command samples 3-D "
                          f"volumes")
-    if unet.get("with_conditioning"):
+    if info.unet.get("with_conditioning"):
         raise UsageError(f"--model {args.model}: the model needs a cross-attention context, which the command "
                          f"line cannot provide; sample it from Python (pydiffmed.sample(..., cond={{'context': "
                          f"...}}))")
-    channels = info.channels
-    factor = 2 ** (len(unet.get("channels", (32, 64, 64, 64))) - 1)
+    return model, schedule, info
 
-    init = mask = known = source = None
+
+def _read_inputs(args, info) -> _Inputs:
+    inputs = _Inputs()
     if args.init is not None:
-        init, source = _read_volume("--init", args.init, info.intensity)
+        inputs.init, inputs.source = _read_volume("--init", args.init, info.intensity)
     if args.mask is not None:
-        mask, mask_info = _read_volume("--mask", args.mask)
-        known, known_info = _read_volume("--known", args.known, info.intensity)
+        inputs.mask, mask_info = _read_volume("--mask", args.mask)
+        inputs.known, known_info = _read_volume("--known", args.known, info.intensity)
         _check_same_geometry(("--known", args.known, known_info), ("--mask", args.mask, mask_info))
-        if source is not None:
-            _check_same_geometry(("--known", args.known, known_info), ("--init", args.init, source))
-        source = source or known_info
-        if float(mask.min()) < 0.0 or float(mask.max()) > 1.0:
+        if inputs.source is not None:
+            _check_same_geometry(("--known", args.known, known_info), ("--init", args.init, inputs.source))
+        inputs.source = inputs.source or known_info
+        low, high = float(inputs.mask.min()), float(inputs.mask.max())
+        if low < 0.0 or high > 1.0:
             raise UsageError(f"--mask {args.mask}: values must lie in [0, 1] (1 where --known is kept), found "
-                             f"[{float(mask.min()):g}, {float(mask.max()):g}]")
+                             f"[{low:g}, {high:g}]")
+    return inputs
 
+
+def _volume_shape(args, info, shape_override, inputs) -> tuple:
+    """The spatial size to sample: --shape, else the model's, else that of the input volumes; one the model's
+    levels divide, and that of every input volume."""
+    source = inputs.source
     shape = shape_override or info.volume_shape or (source.shape[1:] if source is not None else None)
     if shape is None:
         raise UsageError(f"--model {args.model}: the model stores no volume shape; pass --shape D H W")
     shape = tuple(int(s) for s in shape)
+    factor = 2 ** (len(info.unet.get("channels", (32, 64, 64, 64))) - 1)
     if any(s % factor for s in shape):
         raise UsageError(f"--shape {' '.join(map(str, shape))}: every size must be divisible by {factor} (the "
                          f"model halves each spatial size {factor.bit_length() - 1} time(s))")
-    if init is not None:
-        _check_input_shape("--init", init, channels, shape)
-    if known is not None:
-        _check_input_shape("--known", known, channels, shape)
-        _check_input_shape("--mask", mask, channels, shape, allow_one_channel=True)
+    if inputs.init is not None:
+        _check_input_shape("--init", inputs.init, info.channels, shape)
+    if inputs.known is not None:
+        _check_input_shape("--known", inputs.known, info.channels, shape)
+        _check_input_shape("--mask", inputs.mask, info.channels, shape, allow_one_channel=True)
+    return shape
 
-    num_classes = unet.get("num_class_embeds")
+
+def _check_conditioning(args, info):
+    """--class-label, --uncond-class-label and --guidance-scale against the model's classes."""
+    num_classes = info.unet.get("num_class_embeds")
     if num_classes is None and (args.class_label is not None or args.uncond_class_label is not None):
         raise UsageError(f"--class-label: the model {info.name!r} is not class-conditional")
     if num_classes is not None:
@@ -481,47 +538,112 @@ def _prepare_sample(args):
     elif args.uncond_class_label is not None:
         raise UsageError("--uncond-class-label is only used with --guidance-scale")
 
+
+def _output_affine(info, spacing, shape, inputs):
+    if inputs.source is not None and spacing is None:
+        return inputs.source.affine  # an output derived from an input volume overlays it
+    return info.affine(shape=shape, spacing=spacing)
+
+
+def _input_hashes(args) -> dict:
+    from . import modelfile
+
+    return {name: (modelfile.file_sha256(path) if path is not None else None)
+            for name, path in (("init", args.init), ("mask", args.mask), ("known", args.known))}
+
+
+@dataclass
+class _Job:
+    """Everything `sample` needs, checked (built by _prepare_sample from the validators above), used by
+    _run_sample. pending/skipped/damaged are the output plan (_plan_outputs); model, samplers and start_eval
+    are set once the plan says which batch sizes are needed; lock is the output directory's _OutputLock."""
+    args: argparse.Namespace
+    info: "modelfile.ModelInfo"
+    device: "torch.device"
+    dtype: "torch.dtype"
+    backend: str                  # the backend summary (one name when every op agrees)
+    backends: dict                # op -> backend
+    solver: "Solver"
+    solver_options: dict
+    shape: tuple                  # spatial
+    channels: int
+    out: str                      # absolute output directory
+    names: list                   # per volume: {kind: file name}
+    affine: "np.ndarray"
+    init: Optional["torch.Tensor"]
+    mask: Optional["torch.Tensor"]
+    known: Optional["torch.Tensor"]
+    hashes: dict                  # sha256 of the input volume files (None where not given)
+    version: str
+    pending: list = field(default_factory=list)   # volume indices to sample
+    skipped: list = field(default_factory=list)   # complete volumes kept (--resume)
+    damaged: list = field(default_factory=list)   # damaged volumes sampled again (--resume)
+    model: Optional["torch.nn.Module"] = None
+    samplers: dict = field(default_factory=dict)  # batch size -> Sampler
+    start_eval: Optional[int] = None  # SDEdit: the first model evaluation run, of the full run's evaluations
+    lock: Optional[_OutputLock] = None
+
+
+def _build_samplers(job):
+    """({batch size: Sampler} for the batches of job.pending, SDEdit's start_eval or None). A run that does not
+    fit memory is a UsageError naming --batch."""
+    from .engine import Sampler
+    from .memory import InsufficientMemoryError
+
+    args = job.args
+    samplers, start_eval = {}, None
+    for size in sorted({min(args.batch, len(job.pending) - start) for start in range(0, len(job.pending),
+                                                                                   args.batch)}):
+        try:
+            samplers[size] = Sampler(job.model, job.solver, (size, job.channels, *job.shape), device=job.device,
+                                     dtype=job.dtype, guidance_scale=args.guidance_scale, strength=args.strength,
+                                     cuda_graph=not args.eager, batch_invariant=args.batch_invariant)
+        except InsufficientMemoryError as exc:
+            raise UsageError(f"--batch {args.batch} of {'×'.join(map(str, job.shape))} volumes: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise UsageError(exc) from None
+    if args.strength is not None and samplers:
+        sampler = next(iter(samplers.values()))
+        evals = job.solver.num_model_evals
+        start_eval = evals - (sampler.num_model_evals - sampler.start_index)  # of the full run's evaluations
+        if evals - start_eval != int(evals * args.strength):
+            warnings.warn(f"--strength {args.strength:g}: {args.solver} can only start at model evaluation "
+                          f"{start_eval} of {evals} (a multi-stage solver), so the effective strength is "
+                          f"{(evals - start_eval) / evals:g}; a solver taking one model evaluation per "
+                          f"step starts where the strength asks")
+    return samplers, start_eval
+
+
+@_bad_input_is_usage_error
+def _prepare_sample(args):
+    """Check every argument and input, load the model and build the samplers; raises UsageError. Writes
+    nothing."""
+    import pydiffmed
+
+    _check_counts(args)
+    _check_option_pairs(args)
+    spacing = _check_triple("--spacing", args.spacing)
+    shape_override = _check_triple("--shape", args.shape, positive_int=True)
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    backend, chosen = _backends_for(device, dtype)
+    model, schedule, info = _load_model(args)
+    inputs = _read_inputs(args, info)
+    shape = _volume_shape(args, info, shape_override, inputs)
+    _check_conditioning(args, info)
     solver, solver_options = _solver(args.solver, args.steps, schedule, info)
     out = os.path.abspath(args.out)
     _check_out_dir(out)
 
-    job = _Job()
-    job.args, job.info, job.solver, job.solver_options = args, info, solver, solver_options
-    job.device, job.dtype, job.backend, job.backends = device, dtype, backend, chosen
-    job.shape, job.channels, job.out = shape, channels, out
-    job.names = _output_names(args.prefix, args.num)
-    if source is not None and spacing is None:
-        job.affine = source.affine  # an output derived from an input volume overlays it
-    else:
-        job.affine = info.affine(shape=shape, spacing=spacing)
-    job.init, job.mask, job.known = init, mask, known
-    job.start_eval = None  # SDEdit: the first model evaluation run, known once the samplers are built
-    job.hashes = {name: (modelfile.file_sha256(path) if path is not None else None)
-                  for name, path in (("init", args.init), ("mask", args.mask), ("known", args.known))}
-    job.version = pydiffmed.__version__
+    job = _Job(args=args, info=info, device=device, dtype=dtype, backend=backend, backends=chosen, solver=solver,
+               solver_options=solver_options, shape=shape, channels=info.channels, out=out,
+               names=_output_names(args.prefix, args.num, args.format),
+               affine=_output_affine(info, spacing, shape, inputs), init=inputs.init, mask=inputs.mask,
+               known=inputs.known, hashes=_input_hashes(args), version=pydiffmed.__version__)
+    _check_output_format(job)
     _plan_outputs(job, args)
-
     job.model = model.to(device=device, dtype=dtype)
-    job.samplers = {}
-    for size in sorted({min(args.batch, len(job.pending) - start) for start in range(0, len(job.pending),
-                                                                                   args.batch)}):
-        try:
-            job.samplers[size] = Sampler(job.model, solver, (size, channels, *shape), device=device, dtype=dtype,
-                                         guidance_scale=args.guidance_scale, strength=args.strength,
-                                         cuda_graph=not args.eager, batch_invariant=args.batch_invariant)
-        except InsufficientMemoryError as exc:
-            raise UsageError(f"--batch {args.batch} of {'×'.join(map(str, shape))} volumes: {exc}") from None
-        except (TypeError, ValueError) as exc:
-            raise UsageError(exc) from None
-    if args.strength is not None and job.samplers:
-        sampler = next(iter(job.samplers.values()))
-        evals = solver.num_model_evals
-        job.start_eval = evals - (sampler.num_model_evals - sampler.start_index)  # of the full run's evaluations
-        if evals - job.start_eval != int(evals * args.strength):
-            warnings.warn(f"--strength {args.strength:g}: {args.solver} can only start at model evaluation "
-                          f"{job.start_eval} of {evals} (a multi-stage solver), so the effective strength is "
-                          f"{(evals - job.start_eval) / evals:g}; use a single-step solver such as ddim for "
-                          f"the strength asked for")
+    job.samplers, job.start_eval = _build_samplers(job)
     return job
 
 
@@ -544,7 +666,7 @@ def _provenance(job, k):
         "solver_options": job.solver_options,
         "steps": args.steps,
         "num_model_evals": job.solver.num_model_evals,
-        "dtype": _dtype_name(job.dtype),
+        "dtype": dtype_name(job.dtype),
         "state_dtype": "float32",
         "device": str(job.device),
         "backend": job.backend,
@@ -567,7 +689,8 @@ def _provenance(job, k):
         "mask_sha256": job.hashes["mask"],
         "known": None if args.known is None else os.path.abspath(args.known),
         "known_sha256": job.hashes["known"],
-        "files": {kind: job.names[k][kind] for kind in ("nifti", "preview")},
+        "format": args.format,
+        "files": {kind: job.names[k][kind] for kind in (_volume_kind(job.names[k]), "preview")},
         "torch_version": torch.__version__,
     }
 
@@ -646,34 +769,15 @@ def _remove_leftover_temporaries(job):
     for entry in os.listdir(job.out):
         match = pattern.match(entry)
         if match and match.group(1) in ours:
+            path = os.path.join(job.out, entry)
+            if os.path.isdir(path) and not os.path.islink(path):  # a DICOM series' temporary directory
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+                continue
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(job.out, entry))
+                os.unlink(path)
                 removed += 1
     return removed
-
-
-class _Progress:
-    """Progress over volumes on stderr (tqdm when installed); the engine shows the steps of each batch."""
-
-    def __init__(self, total, enabled):
-        self.bar, self.total, self.done, self.enabled = None, total, 0, enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:
-                return
-            self.bar = tqdm(total=total, desc="volumes", unit="vol")
-
-    def update(self, n):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled:
-            print(f"volumes: {self.done}/{self.total}", file=sys.stderr)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _batch_inputs(job, indices):
@@ -702,10 +806,11 @@ def _write_volume(job, k, volume, seconds, overwrite):
     file that could not be written."""
     import numpy as np
 
-    from . import io, modelfile
+    from . import io
     from .engine import NonFiniteModelOutput
 
     paths = {kind: os.path.join(job.out, name) for kind, name in job.names[k].items()}
+    volume_kind = _volume_kind(paths)
     intensity = job.info.intensity
     with np.errstate(over="ignore", invalid="ignore"):
         physical = io.denormalize(volume.numpy(), intensity)
@@ -718,12 +823,17 @@ def _write_volume(job, k, volume, seconds, overwrite):
     try:
         if overwrite and os.path.lexists(path):
             os.unlink(path)  # the old set stops counting as complete before any of its files is replaced
-        path = paths["nifti"]
-        io.save_volume(path, volume, affine=job.affine, intensity=intensity, overwrite=overwrite)
+        path = paths[volume_kind]
+        sidecar = _provenance(job, k)
+        if volume_kind == "dicom":
+            sidecar["dicom"] = _write_dicom(job, k, path, volume, sidecar, overwrite)
+        else:
+            io.save_volume(path, volume, affine=job.affine, intensity=intensity, overwrite=overwrite,
+                           description=io.sample_description(job.info.name, job.args.seed + k, job.args.solver,
+                                                             job.args.steps))
         path = paths["preview"]
         io.save_preview(path, physical, affine=job.affine, overwrite=overwrite)
-        sidecar = _provenance(job, k)
-        sidecar["files_sha256"] = {kind: modelfile.file_sha256(paths[kind]) for kind in ("nifti", "preview")}
+        sidecar["files_sha256"] = {kind: _output_sha256(kind, paths[kind]) for kind in (volume_kind, "preview")}
         sidecar["seconds_per_volume"] = seconds
         sidecar["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         path = paths["sidecar"]
@@ -732,6 +842,20 @@ def _write_volume(job, k, volume, seconds, overwrite):
         raise
     except OSError as exc:
         raise OSError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_dicom(job, k, path, volume, provenance, overwrite):
+    """Volume k as a DICOM series directory (pydiffmed.dicom); its UIDs derive from the run's settings, the
+    volume's seed, the pydiffmed version and the device type, so a rerun or --resume writes the same bytes."""
+    from . import dicom, io
+
+    uid_seed = json.dumps({"run": io.jsonable(_run_key(provenance)), "version": job.version,
+                           "device": job.device.type}, sort_keys=True)
+    args = job.args
+    return dicom.save_dicom_series(path, volume, affine=job.affine, intensity=job.info.intensity,
+                                   model=job.info.name, seed=args.seed + k, uid_seed=uid_seed,
+                                   comments=f"model sha256 {job.info.sha256}; {args.solver} {args.steps} steps; "
+                                            f"{dtype_name(job.dtype)}", overwrite=overwrite)
 
 
 def _keep_freed_memory_on_cpu(device):
@@ -744,12 +868,12 @@ def _keep_freed_memory_on_cpu(device):
 
 
 def _run_sample(job):
-    from .engine import NonFiniteModelOutput
+    from .engine import NonFiniteModelOutput, progress_bar
 
     args = job.args
     _keep_freed_memory_on_cpu(job.device)
     os.makedirs(job.out, exist_ok=True)
-    lock = getattr(job, "lock", None)
+    lock = job.lock
     if lock is not None and lock.fd is None and lock.acquire(job.out):
         # The directory did not exist when the outputs were planned: another run may have written into it since.
         planned = list(job.pending)
@@ -758,7 +882,8 @@ def _run_sample(job):
             raise UsageError(f"another pydiffmed sample wrote into {job.out} while this one was starting; rerun "
                              f"with --resume")
     _remove_leftover_temporaries(job)
-    progress = _Progress(len(job.pending), not args.quiet)
+    # over volumes; the engine shows the steps of each batch
+    progress = progress_bar(len(job.pending), not args.quiet, "volumes", "vol", leave=True)
     sampled, sampling_seconds = 0, 0.0
     try:
         for start in range(0, len(job.pending), args.batch):
@@ -777,15 +902,17 @@ def _run_sample(job):
             for k, volume in zip(indices, volumes):
                 _write_volume(job, k, volume, round(seconds, 6), overwrite=args.overwrite or args.resume)
                 sampled += 1
-                progress.update(1)
+                if progress is not None:
+                    progress.update(1)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     per_volume = f"{sampling_seconds / sampled:.3g} s per volume" if sampled else "nothing to sample"
     skipped = f", {len(job.skipped)} complete volume(s) kept" if job.skipped else ""
     if job.damaged:
         skipped += f", {len(job.damaged)} damaged volume(s) redone"
     print(f"pydiffmed: {sampled} volume(s) written to {job.out}{skipped}; {per_volume} ({args.solver}, "
-          f"{args.steps} steps, batch {args.batch}); device {job.device}, {_dtype_name(job.dtype)}, backend "
+          f"{args.steps} steps, batch {args.batch}); device {job.device}, {dtype_name(job.dtype)}, backend "
           f"{job.backend}")
     return 0
 
@@ -804,7 +931,7 @@ def _sample(args):
             return _error(f"interrupted; complete volumes are kept in {job.out} (rerun with --resume to finish)",
                           INTERRUPTED)
         except NonFiniteModelOutput as exc:
-            hint = "" if _dtype_name(job.dtype) == "float32" else "; try --dtype float32"
+            hint = "" if dtype_name(job.dtype) == "float32" else "; try --dtype float32"
             return _error(f"{exc}{hint}", RUN_ERROR)
         except OSError as exc:
             return _error(f"{exc} (complete volumes are kept in {job.out}; rerun with --resume to finish)",
@@ -866,7 +993,8 @@ def _bench(args):
 
     import torch
 
-    from .engine import InsufficientMemoryError, Sampler
+    from .engine import Sampler
+    from .memory import InsufficientMemoryError
     from .models import UNet3D
     from .schedules import NoiseSchedule
     from .solvers import get_solver
@@ -909,7 +1037,7 @@ def _bench(args):
     median = statistics.median(times)
     evals = solver.num_model_evals
     print(f"bench: UNet3D {parameters / 1e6:.2f} M parameters, batch {args.batch} × {args.size}³, ddim "
-          f"{args.steps} steps, eager, device {device}, {_dtype_name(dtype)}, backend {backend}")
+          f"{args.steps} steps, eager, device {device}, {dtype_name(dtype)}, backend {backend}")
     print(f"  {median / evals * 1e3:.1f} ms per step, {median / args.batch:.3f} s per volume "
           f"(median of {args.repeats})")
     return 0
@@ -943,8 +1071,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="sample volumes from a model into NIfTI files, previews and sidecars",
                        description="Sample volumes; per volume k (seed = --seed + k, whatever --batch is) write "
-                                   "PREFIX_k.nii.gz, PREFIX_k.png (mid-slice preview) and PREFIX_k.json "
-                                   "(provenance), each atomically.")
+                                   "PREFIX_k.nii.gz (or with --format dicom a series directory PREFIX_k/), "
+                                   "PREFIX_k.png (mid-slice preview) and PREFIX_k.json (provenance), each "
+                                   "atomically.")
     s.add_argument("--model", required=True, help="a bundled model name (see `pydiffmed models`), a model directory "
                                                   "or a .safetensors model file")
     s.add_argument("--out", required=True, help="output directory (created if missing)")
@@ -973,6 +1102,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="volume size (default: the model's stored shape, or that of --init/--known)")
     s.add_argument("--prefix", default="sample", help="output file name prefix (default sample)")
+    s.add_argument("--format", choices=sorted(_FORMATS), default="nifti",
+                   help="volume format: nifti (PREFIX_k.nii.gz, the default) or dicom (a directory PREFIX_k/ of "
+                        "one .dcm file per slice: CT images in Hounsfield units when the model's intensity units "
+                        "are HU, else MR images; marked as synthetic; needs pydicom)")
     existing = s.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     existing.add_argument("--resume", action="store_true",

@@ -80,10 +80,11 @@ def _occupancy(radius, surface_scale_voxels):
     return (0.5 - (radius - 1.0) * surface_scale_voxels / EDGE_WIDTH).clamp(0.0, 1.0)
 
 
-def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool = False):
+def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool = False, lesions: bool = True):
     """Phantom number `index` of family `seed`: a float32 tensor (1, D, H, W) in [-1, 1] (axes 0, 1, 2 = left→right,
     posterior→anterior, inferior→superior, i.e. RAS). With return_labels=True also the int64 (D, H, W) class map
-    (indices into TISSUE_CLASSES, a voxel belonging to the class that covers most of it)."""
+    (indices into TISSUE_CLASSES, a voxel belonging to the class that covers most of it). lesions=False gives the
+    same head without its lesions (every random draw is still made, so the rest is identical voxel for voxel)."""
     for name, value in (("seed", seed), ("index", index)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -128,7 +129,7 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
         ventricle_centres.append(centre)
 
     # Lesions: small rotated ellipsoids inside the brain, clear of the ventricles.
-    lesions = []
+    paint_lesions, lesions = lesions, []
     for _ in range(int(rng.integers(1, 5))):
         for _attempt in range(100):
             centre = _unit_vectors(rng, 1)[0] * rng.uniform(0.25, 0.58)
@@ -148,7 +149,7 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
     csf = ventricles * brain
     image = torch.lerp(image, torch.full_like(image, float(rng.uniform(0.90, 1.0))), csf)
     lesion_cover = torch.zeros_like(radius)
-    for occupancy, level in lesions:
+    for occupancy, level in lesions if paint_lesions else ():
         occupancy = occupancy * brain
         image = torch.lerp(image, torch.full_like(image, float(level)), occupancy)
         lesion_cover = torch.maximum(lesion_cover, occupancy)
@@ -170,11 +171,11 @@ def head_phantom(seed: int = 0, index: int = 0, shape=32, *, return_labels: bool
     return volume, labels
 
 
-def phantoms(n: int, seed: int = 0, shape=32, start: int = 0) -> torch.Tensor:
-    """Phantoms start … start+n−1 of family `seed` as one (n, 1, D, H, W) float32 tensor."""
+def phantoms(n: int, seed: int = 0, shape=32, start: int = 0, lesions: bool = True) -> torch.Tensor:
+    """Phantoms start … start+n−1 of family `seed` as one (n, 1, D, H, W) float32 tensor (lesions=False: healthy)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    return torch.stack([head_phantom(seed, start + i, shape) for i in range(n)])
+    return torch.stack([head_phantom(seed, start + i, shape, lesions=lesions) for i in range(n)])
 
 
 class PhantomDataset(torch.utils.data.Dataset):

@@ -21,21 +21,18 @@ in (given a model that treats samples independently).
 from __future__ import annotations
 
 import copy
-import itertools
 import math
-import numbers
 import sys
 import warnings
 import weakref
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from . import ops
-from .ops.fused_step import COEF_NAMES
+from .inverse import samplers
+from .memory import InsufficientMemoryError, MemoryEstimate, available_memory, estimate_memory
+from .ops._checks import dtype_name
+from .ops.fused_step import COEF_NAMES, philox_keys
 
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _COL = {name: k for k, name in enumerate(COEF_NAMES)}
@@ -46,15 +43,7 @@ class NonFiniteModelOutput(FloatingPointError):
     """The model produced NaN or Inf; the message names the first model evaluation where it happened."""
 
 
-class InsufficientMemoryError(MemoryError):
-    """Sampling would need more memory than the device has free (raised before anything is allocated)."""
-
-
 # --- arguments -----------------------------------------------------------------------------------------------
-
-def _dtype_name(dtype):
-    return str(dtype).replace("torch.", "")
-
 
 def _check_shape(shape):
     if isinstance(shape, torch.Size):
@@ -64,46 +53,6 @@ def _check_shape(shape):
     if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"shape must hold positive ints, got {tuple(shape)!r}")
     return tuple(int(s) for s in shape)
-
-
-_SEED_RANGE = "[-2**63, 2**63)"  # a Philox key is the seed's 64-bit two's complement
-
-
-def _seed_tensor(seed, batch):
-    """(B,) int64 CPU tensor of Philox keys: seed + arange(B) for an int, or one seed per sample. Every key must
-    lie in [-2**63, 2**63) (ValueError naming the seed)."""
-    if isinstance(seed, bool):
-        raise TypeError("seed must be an int, a sequence of B ints or an int64 tensor (B,), got bool")
-    if isinstance(seed, numbers.Integral):
-        seed = int(seed)
-        if not -2 ** 63 <= seed <= 2 ** 63 - batch:
-            last = f" (samples use seeds {seed}..{seed + batch - 1})" if batch > 1 else ""
-            raise ValueError(f"seed {seed} is out of range{last}: every per-sample seed must lie in {_SEED_RANGE}, "
-                             f"the 64-bit Philox keys")
-        return torch.arange(batch, dtype=torch.int64) + seed
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-            raise TypeError(f"seed tensor must have an integer dtype, got {_dtype_name(seed.dtype)}")
-        seeds = seed.reshape(-1).to(torch.int64)
-    else:
-        if hasattr(seed, "__len__") and len(seed) != batch:
-            raise ValueError(f"seed gives {len(seed)} seeds for a batch of {batch} (one per sample, or one int)")
-        try:
-            values = list(itertools.islice(seed, batch + 1))  # never more than one too many
-        except TypeError:
-            raise TypeError(f"seed must be an int, a sequence of B ints or an int64 tensor, "
-                            f"got {type(seed).__name__}") from None
-        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
-            raise TypeError("seed sequence must hold ints")
-        for v in values:
-            if not -2 ** 63 <= int(v) < 2 ** 63:
-                raise ValueError(f"seed {int(v)} is out of range: every per-sample seed must lie in {_SEED_RANGE}, "
-                                 f"the 64-bit Philox keys")
-        seeds = torch.tensor([int(v) for v in values], dtype=torch.int64)
-    if seeds.numel() != batch:
-        count = f"{seeds.numel()}" if seeds.numel() <= batch else "more"
-        raise ValueError(f"seed gives {count} seeds for a batch of {batch} (one per sample, or one int)")
-    return seeds
 
 
 def _broadcast_to(name, t, shape):
@@ -192,12 +141,13 @@ def _self_contained_start(plan, rows, k):
 
 def _solver_from(solver, schedule, num_steps, options):
     from .schedules import NoiseSchedule
-    from .solvers import Solver, get_solver
+    from .solvers import SOLVERS, Solver, get_solver
 
     if isinstance(solver, Solver):
         if schedule is not None or num_steps is not None or options:
             raise ValueError("schedule=, num_steps= and solver options go with a solver given by name; "
                              "this solver instance already has them")
+        _check_plannable(type(solver))
         return solver
     if not isinstance(solver, str):
         raise TypeError(f"solver must be a name (str) or a pydiffmed Solver, got {type(solver).__name__}")
@@ -207,13 +157,33 @@ def _solver_from(solver, schedule, num_steps, options):
         schedule = NoiseSchedule.discrete(schedule)
     elif not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a NoiseSchedule or a beta schedule name, got {type(schedule).__name__}")
+    if solver in SOLVERS:  # an unknown name: get_solver says so
+        _check_plannable(SOLVERS[solver])
     return get_solver(solver, schedule, 20 if num_steps is None else num_steps, **options)
+
+
+def _sdedit_error(strength, problem):
+    from .solvers import names
+
+    return ValueError(f"strength={strength} (SDEdit): solver {problem}; the solvers that can start part-way: "
+                      f"{', '.join(names(can_start_partway=True))}")
+
+
+def _check_plannable(solver_class):
+    """The engine runs a solver's fixed plan: a solver declaring none is refused (ValueError) before it is built."""
+    from .solvers import names
+
+    problem = solver_class.unsupported("plan")
+    if problem:
+        raise ValueError(f"{problem}; the engine runs the solvers with a fixed plan: "
+                         f"{', '.join(names(plannable=True))}")
 
 
 # --- progress ------------------------------------------------------------------------------------------------
 
 class _TextProgress:
-    """Minimal progress line on stderr, used when tqdm is not installed."""
+    """Minimal progress line on stderr, used when tqdm is not installed (it is a dependency, but optional to
+    this display)."""
 
     def __init__(self, total, desc):
         self.total, self.desc, self.count = total, desc, 0
@@ -227,153 +197,16 @@ class _TextProgress:
         sys.stderr.write("\n")
 
 
-def _progress_bar(total, enabled):
+def progress_bar(total, enabled, desc="sampling", unit="eval", leave=False):
+    """A progress bar on stderr with update(n) and close() (tqdm, or a plain line without it); None when not
+    enabled. The engine counts model evaluations with it, the command volumes."""
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _TextProgress(total, "sampling")
-    return tqdm(total=total, desc="sampling", unit="eval", leave=False)
-
-
-# --- memory --------------------------------------------------------------------------------------------------
-
-@dataclass
-class MemoryEstimate:
-    """Bytes a sampling run needs on its device. activations is None when it could not be measured."""
-    parameters: int
-    state: int
-    activations: Optional[int]
-    device: torch.device
-    note: str = ""
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.state + (self.activations or 0)
-
-    def __str__(self):
-        gib = 2.0 ** 30
-        act = "unknown" if self.activations is None else f"{self.activations / gib:.2f} GiB"
-        text = (f"{self.total / gib:.2f} GiB on {self.device} (parameters {self.parameters / gib:.2f} GiB, "
-                f"state and model input {self.state / gib:.2f} GiB, activations {act})")
-        return text + (f"; {self.note}" if self.note else "")
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created by the ops run under it (views and in-place results not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        schema = getattr(func, "_schema", None)
-        if schema is None or all(r.alias_info is None for r in schema.returns):
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    nbytes = t.untyped_storage().nbytes()
-                    self.live += nbytes
-                    weakref.finalize(t, self._free, nbytes)
-            self.peak = max(self.peak, self.live)
-        return out
-
-    def _free(self, nbytes):
-        self.live -= nbytes
-
-
-def _forward_peak(model, shape, dtype, device, cond):
-    x = torch.randn(shape, device=device).to(dtype)
-    t = torch.full((shape[0],), 1.0, device=device)
-    kwargs = {k: (v[:1] if isinstance(v, torch.Tensor) else v) for k, v in (cond or {}).items()}
-    tracker = _LiveBytes()
-    with torch.no_grad(), tracker:
-        out = model(x, t, **kwargs)
-    del out
-    # what is still alive is what the model cached on itself during the call (e.g. converted weights): that is
-    # not an activation, and it would be gone from the next call's count
-    return tracker.peak - tracker.live
-
-
-def _activation_bytes(model, shape, dtype, device, cond):
-    """Peak activation bytes of one forward at `shape`, extrapolated from batch-1 forwards on two small proxy
-    volumes: bytes(V) = a·V + c·V² per sample (the V² term catches attention that materialises N×N scores).
-    Returns (bytes or None, note)."""
-    if not isinstance(model, torch.nn.Module):
-        return None, "activations not measured (the model is not an nn.Module)"
-    spatial = shape[2:]
-    volume = math.prod(spatial)
-    last_error = None
-    for small, large in ((8, 16), (16, 32), (32, 64)):
-        proxies = [tuple(min(s, small) for s in spatial), tuple(min(s, large) for s in spatial)]
-        try:
-            peaks = [_forward_peak(model, (1, shape[1], *p), dtype, device, cond) for p in proxies]
-        except Exception as exc:  # the model rejects this proxy size (e.g. divisibility); try larger ones
-            last_error = exc
-            continue
-        v1, v2 = (math.prod(p) for p in proxies)
-        if v1 == v2 or v2 == volume:
-            per_sample = peaks[1] * volume / v2
-        else:
-            c = max((peaks[1] / v2 - peaks[0] / v1) / (v2 - v1), 0.0)
-            a = max(peaks[1] / v2 - c * v2, 0.0)
-            per_sample = a * volume + c * volume * volume
-        return int(per_sample * shape[0]), ""
-    return None, f"activations not measured (proxy forwards failed: {type(last_error).__name__}: {last_error})"
-
-
-def available_memory(device) -> Optional[int]:
-    """Bytes free for new tensors on `device` (CUDA: driver-free plus torch's cached free blocks; CPU:
-    MemAvailable of /proc/meminfo), or None when unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
-
-
-def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.float32, guidance=False,
-                    inpaint=False, cond=None, device=None) -> MemoryEstimate:
-    """Memory one sampling run of `model` at `shape` = (B, C, *spatial) needs on its device.
-
-    parameters: the model's parameters and buffers in `dtype`; state: the solver's state buffers (its plan's
-    buffer count; 4 when no solver is given), the model input in `dtype` (2·B with classifier-free
-    `guidance`), a preview buffer and, with `inpaint`, the known volume, its re-noised copy and the mask;
-    activations: the peak of one model forward on the model batch, measured on two small proxy volumes (with
-    the model where and as it is, scaled by the element size of `dtype`) and extrapolated (linear + quadratic
-    in the voxel count), None for a model that is not an nn.Module or rejects the proxy sizes (a model that
-    needs conditioning is measured only when `cond` gives it). Intermediates inside custom ops (workspaces)
-    are not seen, so keep a margin."""
-    shape = _check_shape(shape)
-    device = torch.device(device) if device is not None else _model_device(model)
-    dtype = dtype or _model_dtype(model)
-    if dtype not in _MODEL_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    num_buffers = 4
-    if solver is not None:
-        num_buffers = len(_solver_from(solver, None, None, {}).plan("cpu").buffers)
-    numel = math.prod(shape)
-    size = torch.tensor([], dtype=dtype).element_size()
-    state_size = torch.tensor([], dtype=state_dtype).element_size()
-    parameters = sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in _tensors_of(model))
-    model_batch = 2 * shape[0] if guidance else shape[0]
-    state = (num_buffers + 1 + (2 if inpaint else 0)) * numel * state_size + (numel if inpaint else 0)
-    state += model_batch * (numel // shape[0]) * size
-    # measured on the model as it is (no converted copy), scaled from its dtype to `dtype`
-    own_dtype = _model_dtype(model)
-    activations, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model), cond)
-    if activations is not None:
-        activations = activations * size // torch.tensor([], dtype=own_dtype).element_size()
-    return MemoryEstimate(int(parameters), int(state), activations, device, note)
+        return _TextProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave)
 
 
 # --- the sampler ---------------------------------------------------------------------------------------------
@@ -395,11 +228,14 @@ class Sampler:
       first), combined inside fused_step as m = m_uncond + w·(m_cond - m_uncond).
     strength: SDEdit — sample from `init` volumes noised to the level of the first kept evaluation; the
       solver's last int(E·strength) evaluations run (E = its number of model evaluations), the start moved
-      later (within one solver step) to the first evaluation where the run is exact: the solver's updates from
-      there on must use no history written before it. That holds for single-step solvers (ddim, ddpm,
-      euler-type, rflow, Heun at step boundaries). Multistep solvers (dpmpp_*, unipc) keep earlier model
-      outputs: their grid is cut instead (`Solver.starting_at`, diffusers' set_begin_index: the history restarts
-      at lower order); pndm cannot start part-way (ValueError). `start_index` is the first evaluation run.
+      later (within one solver step; back to the step's start when strength keeps less than a step) to the
+      first evaluation where the run is exact: the solver's updates from there on must use no history written
+      before it. That holds for single-step solvers (ddim, ddpm, euler-type, rflow, Heun at step boundaries).
+      Multistep solvers (dpmpp_*, unipc) keep earlier model outputs: their grid is cut instead
+      (`Solver.starting_at`, diffusers' set_begin_index: the history restarts at lower order). Solvers that
+      declare can_start_partway = False (pydiffmed.solvers.names(can_start_partway=False)) are refused
+      (ValueError). `start_index` is the first evaluation run. A solver that declares `encodes` (an inversion)
+      runs from x_T= (the volumes to encode), never from noise.
     cuda_graph: on a CUDA device, capture one graph per distinct step form on the first call (after a warm-up
       on a side stream) and replay them; graphs are re-captured when the model's tensors move or the
       conditioning or inpainting mask shapes change (a callback needs its own graphs, captured once).
@@ -412,11 +248,16 @@ class Sampler:
       batching speed-up (benchmarks/bench_determinism.py).
     check_memory: estimate the memory (estimate_memory) and raise InsufficientMemoryError up front when the
       device lacks it.
+    measurement, posterior, posterior_options: posterior sampling of an inverse problem (pydiffmed.inverse.
+      samplers): a Measurement(operator, y, sigma_y) and the data step applied to every x0 estimate between the
+      model call and fused_step — "projection", "dds" (the default) or "dps" — with its options. DPS runs
+      eagerly (no CUDA graph).
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
-                 check_memory=True, batch_invariant=False, **solver_options):
+                 check_memory=True, batch_invariant=False, measurement=None, posterior=None,
+                 posterior_options=None, **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.shape = _check_shape(shape)
@@ -474,7 +315,12 @@ class Sampler:
         self._known = self._noised_known = self._mask = None
         self._cond = {}
         self._cond_signature = ()
-        self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.data_step = samplers.from_arguments(measurement, posterior, posterior_options)
+        if self.data_step is not None:  # the posterior's data step (inverse/samplers.py), checked against the plan
+            self.data_step.bind(solver=self.solver, rows=self._rows, times=self._times, shape=self.shape,
+                                device=self.device, state_dtype=self.state_dtype, model=self.model)
+        self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda" and not (
+            self.data_step is not None and self.data_step.differentiates)  # DPS's backward is not captured
         self.graph_failure = None      # why capture failed (then sampling is eager), or None
         self._graphs = {}
         self._graph_key = self._failed_key = None
@@ -488,16 +334,22 @@ class Sampler:
             return 0
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+        problem = self.solver.unsupported("start_partway")
+        if problem:
+            raise _sdedit_error(strength, problem)
         evals = plan.num_model_evals
         keep = int(evals * strength)
         if keep < 1:
             raise ValueError(f"strength={strength} keeps no model evaluation of {evals}; raise it to at least "
                              f"{1 / evals:.3g}")
         # a solver step may take several evaluations (Heun, RK4, predictor-corrector): the start may move to
-        # the next exact start within one step, no further
+        # the next exact start within one step, no further (or, when strength keeps less than that, back to the
+        # exact start before it)
         per_step = max(1, math.ceil(evals / self.solver.num_steps))
         first = evals - keep
-        for k in range(first, min(first + per_step, evals)):
+        later = range(first, min(first + per_step, evals))
+        earlier = range(first - 1, max(first - per_step, -1), -1)
+        for k in (*later, *earlier):
             if _self_contained_start(plan, self._rows, k):
                 return k
         return None
@@ -508,10 +360,8 @@ class Sampler:
         try:
             return self.solver.starting_at(step)
         except ValueError as error:
-            raise ValueError(f"strength={strength}: solver {self.solver.name!r} cannot start at step {step} of "
-                             f"{self.solver.num_steps} ({error}); for SDEdit use a single-step solver such as "
-                             "'ddim', 'ddpm', 'edm_euler' or 'rflow_euler', or a multistep one (dpmpp_*, "
-                             "unipc)") from None
+            raise _sdedit_error(strength, f"{self.solver.name} cannot start at step {step} of "
+                                          f"{self.solver.num_steps} ({error})") from None
 
     def _start_row(self):
         """fused_step row of the initial state: init_noise_scale·z, or SDEdit's alpha·init + sigma·z."""
@@ -566,7 +416,10 @@ class Sampler:
         form = self.plan.forms[form_index]
         batch = self.shape[0]
         t = torch.index_select(self._timesteps, 0, self.step_index.reshape(1)).expand(self.model_batch)
-        m = self._evaluate_model(t)
+        if self.data_step is None:
+            m, leaf = self._evaluate_model(t), None
+        else:  # DPS calls the model on a leaf tensor it differentiates against
+            m, leaf = self.data_step.evaluate(self._evaluate_model, t, self.model_input)
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"the model returned {type(m).__name__}; expected a tensor")
         if self.plan.model_output_channels is not None:
@@ -584,6 +437,10 @@ class Sampler:
         else:
             m_uncond, m_cond, scale = m, None, None
         x = self.buffers[form.x]
+        if self.data_step is not None:  # the posterior's data step on the x0 estimate: m -> m' (inverse/samplers.py)
+            if m_cond is not None:
+                m_uncond, m_cond, scale = torch.lerp(m_uncond.float(), m_cond.float(), scale), None, None
+            m_uncond = self.data_step(x, m_uncond, self.step_index, leaf)
         if preview:
             ops.fused_step(x, m_uncond, self._estimate_coefs, step_index=self.step_index, out=self._preview,
                            model_output_cond=m_cond, guidance_scale=scale)
@@ -613,13 +470,14 @@ class Sampler:
             self.model_input[batch:].copy_(model_input)
         self.step_index.add_(1)
 
-    def _evaluate_model(self, t):
+    def _evaluate_model(self, t, model_input=None):
+        model_input = self.model_input if model_input is None else model_input
         if not self.batch_invariant:
-            return self.model(self.model_input, t, **self._cond)
+            return self.model(model_input, t, **self._cond)
         outputs = []
         for i in range(self.model_batch):  # every cond tensor has the model batch as its leading dimension
             cond = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in self._cond.items()}
-            outputs.append(self.model(self.model_input[i:i + 1], t[i:i + 1], **cond))
+            outputs.append(self.model(model_input[i:i + 1], t[i:i + 1], **cond))
         return torch.cat(outputs) if all(isinstance(m, torch.Tensor) for m in outputs) else outputs[0]
 
     def _blend(self, target, model_input):
@@ -680,7 +538,7 @@ class Sampler:
     def _flag_input(self, name, dtype, copy):
         """Record on the device, without reading it, whether this call's input `name` (of `dtype`, copied into
         `copy`) has NaN/Inf; raise_if_nonfinite reports it as the input's problem, not the model's."""
-        converted = "" if dtype == copy.dtype else f" (once converted to {_dtype_name(copy.dtype)})"
+        converted = "" if dtype == copy.dtype else f" (once converted to {dtype_name(copy.dtype)})"
         self._flag(f"{name} has NaN/Inf values{converted}", ~torch.isfinite(copy).all())
 
     def _flag(self, problem, bad):
@@ -705,9 +563,9 @@ class Sampler:
         _broadcast_to("mask", mask, self.shape)
         _broadcast_to("known", known, self.shape)
         if not (mask.dtype == torch.bool or mask.is_floating_point()):
-            raise TypeError(f"mask must be bool or floating point, got {_dtype_name(mask.dtype)}")
+            raise TypeError(f"mask must be bool or floating point, got {dtype_name(mask.dtype)}")
         if not known.is_floating_point():
-            raise TypeError(f"known must be floating point, got {_dtype_name(known.dtype)}")
+            raise TypeError(f"known must be floating point, got {dtype_name(known.dtype)}")
         mask_dtype = torch.bool if mask.dtype == torch.bool else self.state_dtype
         if self._mask is None or self._mask.shape != mask.shape or self._mask.dtype != mask_dtype:
             self._mask = torch.empty(mask.shape, dtype=mask_dtype, device=self.device)
@@ -791,7 +649,7 @@ class Sampler:
         tensor; on a GPU still being computed) and reads no device value. `raise_if_nonfinite()` then reports
         NaN/Inf; `__call__` does both. Arguments as for __call__."""
         batch = self.shape[0]
-        seeds = _seed_tensor(seed, batch)
+        seeds = philox_keys(seed, batch)
         self.bad_inputs.zero_()
         self._input_problems = []
         self._set_cond(cond, uncond)
@@ -810,6 +668,8 @@ class Sampler:
             if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != self.shape:
                 raise ValueError(f"x_T must be a tensor of shape {self.shape}, got "
                                  f"{tuple(x_T.shape) if isinstance(x_T, torch.Tensor) else type(x_T).__name__}")
+        elif self.solver.encodes:
+            raise ValueError(f"{self.solver.unsupported('sample')}: pass x_T= (the volumes to encode)")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable as callback(step, x0_estimate)")
         preview = callback is not None
@@ -817,12 +677,13 @@ class Sampler:
             self._preview = torch.zeros(self.shape, dtype=self.state_dtype, device=self.device)
         kinds = self._kinds(inpaint)
 
-        with torch.no_grad():
+        # DPS differentiates through the model: its step runs with autograd on (only its leaf input needs grad)
+        with torch.set_grad_enabled(self.data_step is not None and self.data_step.differentiates):
             graphs = self.use_cuda_graph and self._graphs_ready(kinds, preview)
             self._start(seeds, init, x_T)
             if self.device.type == "cpu":  # reading the flags costs nothing here: fail before the run
                 self._raise_if_bad_inputs()
-            bar = _progress_bar(self.num_model_evals - self.start_index, progress)
+            bar = progress_bar(self.num_model_evals - self.start_index, progress)
             try:
                 for e in range(self.start_index, self.num_model_evals):
                     if graphs:
@@ -883,7 +744,7 @@ class Sampler:
             raise NonFiniteModelOutput(
                 f"the solver state became NaN/Inf at model evaluation {first_state} (model time "
                 f"{self._times[first_state]:g}) of {self.num_model_evals}: the model output was finite but too large "
-                f"for the {_dtype_name(self.state_dtype)} state")
+                f"for the {dtype_name(self.state_dtype)} state")
 
     def __call__(self, seed=0, *, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None,
                  callback=None, progress=False):
@@ -928,21 +789,23 @@ def _plan_key(solver):
 def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=0, device=None, dtype=None, *,
            state_dtype=torch.float32, cuda_graph=True, guidance_scale=None, cond=None, uncond=None, mask=None,
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
-           check_memory=True, batch_invariant=False, **solver_options):
+           check_memory=True, batch_invariant=False, measurement=None, posterior=None, posterior_options=None,
+           **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
     prediction_type="v_prediction", clip=1.0, eta=1.0; or a Solver instance) and `Sampler.__call__` for seed,
     cond/uncond, mask/known, init (with strength), x_T, callback and progress. On a CUDA device with
     cuda_graph=True the prepared Sampler and its graphs are kept (up to two, see clear_cache) and reused by the
-    next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan."""
+    next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan.
+    measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept)."""
     shape = _check_shape(shape)
     solver = _solver_from(solver, schedule, num_steps, solver_options)
     device = torch.device(device) if device is not None else _model_device(model)
     options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
                    strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory,
                    batch_invariant=batch_invariant)
-    cacheable = cuda_graph and device.type == "cuda"
+    cacheable = cuda_graph and device.type == "cuda" and measurement is None
     sampler = None
     if cacheable:
         # a Sampler holding a converted copy must not outlive in-place changes of the caller's weights
@@ -956,7 +819,8 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
                 _sampler_cache.append(_sampler_cache.pop(i))
                 break
     if sampler is None:
-        sampler = Sampler(model, solver, shape, **options)
+        sampler = Sampler(model, solver, shape, measurement=measurement, posterior=posterior,
+                          posterior_options=posterior_options, **options)
         if cacheable:
             _sampler_cache.append((key, weakref.ref(model), sampler))
             del _sampler_cache[:-_CACHE_SIZE]

@@ -85,6 +85,28 @@ class GaussianMixture:
         one = torch.ones(x0.shape[0], dtype=torch.float64)
         return self._components(torch.as_tensor(x0, dtype=torch.float64), one, 0 * one)[0].argmax(dim=1)
 
+    def posterior(self, A, y, sigma_y=0.0):
+        """The exact posterior of x0 given y = A x0 + sigma_y·n (A: (m, d) matrix, y: (m,), n ~ N(0, I)): again a
+        Gaussian mixture, returned as (weights (K,), means (K, d), covariances (K, d, d)) float64 arrays. With
+        S_k = A Σ_k Aᵀ + sigma_y² I and G_k = Σ_k Aᵀ S_k⁻¹: weights ∝ w_k N(y; A μ_k, S_k), means μ_k + G_k (y - A μ_k),
+        covariances Σ_k - G_k A Σ_k (singular along A's rows when sigma_y = 0)."""
+        A = np.atleast_2d(np.asarray(A, dtype=np.float64))
+        y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if A.shape[1] != self.dim or y.shape[0] != A.shape[0]:
+            raise ValueError(f"A must be (m, {self.dim}) and y (m,), got {A.shape} and {y.shape}")
+        log_w, means, covs = [], [], []
+        for w, mu, cov in zip(self.weights, self.means, self.covariances):
+            s = A @ cov @ A.T + sigma_y ** 2 * np.eye(A.shape[0])
+            r = y - A @ mu
+            gain = np.linalg.solve(s, A @ cov).T  # Σ Aᵀ S⁻¹ (S, Σ symmetric)
+            log_w.append(np.log(w) - 0.5 * (np.linalg.slogdet(2 * np.pi * s)[1] + r @ np.linalg.solve(s, r)))
+            means.append(mu + gain @ r)
+            c = cov - gain @ A @ cov
+            covs.append(0.5 * (c + c.T))
+        log_w = np.asarray(log_w)
+        weights = np.exp(log_w - log_w.max())
+        return weights / weights.sum(), np.stack(means), np.stack(covs)
+
     # denoiser ----------------------------------------------------------------------------------------------
     def _components(self, x, alpha, sigma):
         """log posterior weights (B, K) and per-component E[x0], E[eps] (B, K, d)."""

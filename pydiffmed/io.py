@@ -7,13 +7,15 @@ toward: "RAS" = axis 0 toward the subject's Right, axis 1 Anterior, axis 2 Super
 
 Intensity normalisation: a model works in normalised units; `intensity = {"scale": s, "offset": o, "clip":
 [lo, hi] or None}` maps them to physical units as physical = normalised·s + o (then clipped to [lo, hi]), and
-`normalize` inverts it for volumes read from disk.
+`normalize` inverts it for volumes read from disk. An optional "units" entry names the physical units ("HU":
+Hounsfield units, which makes a DICOM series a CT series; see pydiffmed.dicom).
 
 Atomic writes: every file is written to a temporary file in the destination directory, flushed to disk (fsync)
 and renamed over the destination, so an interrupted write leaves the complete old file, the complete new file,
-or (for a new file) nothing. An existing file is never replaced unless `overwrite=True`. A failed write (a full
-disk, an exception in the writer) removes its temporary file; only a killed process can leave one behind
-(`.pdm-tmp-<hex>-<name>`, which `pydiffmed sample` removes on its next run).
+or (for a new file) nothing; `atomic_directory` does the same for a directory of files (a DICOM series). An
+existing file is never replaced unless `overwrite=True`. A failed write (a full disk, an exception in the writer)
+removes its temporary file; only a killed process can leave one behind (`.pdm-tmp-<hex>-<name>`, which
+`pydiffmed sample` removes on its next run).
 
 Deterministic files: the same volume written twice gives byte-identical files: nibabel (>= 5) gzips with
 mtime 0 and no file name in the header, and the PNG previews carry no time or text chunks.
@@ -24,7 +26,9 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
+import shutil
 import stat
 
 import numpy as np
@@ -114,6 +118,90 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_directory(path, overwrite: bool = False):
+    """`atomic_path` for a directory of files (a DICOM series): yields a new empty temporary directory next to
+    `path` to fill with plain files; on a clean exit every file in it and the directory itself are fsynced and
+    it is renamed to `path`; on any exception (KeyboardInterrupt included) it is deleted with its contents and
+    `path` is left as it was. So `path` is never a half-written directory. An existing `path` (directory or
+    file) raises FileExistsError unless overwrite=True; then it is first renamed to a temporary name, the new
+    directory renamed into place and the old one deleted (a process killed between the two renames leaves `path`
+    absent and the old one under `.pdm-tmp-<hex>-<name>`, which `pydiffmed sample` removes on its next run)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    if not name or name in (".", ".."):
+        raise ValueError(f"{path!r} must name a directory to create, without a trailing separator")
+    if not overwrite and os.path.lexists(path):
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{path}: directory {directory} does not exist")
+    temporary = os.path.join(directory, f".pdm-tmp-{secrets.token_hex(6)}-{name}")
+    os.mkdir(temporary)
+    try:
+        yield temporary
+        for entry in sorted(os.listdir(temporary)):
+            _fsync_file(os.path.join(temporary, entry))
+        _fsync_directory(temporary)
+        _publish_directory(temporary, path, overwrite)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(directory)
+
+
+def _remove_tree(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _publish_directory(temporary, path, overwrite):
+    old = None
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+        old = os.path.join(os.path.dirname(os.path.abspath(path)),
+                           f".pdm-tmp-{secrets.token_hex(6)}-{os.path.basename(path)}")
+        os.rename(path, old)
+    try:
+        os.rename(temporary, path)  # fails if a non-empty directory or a file appeared at `path` meanwhile
+    except OSError as exc:
+        if old is not None:  # put the old directory back and report why the new one could not take its place
+            with contextlib.suppress(OSError):
+                os.rename(old, path)
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)") from exc
+        raise
+    if old is not None:
+        _remove_tree(old)
+
+
+def directory_sha256(path) -> str:
+    """sha256 identifying a directory of plain files (a DICOM series), as 64 hex digits: the hash of one line
+    "<name> <sha256 of the file>" per file, in sorted name order. OSError if `path` is not a directory (a link to
+    one counts as not) or holds anything but regular files."""
+    import hashlib
+
+    path = os.fspath(path)
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise NotADirectoryError(f"{path}: not a directory")
+    digest = hashlib.sha256()
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if os.path.islink(full) or not os.path.isfile(full):
+            raise OSError(f"{full}: not a regular file")
+        file_digest = hashlib.sha256()
+        with open(full, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                file_digest.update(block)
+        digest.update(f"{entry} {file_digest.hexdigest()}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def write_bytes(path, data: bytes, overwrite: bool = False) -> str:
     """Write `data` to `path` atomically; returns the path."""
     with atomic_path(path, overwrite) as temporary:
@@ -148,6 +236,12 @@ def write_json(path, data, overwrite: bool = False) -> str:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{os.fspath(path)}: cannot write as JSON: {exc}") from exc
     return write_bytes(path, (text + "\n").encode("utf-8"), overwrite)
+
+
+def jsonable(value):
+    """`value` as its JSON round trip gives it back (tuples become lists, keys strings), so that it compares equal
+    to what was written and read. TypeError/ValueError for a value that is not JSON."""
+    return json.loads(json.dumps(value))
 
 
 def read_json(path):
@@ -246,15 +340,19 @@ def _check_affine(affine) -> np.ndarray:
 # --- intensity ---------------------------------------------------------------------------------------------
 
 def check_intensity(intensity) -> dict | None:
-    """Validate an intensity mapping {"scale", "offset", "clip"}; None means identity. Returns a normalised
-    dict (floats, clip a [lo, hi] list or None)."""
+    """Validate an intensity mapping {"scale", "offset", "clip", "units"}; None means identity. Returns a
+    normalised dict (floats, clip a [lo, hi] list or None; "units", a short name such as "HU", only when given)."""
     if intensity is None:
         return None
     if not isinstance(intensity, dict):
         raise TypeError(f"intensity must be a dict with keys scale, offset, clip; got {type(intensity).__name__}")
-    unknown = sorted(set(intensity) - {"scale", "offset", "clip"})
+    unknown = sorted(set(intensity) - {"scale", "offset", "clip", "units"})
     if unknown:
-        raise ValueError(f"intensity: unknown key(s) {unknown}; allowed: scale, offset, clip")
+        raise ValueError(f"intensity: unknown key(s) {unknown}; allowed: scale, offset, clip, units")
+    units = intensity.get("units")
+    if units is not None and not (isinstance(units, str) and re.fullmatch(r"[A-Za-z0-9 /%^.*_-]{1,16}", units)):
+        raise ValueError(f"intensity: units must be a short name such as 'HU' (1-16 letters, digits, spaces or "
+                         f"/%^.*_-), got {units!r}")
     scale, offset = intensity.get("scale", 1.0), intensity.get("offset", 0.0)
     for name, value in (("scale", scale), ("offset", offset)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -270,7 +368,10 @@ def check_intensity(intensity) -> dict | None:
         if not lo < hi:
             raise ValueError(f"intensity: clip must have lo < hi, got {clip!r}")
         clip = [lo, hi]
-    return {"scale": float(scale), "offset": float(offset), "clip": clip}
+    checked = {"scale": float(scale), "offset": float(offset), "clip": clip}
+    if units is not None:  # only when given: sidecars of models without units stay as they were
+        checked["units"] = units
+    return checked
 
 
 def denormalize(volume, intensity):
@@ -324,15 +425,36 @@ def _is_nifti_name(path: str) -> bool:
     return path.lower().endswith(_NIFTI_SUFFIXES)
 
 
+def header_text(text, limit: int = 80) -> str:
+    """`text` as printable ASCII (anything else becomes '?') cut to `limit` characters: what fits a fixed-size
+    header field such as NIfTI's 80-byte `descrip`."""
+    return "".join(c if " " <= c <= "~" else "?" for c in str(text))[:limit]
+
+
+def sample_description(model, seed, solver, steps, limit: int = 80) -> str:
+    """The provenance line written into a sampled volume's header: "pydiffmed <version> <model> seed <k> <solver>
+    <steps>", at most `limit` printable ASCII characters; a model name too long to fit is shortened with "..."
+    so that the seed, solver and steps always fit."""
+    from . import __version__
+
+    head, tail = f"pydiffmed {__version__} ", f" seed {seed} {header_text(solver)} {steps}"
+    name = header_text(model, limit).replace(" ", "_")
+    room = limit - len(head) - len(tail)
+    if len(name) > room:
+        name = name[:room - 3] + "..." if room >= 4 else ""
+    return header_text(head + name + tail, limit)
+
+
 def save_volume(path, volume, *, spacing=None, affine=None, orientation: str = "RAS", origin=None,
-                intensity=None, dtype="float32", overwrite: bool = False) -> str:
+                intensity=None, dtype="float32", description=None, overwrite: bool = False) -> str:
     """Write one volume as NIfTI-1 (`.nii` or `.nii.gz`, gzip from the name) atomically; returns the path.
 
     volume: (C, D, H, W) or (D, H, W) tensor or array in normalised units (C > 1 is stored as a 4-D image,
     channels last). Geometry: either `affine` (4×4), or `spacing` (mm, default 1) + `orientation` + `origin`
     (default: volume centred on the world origin; see `make_affine`). intensity: mapping to physical units
     (see `denormalize`). dtype: stored data type, e.g. "float32" or "int16" (integers are rounded and clipped
-    to the type's range)."""
+    to the type's range). description: text for the header's 80-byte `descrip` field (see `header_text`;
+    `pydiffmed sample` writes `sample_description`)."""
     import nibabel as nib
 
     path = os.fspath(path)
@@ -361,6 +483,8 @@ def save_volume(path, volume, *, spacing=None, affine=None, orientation: str = "
     image.set_qform(affine, code=2)
     image.set_sform(affine, code=2)
     image.header.set_xyzt_units("mm")
+    if description is not None:
+        image.header["descrip"] = header_text(description).encode("ascii")
     with atomic_path(path, overwrite) as temporary:
         nib.save(image, temporary)
     return path
@@ -546,6 +670,7 @@ def save_preview(path, volume, *, affine=None, spacing=None, window=None, zoom=N
     return path
 
 
-__all__ = ["FileReadError", "VolumeInfo", "atomic_path", "auto_window", "check_intensity", "check_orientation",
-           "denormalize", "load_volume", "make_affine", "normalize", "orientation_from_affine", "preview_image",
-           "read_json", "save_preview", "save_volume", "spacing_from_affine", "write_bytes", "write_json"]
+__all__ = ["FileReadError", "VolumeInfo", "atomic_directory", "atomic_path", "auto_window", "check_intensity",
+           "check_orientation", "denormalize", "directory_sha256", "header_text", "jsonable", "load_volume",
+           "make_affine", "normalize", "orientation_from_affine", "preview_image", "read_json", "sample_description",
+           "save_preview", "save_volume", "spacing_from_affine", "write_bytes", "write_json"]

@@ -20,6 +20,7 @@ config.json (format_version 1):
       "orientation": "RAS",          # optional: output axis code (see pydiffmed.io)
       "origin": null,                # optional: world position of voxel 0 (null: volume centred)
       "intensity": {"scale": 1.0, "offset": 0.0, "clip": null},  # optional: model units → physical units
+                                     # (+ optional "units": "HU" for CT: DICOM output is then a CT series)
       "weights_sha256": "...",       # directory form: hash of model.safetensors, checked on load
       "source": {...}                # optional, free-form: how the model was made (training run, conversion)
     }
@@ -52,10 +53,11 @@ import json
 import math
 import os
 import warnings
+from typing import Callable, NamedTuple
 
 from . import prediction
-from .io import (MAX_VOLUME_VOXELS, _check_triple, atomic_path, check_intensity, check_orientation, make_affine,
-                 write_json)
+from .io import (MAX_VOLUME_VOXELS, _check_triple, atomic_path, check_intensity, check_orientation, jsonable,
+                 make_affine, write_json)
 from .models.checkpoint import CheckpointError, load_state_dict_file
 from .schedules import NoiseSchedule
 
@@ -66,9 +68,6 @@ CONFIG_NAME = "config.json"
 METADATA_KEY = "pydiffmed_config"
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models_data")
 
-_REQUIRED_KEYS = ("unet", "schedule", "prediction_type")
-_OPTIONAL_KEYS = ("format", "format_version", "name", "description", "clip_sample", "volume_shape", "channels",
-                  "spacing", "orientation", "origin", "intensity", "weights_sha256", "source")
 _SCHEDULE_KEYS = {
     "discrete": ("num_train_timesteps", "beta_schedule", "betas", "beta_start", "beta_end", "rescale_zero_snr",
                  "cosine_s", "max_beta", "sigmoid_range"),
@@ -130,11 +129,6 @@ def _unet_parameters():
     return [p for p in inspect.signature(UNet3D.__init__).parameters if p != "self"]
 
 
-def _jsonable(value):
-    """Tuples → lists, recursively, so a config compares equal to its JSON round trip."""
-    return json.loads(json.dumps(value))
-
-
 def _unet_skeleton(args):
     """UNet3D(**args) on the meta device: its shapes without its memory. ValueError naming the argument that is
     wrong, or saying that the network is too large (more than MAX_PARAMETERS), before anything is allocated."""
@@ -184,127 +178,111 @@ def _build_unet(args, state, blame):
     return model
 
 
-def validate_config(config, source: str = "config") -> dict:
-    """Check a model config (see the module docstring) and return it completed with defaults. Raises
-    ModelFileError("<source>: invalid model config: ...") listing every problem found."""
-    if not isinstance(config, dict):
-        raise ModelFileError(f"{source}: a model config must be a JSON object, got {type(config).__name__}")
-    problems = []
-    unknown = sorted(set(config) - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS), key=str)
-    if unknown:
-        problems.append(f"unknown key(s) {unknown}; allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}")
-    missing = [k for k in _REQUIRED_KEYS if k not in config]
-    if missing:
-        problems.append(f"missing required key(s) {missing}")
-    try:
-        out = _jsonable(config)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ModelFileError(f"{source}: a model config must hold JSON values only ({exc})") from exc
+class _Problems(ValueError):
+    """Problems with one config key, each message complete (a check that finds several raises them together)."""
 
-    if config.get("format", FORMAT) != FORMAT:
-        problems.append(f"format must be {FORMAT!r}, got {config['format']!r}")
-    version = config.get("format_version", FORMAT_VERSION)
+
+def _check_format(value, unet):
+    if value != FORMAT:
+        raise ValueError(f"format must be {FORMAT!r}, got {value!r}")
+    return FORMAT
+
+
+def _check_format_version(version, unet):
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        problems.append(f"format_version must be a positive int, got {version!r}")
-    elif version > FORMAT_VERSION:
-        problems.append(f"format_version {version} is newer than this pydiffmed reads ({FORMAT_VERSION}); "
-                        f"upgrade pydiffmed")
-    out["format"], out["format_version"] = FORMAT, FORMAT_VERSION
-    for key in ("name", "description"):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            problems.append(f"{key} must be a string, got {config[key]!r}")
-    out.setdefault("description", "")
+        raise ValueError(f"format_version must be a positive int, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"format_version {version} is newer than this pydiffmed reads ({FORMAT_VERSION}); "
+                         f"upgrade pydiffmed")
+    return FORMAT_VERSION
 
-    unet = config.get("unet")
-    spatial_dims, levels, in_channels = 3, None, None
-    if "unet" in config:
-        if not isinstance(unet, dict):
-            problems.append(f"unet must be an object of UNet3D arguments, got {type(unet).__name__}")
-        else:
-            allowed = _unet_parameters()
-            bad = sorted(set(unet) - set(allowed), key=str)
-            if bad:
-                problems.append(f"unet: unknown argument(s) {bad}; UNet3D accepts: {', '.join(allowed)}")
-            absent = [k for k in _REQUIRED_UNET_ARGS if k not in unet]
-            if absent:
-                problems.append(f"unet: missing required argument(s) {absent}")
-            if not bad and not absent:
-                try:
-                    _unet_skeleton(unet)
-                except ValueError as exc:
-                    problems.append(f"unet: {exc}")
-            spatial_dims = unet.get("spatial_dims", 3)
-            in_channels = unet.get("in_channels")
-            if isinstance(unet.get("channels", (32, 64, 64, 64)), (list, tuple)):
-                levels = len(unet.get("channels", (32, 64, 64, 64)))
-            if in_channels is not None and unet.get("out_channels") != in_channels:
-                problems.append(f"unet: out_channels ({unet.get('out_channels')}) must equal in_channels "
-                                f"({in_channels}): pydiffmed samples models whose output has the input's shape")
 
-    if "schedule" in config:
+def _string_or_null(key):
+    def check(value, unet):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    return check
+
+
+def _check_unet(unet, _):
+    if not isinstance(unet, dict):
+        raise ValueError(f"unet must be an object of UNet3D arguments, got {type(unet).__name__}")
+    problems = []
+    allowed = _unet_parameters()
+    bad = sorted(set(unet) - set(allowed), key=str)
+    if bad:
+        problems.append(f"unet: unknown argument(s) {bad}; UNet3D accepts: {', '.join(allowed)}")
+    absent = [k for k in _REQUIRED_UNET_ARGS if k not in unet]
+    if absent:
+        problems.append(f"unet: missing required argument(s) {absent}")
+    if not bad and not absent:
         try:
-            build_schedule(config["schedule"])
-        except (TypeError, ValueError) as exc:
-            problems.append(f"schedule: {exc}" if not str(exc).startswith("schedule") else str(exc))
-        if isinstance(config["schedule"], dict):
-            out["schedule"].setdefault("kind", "discrete")
-    if "prediction_type" in config:
-        try:
-            out["prediction_type"] = prediction.canonical(config["prediction_type"])
-        except (TypeError, ValueError) as exc:
-            problems.append(str(exc))
-
-    clip = config.get("clip_sample")
-    if clip is True:
-        out["clip_sample"] = 1.0
-    elif clip is None or clip is False:
-        out["clip_sample"] = None
-    elif not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
-        problems.append(f"clip_sample must be null, true or a positive number, got {clip!r}")
-    else:
-        out["clip_sample"] = float(clip)
-
-    shape = config.get("volume_shape")
-    if shape is not None:
-        if (not isinstance(shape, (list, tuple)) or len(shape) != spatial_dims
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
-            problems.append(f"volume_shape must be {spatial_dims} positive ints, got {shape!r}")
-        elif math.prod(shape) * (in_channels if isinstance(in_channels, int) else 1) > MAX_VOLUME_VOXELS:
-            problems.append(f"volume_shape {list(shape)} holds more than {MAX_VOLUME_VOXELS} voxels, more than "
-                            f"pydiffmed reads or writes in one volume")
-        elif levels:
-            factor = 2 ** (levels - 1)
-            if any(s % factor for s in shape):
-                problems.append(f"volume_shape {list(shape)} must be divisible by {factor} (the network halves "
-                                f"each spatial size {levels - 1} times)")
-    out["volume_shape"] = None if shape is None else list(shape)
-
-    channels = config.get("channels", in_channels)
-    if channels is not None and in_channels is not None and channels != in_channels:
-        problems.append(f"channels ({channels}) must equal unet.in_channels ({in_channels})")
-    out["channels"] = channels
-
-    for key, check, default in (("spacing", _check_spacing, [1.0, 1.0, 1.0]),
-                                ("orientation", check_orientation, "RAS"),
-                                ("origin", _check_origin, None),
-                                ("intensity", check_intensity, None)):
-        try:
-            out[key] = check(config[key]) if config.get(key) is not None else default
-        except (TypeError, ValueError) as exc:
-            problems.append(str(exc) if str(exc).startswith(key) else f"{key}: {exc}")
-
-    digest = config.get("weights_sha256")
-    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
-                                   and all(c in "0123456789abcdef" for c in digest)):
-        problems.append(f"weights_sha256 must be 64 lower-case hex digits, got {digest!r}")
-    if config.get("source") is not None and not isinstance(config["source"], dict):
-        problems.append(f"source must be an object, got {type(config['source']).__name__}")
+            _unet_skeleton(unet)
+        except ValueError as exc:
+            problems.append(f"unet: {exc}")
+    in_channels = unet.get("in_channels")
+    if in_channels is not None and unet.get("out_channels") != in_channels:
+        problems.append(f"unet: out_channels ({unet.get('out_channels')}) must equal in_channels ({in_channels}): "
+                        f"pydiffmed samples models whose output has the input's shape")
     if problems:
-        raise ModelFileError(f"{source}: invalid model config:\n  - " + "\n  - ".join(problems))
-    order = ("format", "format_version", "name", "description", "unet", "schedule", "prediction_type",
-             "clip_sample", "volume_shape", "channels", "spacing", "orientation", "origin", "intensity",
-             "weights_sha256", "source")
-    return {key: out[key] for key in order if key in out}
+        raise _Problems(*problems)
+    return unet
+
+
+def _check_schedule(spec, unet):
+    build_schedule(spec)
+    spec.setdefault("kind", "discrete")
+    return spec
+
+
+def _check_prediction_type(value, unet):
+    return prediction.canonical(value)
+
+
+def _check_clip_sample(clip, unet):
+    if clip is True:
+        return 1.0
+    if clip is None or clip is False:
+        return None
+    if not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip_sample must be null, true or a positive number, got {clip!r}")
+    return float(clip)
+
+
+def _check_volume_shape(shape, unet):
+    """Against the network (`unet`: its arguments, None when they are not an object): its number of spatial
+    dimensions, its channels (the voxel bound) and its levels (each halves the size)."""
+    if shape is None:
+        return None
+    spatial_dims, in_channels, levels = 3, None, None
+    if unet is not None:
+        spatial_dims, in_channels = unet.get("spatial_dims", 3), unet.get("in_channels")
+        levels = unet.get("channels", (32, 64, 64, 64))
+        levels = len(levels) if isinstance(levels, (list, tuple)) else None
+    if (not isinstance(shape, (list, tuple)) or len(shape) != spatial_dims
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise ValueError(f"volume_shape must be {spatial_dims} positive ints, got {shape!r}")
+    if math.prod(shape) * (in_channels if isinstance(in_channels, int) else 1) > MAX_VOLUME_VOXELS:
+        raise ValueError(f"volume_shape {list(shape)} holds more than {MAX_VOLUME_VOXELS} voxels, more than "
+                         f"pydiffmed reads or writes in one volume")
+    if levels:
+        factor = 2 ** (levels - 1)
+        if any(s % factor for s in shape):
+            raise ValueError(f"volume_shape {list(shape)} must be divisible by {factor} (the network halves each "
+                             f"spatial size {levels - 1} times)")
+    return list(shape)
+
+
+def _in_channels(unet):
+    return None if unet is None else unet.get("in_channels")
+
+
+def _check_channels(channels, unet):
+    in_channels = _in_channels(unet)
+    if channels is not None and in_channels is not None and channels != in_channels:
+        raise ValueError(f"channels ({channels}) must equal unet.in_channels ({in_channels})")
+    return channels
 
 
 def _check_spacing(value):
@@ -313,6 +291,93 @@ def _check_spacing(value):
 
 def _check_origin(value):
     return list(_check_triple("origin", value))
+
+
+def _null_is(default, check):
+    """A key whose null means `default`; other values go through check(value)."""
+    return lambda value, unet: copy.deepcopy(default) if value is None else check(value)
+
+
+def _check_weights_sha256(digest, unet):
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError(f"weights_sha256 must be 64 lower-case hex digits, got {digest!r}")
+    return digest
+
+
+def _check_source(value, unet):
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"source must be an object, got {type(value).__name__}")
+    return value
+
+
+_REQUIRED = object()  # ConfigKey.absent of a key every config must have
+_OMITTED = object()   # ConfigKey.absent of a key left out of the completed config when the file has none
+
+
+class _ConfigKey(NamedTuple):
+    """One config key: check(value, unet) -> the completed value (ValueError/TypeError: the problem; `unet` is the
+    config's network arguments, None when they are not an object), and what stands for it when the config lacks
+    it: a default value, a function of `unet`, _REQUIRED or _OMITTED."""
+    check: Callable
+    absent: object
+
+
+# Every key of a model config, in the order the completed config lists them (the module docstring describes them).
+_CONFIG_KEYS = {
+    "format": _ConfigKey(_check_format, FORMAT),
+    "format_version": _ConfigKey(_check_format_version, FORMAT_VERSION),
+    "name": _ConfigKey(_string_or_null("name"), _OMITTED),
+    "description": _ConfigKey(_string_or_null("description"), ""),
+    "unet": _ConfigKey(_check_unet, _REQUIRED),
+    "schedule": _ConfigKey(_check_schedule, _REQUIRED),
+    "prediction_type": _ConfigKey(_check_prediction_type, _REQUIRED),
+    "clip_sample": _ConfigKey(_check_clip_sample, None),
+    "volume_shape": _ConfigKey(_check_volume_shape, None),
+    "channels": _ConfigKey(_check_channels, _in_channels),
+    "spacing": _ConfigKey(_null_is([1.0, 1.0, 1.0], _check_spacing), [1.0, 1.0, 1.0]),
+    "orientation": _ConfigKey(_null_is("RAS", check_orientation), "RAS"),
+    "origin": _ConfigKey(_null_is(None, _check_origin), None),
+    "intensity": _ConfigKey(_null_is(None, check_intensity), None),
+    "weights_sha256": _ConfigKey(_check_weights_sha256, _OMITTED),
+    "source": _ConfigKey(_check_source, _OMITTED),
+}
+_REQUIRED_KEYS = tuple(k for k, spec in _CONFIG_KEYS.items() if spec.absent is _REQUIRED)
+
+
+def validate_config(config, source: str = "config") -> dict:
+    """Check a model config (see the module docstring) and return it completed with defaults. Raises
+    ModelFileError("<source>: invalid model config: ...") listing every problem found."""
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{source}: a model config must be a JSON object, got {type(config).__name__}")
+    problems = []
+    unknown = sorted(set(config) - set(_CONFIG_KEYS), key=str)
+    if unknown:
+        allowed = _REQUIRED_KEYS + tuple(k for k in _CONFIG_KEYS if k not in _REQUIRED_KEYS)
+        problems.append(f"unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    missing = [k for k in _REQUIRED_KEYS if k not in config]
+    if missing:
+        problems.append(f"missing required key(s) {missing}")
+    try:
+        values = jsonable(config)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ModelFileError(f"{source}: a model config must hold JSON values only ({exc})") from exc
+
+    unet = values.get("unet") if isinstance(values.get("unet"), dict) else None
+    out = {}
+    for key, spec in _CONFIG_KEYS.items():
+        if key not in values:
+            if spec.absent is not _REQUIRED and spec.absent is not _OMITTED:
+                out[key] = spec.absent(unet) if callable(spec.absent) else copy.deepcopy(spec.absent)
+            continue
+        try:
+            out[key] = spec.check(values[key], unet)
+        except (TypeError, ValueError) as exc:
+            for problem in (exc.args if isinstance(exc, _Problems) else (str(exc),)):
+                problems.append(problem if problem.startswith(key) else f"{key}: {problem}")
+    if problems:
+        raise ModelFileError(f"{source}: invalid model config:\n  - " + "\n  - ".join(problems))
+    return out
 
 
 # --- model info --------------------------------------------------------------------------------------------
@@ -347,9 +412,6 @@ class ModelInfo:
         spacing (or the `spacing` override), orientation and origin (centred when the config has none)."""
         shape = self.volume_shape if shape is None else tuple(shape)
         return make_affine(self.spacing if spacing is None else spacing, self.orientation, self.origin, shape)
-
-    def provenance(self) -> dict:
-        return {"model": self.name, "model_sha256": self.sha256, "model_path": self.path}
 
     def __repr__(self):
         return f"ModelInfo(name={self.name!r}, path={self.path!r}, sha256={self.sha256[:12]}…)"
@@ -521,7 +583,7 @@ def save_model(path, model, config, *, overwrite: bool = False) -> ModelInfo:
     path = os.fspath(path)
     single_file = path.endswith(".safetensors")
     full = copy.deepcopy(config)
-    full["unet"] = _jsonable(model.config)
+    full["unet"] = jsonable(model.config)
     full.setdefault("name", _default_name(path))
     full = validate_config(full, path)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}

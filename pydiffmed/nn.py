@@ -1,7 +1,6 @@
 """nn.Module wrappers of the fused ops, drop-in for torch.nn layers (same state-dict keys)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from . import ops

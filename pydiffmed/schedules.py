@@ -324,11 +324,6 @@ class NoiseSchedule:
         with np.errstate(divide="ignore"):
             return sigma / alpha
 
-    def log_snr(self, t):
-        """lambda = log(alpha/sigma)."""
-        with np.errstate(divide="ignore"):
-            return -np.log(self.edm_sigma(t))
-
     def t_from_edm_sigma(self, s):
         """Inverse of edm_sigma (discrete: diffusers' `_sigma_to_t`, log-linear between training steps)."""
         s = np.asarray(s, dtype=np.float64)
@@ -352,9 +347,6 @@ class NoiseSchedule:
         if self.kind == "ve":
             return np.log(s / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
         return s / (1.0 + s)  # flow
-
-    def t_from_log_snr(self, lam):
-        return self.t_from_edm_sigma(np.exp(-np.asarray(lam, dtype=np.float64)))
 
     def derivatives(self, t):
         """(d alpha/dt, d sigma/dt) for the continuous kinds."""

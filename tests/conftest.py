@@ -1,5 +1,6 @@
 """Test setup. Without a GPU the Triton kernels run through the interpreter, which must be switched on before
-any @triton.jit function is defined, so this happens here, before pydiffmed or triton_kernels are imported."""
+any @triton.jit function is defined, so this happens here, before pydiffmed or pydiffmed.triton_kernels are
+imported."""
 import os
 
 import torch

@@ -1,5 +1,4 @@
 """ops.attention (triton under the interpreter, torch SDPA) and the fused SpatialAttentionBlock vs MONAI's."""
-import math
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import torch
 from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, run_backend
 from pydiffmed import backends, ops
 from pydiffmed.ops import reference
-from triton_kernels.attention import attention_launch
+from pydiffmed.triton_kernels.attention import attention_launch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -129,7 +128,7 @@ def test_empty_query_or_batch():
 
 def test_cpu_tensors_dispatch_to_sdpa_not_interpreter():
     q, k, v = qkv(1, 1, 4, 4, 16, torch.float32, device="cpu")
-    name, _ = backends.select("attention", None, (q, k, v), q=q, k=k, v=v)
+    name = backends.select("attention", None, (q, k, v), q=q, k=k, v=v)
     assert name in ("cpu", "torch")
 
 
@@ -149,7 +148,7 @@ def test_head_dim_over_128_is_refused_by_triton_but_runs_on_torch():
 
 
 def test_triton_limits_on_grid_and_offsets():
-    from triton_kernels.attention import unsupported_reasons
+    from pydiffmed.triton_kernels.attention import unsupported_reasons
 
     small = torch.empty(1, 1, 2, 16, device="meta")
     assert unsupported_reasons(small, small, small) == []
@@ -227,7 +226,7 @@ def test_triton_kernel_compiles_for_gpus():
         "import triton\n"
         "from triton.backends.compiler import GPUTarget\n"
         "from triton.compiler import ASTSource\n"
-        "from triton_kernels.attention import _attention_fwd_kernel as kern, choose_config\n"
+        "from pydiffmed.triton_kernels.attention import _attention_fwd_kernel as kern, choose_config\n"
         "import torch\n"
         "for arch in (80, 90):\n"
         "    for dt, tdt, d in (('fp16', torch.float16, 64), ('bf16', torch.bfloat16, 128),\n"

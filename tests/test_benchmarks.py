@@ -214,7 +214,7 @@ def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
 
 
 def test_the_tests_never_wrote_into_benchmarks_results():
-    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode"):
+    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode", "bench_inferer"):
         path = os.path.join(BENCH, "results", f"{name}_cpu.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -238,6 +238,30 @@ def test_decode_rows(tmp_path):
         assert r["ms"] > 0 and r["peak_MB"] >= 0 and r["time_ratio"] > 0
     exact = [r for r in rows if r["dtype"] == "fp32" and r["variant"].startswith("pydiffmed")]
     assert len(exact) == 2 and all(r["max_abs_diff"] < 1e-3 for r in exact)
+
+
+def test_inferer_rows_and_headline(tmp_path):
+    run_script("bench_inferer.py", ["--smoke", "--threads", "1"], tmp_path)
+    rows = load(tmp_path, "bench_inferer")["rows"]
+    assert len(rows) == 6 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
+                                                           "DDIM, clip_sample=False"}
+    for case in {r["case"] for r in rows}:
+        by_variant = {r["variant"]: r for r in rows if r["case"] == case}
+        monai = by_variant.pop("MONAI fp32 (monai.inferers.DiffusionInferer)")
+        assert monai["speedup_vs_MONAI"] == 1.0 and monai["max_abs_diff_vs_MONAI"] == 0.0
+        assert set(by_variant) == {"pydiffmed drop-in fp32", "pydiffmed drop-in bf16 network"}
+        for r in by_variant.values():
+            assert r["ms"] > 0 and r["speedup_vs_MONAI"] == pytest.approx(monai["ms"] / r["ms"])
+            assert r["path"] == ("step by step" if "default" in case else "engine")
+        fp32 = by_variant["pydiffmed drop-in fp32"]
+        assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"])  # the same sample
+    sys.path.insert(0, BENCH)
+    try:
+        results_md = importlib.import_module("results_md")
+    finally:
+        sys.path.remove(BENCH)
+    [(subject, result)] = results_md.headline_inferer(rows)
+    assert "DDIM 2 steps" in subject and result.count("small 8³") == 2 and "fp32 max |Δ|" in result
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
     """The GPU suite's CPU mode: every step up to the first GPU call, the GPU tests collected and every GPU

@@ -276,7 +276,8 @@ def _write_volume(path, shape=SHAPE):
 
 BAD_INPUTS = {
     "unknown solver": (lambda d: ["--solver", "nope"], ["unknown solver", "dpmpp_2m"]),
-    "adaptive solver": (lambda d: ["--solver", "ode_dopri5"], ["--solver ode_dopri5"]),
+    "adaptive solver": (lambda d: ["--solver", "ode_dopri5"], ["--solver ode_dopri5", "no fixed-step plan"]),
+    "encoding solver": (lambda d: ["--solver", "ddim_inversion"], ["--solver ddim_inversion", "does not sample"]),
     "zero steps": (lambda d: ["--steps", "0"], ["--steps"]),
     "zero volumes": (lambda d: ["--num", "0"], ["--num"]),
     "zero batch": (lambda d: ["--batch", "0"], ["--batch"]),
@@ -514,3 +515,11 @@ def test_console_entry_point(tmp_path, tiny):
     assert not (tmp_path / "s").exists()
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "sample" in result.stdout and "convert" in result.stdout
+
+
+def test_nifti_header_names_the_provenance(tmp_path, tiny, capsys):
+    code, _, err = sample(capsys, tiny, tmp_path / "s", "--num", 2, "--seed", 40, "--solver", "ddim")
+    assert code == 0, err
+    for k in range(2):
+        descrip = nib.load(str(tmp_path / "s" / f"sample_{k:04d}.nii.gz")).header["descrip"].item().decode()
+        assert descrip == f"pydiffmed {pydiffmed.__version__} tiny seed {40 + k} ddim 2"

@@ -3,31 +3,30 @@
 1. Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 (the include paths NVRTC gets at run time), so
    a syntax or type error fails CI; csrc/common's headers compile for host and device and convert correctly.
    The Triton group_norm kernels compile to sm_80/sm_90 cubin too (the interpreter alone checks less).
-2. The group_norm kernels run on the CPU: the .cu is compiled with g++ against a small emulation of the CUDA
-   features it uses (one std::thread per CUDA thread, real barriers and warp shuffles), and the launcher in
-   pydiffmed/_cuda.py drives it exactly as it drives the GPU, so indexing, reductions and the launcher's
-   grid arithmetic are checked against the fp64 oracle.
+2. The group_norm kernels run on the CPU: the .cu is compiled with g++ against the emulation of the CUDA
+   features it uses (tests/helpers.py, shared with test_fused_step: one std::thread per CUDA thread, real
+   barriers and warp shuffles), and the launcher in pydiffmed/_cuda.py drives it exactly as it drives the GPU,
+   so indexing, reductions and the launcher's grid arithmetic are checked against the fp64 oracle.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import glob
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import canary_intact, canary_like
+from helpers import (CAN_EMULATE_CUDA, CUDA_EMULATION_REASON, build_cuda_emulation, canary_intact, canary_like,
+                     launch_emulated)
 from pydiffmed import _cuda
+from pydiffmed.ops._checks import channels_last_format
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -46,8 +45,7 @@ def _find_nvcc():
 
 NVCC = _find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found (not on PATH, not /usr/local/cuda/bin)")
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None or sys.platform != "linux",
-                               reason="the CPU emulation of the CUDA kernels needs g++ on Linux")
+needs_gxx = pytest.mark.skipif(not CAN_EMULATE_CUDA, reason=CUDA_EMULATION_REASON)
 
 
 def _run(cmd, timeout=300):
@@ -145,7 +143,7 @@ TRITON_GPU_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from triton_kernels import group_norm as gn
+from pydiffmed.triton_kernels import group_norm as gn
 
 
 def compile_for(target, fn, types, constexprs):
@@ -197,137 +195,12 @@ def test_triton_group_norm_compiles_for_gpus(tmp_path):
 
 # --- 2. CPU emulation of csrc/cuda/group_norm.cu -------------------------------------------------------------
 
-EMULATION = r"""
-// CPU emulation of the CUDA features the kernels use: blocks run one after another, each with one std::thread
-// per CUDA thread, so __shared__ (a static) is shared by the block; barriers and warp shuffles are real.
-#include <chrono>
-#include <condition_variable>
-#include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
-
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__ static
-#define __launch_bounds__(...)
-
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-static thread_local dim3 threadIdx;
-static thread_local int emu_thread_rank;
-static dim3 blockIdx, blockDim, gridDim;
-static int emu_stalled = 0;  // a barrier timed out: the threads of a block did not all reach it
-
-struct EmuBarrier {
-    std::mutex m;
-    std::condition_variable cv;
-    int expected = 0, arrived = 0;
-    long generation = 0;
-    void wait() {
-        std::unique_lock<std::mutex> lock(m);
-        const long gen = generation;
-        if (++arrived == expected) {
-            arrived = 0;
-            ++generation;
-            cv.notify_all();
-        } else if (!cv.wait_for(lock, std::chrono::seconds(20), [&] { return generation != gen; })) {
-            emu_stalled = 1;
-        }
-    }
-};
-
-struct EmuWarp {
-    EmuBarrier barrier;
-    unsigned long long lanes[32];
-};
-static EmuBarrier* emu_block_barrier;
-static std::vector<std::unique_ptr<EmuWarp>> emu_warps;
-
-inline void __syncthreads() { emu_block_barrier->wait(); }
-
-template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int offset) {
-    EmuWarp& w = *emu_warps[emu_thread_rank / 32];
-    const int lane = emu_thread_rank % 32;
-    std::memcpy(&w.lanes[lane], &v, sizeof(T));
-    w.barrier.wait();
-    T r;
-    std::memcpy(&r, &w.lanes[lane ^ offset], sizeof(T));
-    w.barrier.wait();
-    return r;
-}
-
-static void emu_run_grid(const unsigned* dims, const std::function<void()>& body) {
-    gridDim = {dims[0], dims[1], dims[2]};
-    blockDim = {dims[3], dims[4], dims[5]};
-    const int threads = (int)(blockDim.x * blockDim.y * blockDim.z);
-    EmuBarrier block_barrier;
-    block_barrier.expected = threads;
-    emu_block_barrier = &block_barrier;
-    emu_warps.clear();
-    for (int t = 0; t < threads; t += 32) {
-        emu_warps.emplace_back(new EmuWarp());
-        emu_warps.back()->barrier.expected = threads - t < 32 ? threads - t : 32;
-    }
-    for (unsigned bz = 0; bz < gridDim.z; ++bz)
-        for (unsigned by = 0; by < gridDim.y; ++by)
-            for (unsigned bx = 0; bx < gridDim.x; ++bx) {
-                blockIdx = {bx, by, bz};
-                std::vector<std::thread> pool;
-                for (int t = 0; t < threads; ++t)
-                    pool.emplace_back([&, t] {
-                        threadIdx = {t % blockDim.x, t / blockDim.x % blockDim.y, t / (blockDim.x * blockDim.y)};
-                        emu_thread_rank = t;
-                        body();
-                    });
-                for (auto& th : pool) th.join();
-            }
-}
-
-extern "C" int emu_stalled_flag() { return emu_stalled; }
-"""
-
-KERNEL_DEF = re.compile(r'extern "C"\s+void\s+(\w+)\s*\(([^()]*)\)\s*\{')
-
-
-def _emulation_wrappers(preprocessed: str) -> str:
-    """cuLaunchKernel-style entry points emu_<kernel>(dims[6], void** args) for every extern "C" kernel."""
-    out = []
-    for name, params in KERNEL_DEF.findall(preprocessed):
-        types = [re.sub(r"\b__restrict__\b", "", re.sub(r"\w+\s*$", "", p.strip())).strip()
-                 for p in params.split(",")]
-        call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types))
-        out.append(f'extern "C" void emu_{name}(const unsigned* dims, void** args) '
-                   f'{{ emu_run_grid(dims, [&] {{ {name}({call}); }}); }}')
-    return "\n".join(out)
-
-
 @pytest.fixture(scope="module")
 def emulated_group_norm(tmp_path_factory):
-    """The group_norm kernels compiled for the CPU emulation, as a ctypes library."""
-    work = tmp_path_factory.mktemp("cuda_emu")
-    source = work / "group_norm_emu.cpp"
-    source.write_text(EMULATION + '\n#include "cuda/group_norm.cu"\n')
-    flags = ["-std=c++17", *INCLUDES, "-pthread"]
-    # Wrappers for exactly the kernels the .cu defines: preprocess it alone and read its extern "C" kernels.
-    returncode, kernels_only = _run(["g++", *flags, "-E", "-P", "-x", "c++", "-include", str(source), "/dev/null"])
-    assert returncode == 0, kernels_only
-    kernels_only = kernels_only[kernels_only.rindex("emu_stalled_flag"):]
-    wrappers = _emulation_wrappers(kernels_only)
-    assert "emu_gn_finalize" in wrappers
-    source.write_text(source.read_text() + wrappers + "\n")
-    lib = work / "group_norm_emu.so"
-    returncode, output = _run(["g++", *flags, "-O1", "-shared", "-fPIC", str(source), "-o", str(lib)])
-    assert returncode == 0, f"g++ failed on the emulated csrc/cuda/group_norm.cu:\n{output}"
-    return ctypes.CDLL(str(lib))
-
-
-_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_longlong, np.int32: ctypes.c_int,
-           np.float32: ctypes.c_float}
+    """The group_norm kernels compiled for the CPU emulation (helpers.build_cuda_emulation)."""
+    library = build_cuda_emulation("group_norm.cu", tmp_path_factory.mktemp("cuda_emu"))
+    assert hasattr(library, "emu_gn_finalize")
+    return library
 
 
 @pytest.fixture
@@ -338,13 +211,7 @@ def emulated_launch(emulated_group_norm, monkeypatch):
     def launch(filename, name, grid, block, args, shared_mem=0):
         assert filename == "group_norm.cu"
         launches.append((name, tuple(grid), tuple(block)))
-        assert all(g >= 1 for g in grid) and all(b >= 1 for b in block)
-        assert math.prod(block) <= 1024 and grid[1] <= 65535 and grid[2] <= 65535
-        values = [_CTYPES[type(a)](a) for a in args]
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        dims = (ctypes.c_uint * 6)(*grid, *block)
-        getattr(emulated_group_norm, f"emu_{name}")(dims, pointers)
-        assert emulated_group_norm.emu_stalled_flag() == 0, f"{name}: threads diverged at a barrier"
+        launch_emulated(emulated_group_norm, name, grid, block, args)
 
     monkeypatch.setattr(_cuda, "launch", launch)
     monkeypatch.setattr(_cuda, "_sm_count", lambda device: 2)
@@ -360,12 +227,8 @@ def _oracle(x, groups, w, b, bias_nc, eps, silu):
     return F.silu(y) if silu else y
 
 
-def _channels_last_format(t):
-    return torch.channels_last_3d if t.ndim == 5 else torch.channels_last
-
-
 def _channels_last(t):
-    return t.to(memory_format=_channels_last_format(t))
+    return t.to(memory_format=channels_last_format(t.ndim))
 
 
 # (shape, groups, dtype, x channels-last, output: "same" layout or "token"-major, chunks, affine+bias_nc+silu)
@@ -402,7 +265,7 @@ def test_group_norm_cuda_kernels_emulated(emulated_launch, shape, groups, dtype,
     if token:
         y, buf = canary_like(x, shape=(n, s, c))
     else:
-        y, buf = canary_like(x, memory_format=_channels_last_format(x) if x_cl else torch.contiguous_format)
+        y, buf = canary_like(x, memory_format=channels_last_format(x.ndim) if x_cl else torch.contiguous_format)
     _cuda.group_norm_launch(x, y, groups, w, b, bias_nc, 1e-5, extras, x_channels_last=x_cl,
                             y_channels_last=x_cl or token, num_chunks=chunks)
     ref = _oracle(x, groups, w, b, bias_nc, 1e-5, extras)

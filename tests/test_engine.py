@@ -15,7 +15,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import pydiffmed
-from pydiffmed import engine, gmm, ops
+from pydiffmed import engine, gmm, memory, ops
 from pydiffmed.schedules import NoiseSchedule
 from pydiffmed.solvers import get_solver
 
@@ -510,7 +510,7 @@ def test_estimate_memory_components_and_extrapolation():
     assert est.parameters == params
     numel = math.prod(shape)
     assert est.state == (2 + 1) * numel * 4 + numel * 4       # x, h0, preview + the model input
-    measured = 2 * engine._forward_peak(model, (1, *shape[1:]), torch.float32, torch.device("cpu"), None)
+    measured = 2 * memory._forward_peak(model, (1, *shape[1:]), torch.float32, torch.device("cpu"), None)
     assert measured > 16 * numel // 2 * 4                      # at least the 16-channel hidden activation
     assert 0.7 * measured <= est.activations <= 1.5 * measured, (est.activations, measured)
     assert est.total == est.parameters + est.state + est.activations and "GiB" in str(est)
@@ -524,7 +524,7 @@ def test_up_front_memory_check(monkeypatch):
     with pytest.raises(engine.InsufficientMemoryError, match="reduce the batch size"):
         pydiffmed.Sampler(ConvNet(), "ddim", (2, 1, 16, 16, 16), num_steps=3)
     pydiffmed.Sampler(ConvNet(), "ddim", (2, 1, 16, 16, 16), num_steps=3, check_memory=False)
-    assert engine.available_memory("cpu") > 0
+    assert memory.available_memory("cpu") > 0
 
 
 # --- graph bookkeeping on the CPU -----------------------------------------------------------------------------

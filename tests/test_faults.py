@@ -236,9 +236,10 @@ def _kill_when(process, out, ready):
 def test_sigkill_at_random_points_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, tiny,
                                                                                 reference_subprocess):
     """Six kills (more rounds only where a run finished before its kill point), their points drawn from
-    random.Random(0), of a run (--resume) into one directory, each run picking up what the killed one left. Rounds 0, 2, 4 kill as soon as the run has created a number (1-6) of new
-    directory entries plus a further 0-60 ms, so they land while it samples or between files; rounds 1, 3, 5
-    kill the moment the run has opened its n-th (1-6) new temporary file, that is in the middle of writing a file.
+    random.Random(0), of a run (--resume) into one directory, each run picking up what the killed one left.
+    Rounds 0, 2, 4 kill as soon as the run has created a number (1-6) of new directory entries plus a further
+    0-60 ms, so they land while it samples or between files; rounds 1, 3, 5 kill the moment the run has opened
+    its n-th (1-6) new temporary file, that is in the middle of writing a file.
     After each kill every file present is whole; the final --resume completes the set, bitwise equal to an
     uninterrupted run, and leaves nothing else behind (no .pdm-tmp-* file, no lock file)."""
     expected, _ = reference_subprocess

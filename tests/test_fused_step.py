@@ -1,27 +1,25 @@
 """pydiffmed.ops.fused_step and its companions against the torch reference and against diffusers' schedulers.
 
 Backends: every one runnable here (torch, cpu, triton under the interpreter), plus "cuda-emu": the CUDA kernel
-of csrc/cuda/fused_step.cu compiled with g++ against a tiny emulation of the CUDA launch model and driven by
-the real launcher in pydiffmed/_cuda.py (so its indexing and argument marshalling run without a GPU). On a GPU
-the @gpu tests run triton and cuda on CUDA tensors and capture the op in a CUDA graph.
+of csrc/cuda/fused_step.cu compiled with g++ against the emulation of the CUDA launch model in tests/helpers.py
+(shared with test_cuda_sources) and driven by the real launcher in pydiffmed/_cuda.py (so its indexing and
+argument marshalling run without a GPU). On a GPU the @gpu tests run triton and cuda on CUDA tensors and
+capture the op in a CUDA graph.
 """
 from __future__ import annotations
 
-import ctypes
 import importlib
 import math
 import os
-import re
-import shutil
 import subprocess
 import sys
 import zlib
 
-import numpy as np
 import pytest
 import torch
 
-from helpers import assert_close_by_rule, canary_intact, canary_like, runnable_backends
+from helpers import (CAN_EMULATE_CUDA, assert_close_by_rule, build_cuda_emulation, canary_intact, canary_like,
+                     launch_emulated, runnable_backends)
 from pydiffmed import _cuda, backends, ops
 from pydiffmed.ops import reference
 
@@ -30,52 +28,18 @@ K = len(ops.COEF_NAMES)
 fs_module = importlib.import_module("pydiffmed.ops.fused_step")  # the module (ops.fused_step is the function)
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
-HAS_GXX = shutil.which("g++") is not None
-BACKENDS = runnable_backends("fused_step", [torch.empty(1)], x=torch.empty(1)) + (["cuda-emu"] if HAS_GXX else [])
+BACKENDS = runnable_backends("fused_step", [torch.empty(1)], x=torch.empty(1)) + (["cuda-emu"] if CAN_EMULATE_CUDA
+                                                                                 else [])
 
 
 # --- the CUDA kernel on the CPU ------------------------------------------------------------------------------
 
-EMULATION = r"""
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __restrict__
-struct dim3 { unsigned x = 1, y = 1, z = 1; };
-static dim3 threadIdx, blockIdx, blockDim, gridDim;
-"""
-
-KERNEL_SIGNATURE = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)', re.S)
-_CTYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_longlong, np.int32: ctypes.c_int,
-           np.uint32: ctypes.c_uint, np.float32: ctypes.c_float}
-
-
 @pytest.fixture(scope="module")
 def cuda_emulation_library(tmp_path_factory):
-    """Every kernel of fused_step.cu (they use no shared memory or barriers, so CUDA threads can run one
-    after another), each behind an entry point emu_<kernel>(dims[6], void** args)."""
-    source_text = open(os.path.join(ROOT, "csrc", "cuda", "fused_step.cu")).read()
-    wrapper = ""
-    for name, params in KERNEL_SIGNATURE.findall(source_text):
-        types = [re.sub(r"\w+\s*$", "", p.strip()).strip() for p in params.split(",")]
-        call = ", ".join(f"*({t}*)args[{i}]" for i, t in enumerate(types))
-        wrapper += (f'extern "C" void emu_{name}(const unsigned* dims, void** args) {{\n'
-                    f'  gridDim = {{dims[0], dims[1], dims[2]}}; blockDim = {{dims[3], dims[4], dims[5]}};\n'
-                    f'  for (unsigned by = 0; by < gridDim.y; ++by) for (unsigned bx = 0; bx < gridDim.x; ++bx)\n'
-                    f'    for (unsigned tx = 0; tx < blockDim.x; ++tx) {{\n'
-                    f'      blockIdx = {{bx, by, 0}}; threadIdx = {{tx, 0, 0}}; {name}({call});\n'
-                    f'    }}\n}}\n')
-    assert "emu_fused_step_kernel" in wrapper and "emu_per_sample_sumsq_kernel" in wrapper
-    work = tmp_path_factory.mktemp("fused_step_emu")
-    source = work / "fused_step_emu.cpp"
-    source.write_text(EMULATION + '#include "cuda/fused_step.cu"\n' + wrapper)
-    lib = work / "fused_step_emu.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{ROOT}/csrc/common", f"-I{ROOT}/csrc", str(source),
-           "-o", str(lib)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return ctypes.CDLL(str(lib))
+    """The kernels of fused_step.cu compiled for the CPU emulation (helpers.build_cuda_emulation)."""
+    library = build_cuda_emulation("fused_step.cu", tmp_path_factory.mktemp("fused_step_emu"))
+    assert hasattr(library, "emu_fused_step_kernel") and hasattr(library, "emu_per_sample_sumsq_kernel")
+    return library
 
 
 @pytest.fixture
@@ -87,16 +51,13 @@ def cuda_emu(request, monkeypatch):
     lib = request.getfixturevalue("cuda_emulation_library")
 
     def kernel_launch(name, grid, block, args):
-        assert all(g >= 1 for g in grid) and block[0] <= 1024 and grid[1] <= 65535
-        values = [_CTYPES[type(a)](a) for a in args]
-        pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
-        getattr(lib, f"emu_{name}")((ctypes.c_uint * 6)(*grid, *block), pointers)
+        launch_emulated(lib, name, grid, block, args)
 
     real_select = backends.select
 
     def select(op, backend, tensors, **inputs):
         if backend == "cuda-emu":
-            return "cuda", backends._REGISTRY[op]["cuda"].run
+            return "cuda"
         return real_select(op, backend, tensors, **inputs)
 
     monkeypatch.setattr(_cuda, "fused_step_kernel_launch", kernel_launch)
@@ -262,7 +223,7 @@ def test_missing_inputs_with_device_coefficients_give_nan(backend, cuda_emu):
         out = torch.empty(shape)
         args = fs_module.StepArgs(x, m, None, 0.0, row.float(), None, (None, None, None), None, None, 0, None,
                                   out, None, None)
-        backends._REGISTRY["fused_step"][name].run(args)
+        backends.implementation("fused_step", name).run(args)
         assert bool(torch.isnan(out).all()) == expect_nan and (expect_nan or torch.equal(out, x))
 
 
@@ -277,7 +238,7 @@ def test_device_step_index_is_clamped_to_the_table(backend, cuda_emu):
         out = torch.empty(shape)
         args = fs_module.StepArgs(x, m, None, 0.0, table, torch.tensor(index), (None, None, None), None, None, 0,
                                   None, out, None, None)
-        backends._REGISTRY["fused_step"][name].run(args)
+        backends.implementation("fused_step", name).run(args)
         assert torch.equal(out, scale * x)
 
 
@@ -524,7 +485,7 @@ import itertools
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import triton_kernels.fused_step as F
+import pydiffmed.triton_kernels.fused_step as F
 
 def compile_kernel(fn, types, constexprs, **options):
     names = fn.arg_names

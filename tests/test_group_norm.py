@@ -93,8 +93,8 @@ def make_inputs(shape, dtype, channels_last, act=None, affine="both", bias_nc=Fa
     w = torch.randn(c, generator=gen) if affine in ("both", "weight") else None
     b = torch.randn(c, generator=gen) if affine in ("both", "bias") else None
     bnc = torch.randn(n, c, generator=gen) if bias_nc else None
-    move = (lambda t: None if t is None else t.to(device))
-    return move(x), g, move(w), move(b), move(bnc)
+    w, b, bnc = (None if t is None else t.to(device) for t in (w, b, bnc))
+    return x.to(device), g, w, b, bnc
 
 
 def oracle(x, num_groups, weight, bias, eps, act, bias_nc):
@@ -240,13 +240,14 @@ def test_non_contiguous_views():
 
 def test_channels_last_input_reaches_the_kernel_without_a_copy(monkeypatch):
     seen = []
-    impl = backends._REGISTRY["group_norm"]["cpu"]
+    impl = backends.implementation("group_norm", "cpu")
+    run = impl.run
 
     def spy(x, y, *args):
         seen.append((x.data_ptr(), y.is_contiguous(memory_format=torch.channels_last_3d)))
-        return impl.run(x, y, *args)
+        return run(x, y, *args)
 
-    monkeypatch.setitem(backends._REGISTRY["group_norm"], "cpu", backends.OpImpl(spy, impl.reasons))
+    monkeypatch.setattr(impl, "run", spy)
     x, g, w, b, _ = make_inputs(SHAPES[0], torch.float32, True)
     out = group_norm(x, g, w, b, backend="cpu")
     assert seen == [(x.data_ptr(), True)]
@@ -539,11 +540,11 @@ def test_unknown_backend_is_a_value_error():
 
 def _spy_backends(monkeypatch):
     called = []
-    for name, impl in list(backends._REGISTRY["group_norm"].items()):
+    for name, impl in backends.implementations("group_norm").items():
         def spy(*args, _name=name, _run=impl.run):
             called.append(_name)
             return _run(*args)
-        monkeypatch.setitem(backends._REGISTRY["group_norm"], name, backends.OpImpl(spy, impl.reasons))
+        monkeypatch.setattr(impl, "run", spy)
     return called
 
 
@@ -564,24 +565,24 @@ def test_env_var_forces_the_backend(monkeypatch):
             group_norm(x, 2)
 
 
-def test_select_remembers_answers_only_while_they_hold(monkeypatch):
-    """select() caches per (op, forced backend, devices): a later registration is seen, and an op with
+def test_select_remembers_answers_only_while_they_hold(request):
+    """select() caches per (op, forced backend, input facts): a later registration is seen, and an op with
     input-dependent limits is asked again on every call."""
     x = torch.randn(2)
-    monkeypatch.setitem(backends._REGISTRY, "probe_op", {})
+    for op in ("probe_op", "probe_limited_op"):
+        request.addfinalizer(lambda op=op: backends.unregister(op))
     backends.register("probe_op", "torch")(lambda: "torch")
-    assert backends.select("probe_op", None, (x,))[0] == "torch"
+    assert backends.select("probe_op", None, (x,)) == "torch"
     backends.register("probe_op", "cpu")(lambda: "cpu")
-    assert backends.select("probe_op", None, (x,))[0] == "cpu"
+    assert backends.select("probe_op", None, (x,)) == "cpu"
 
-    monkeypatch.setitem(backends._REGISTRY, "probe_limited_op", {})
     backends.register("probe_limited_op", "torch")(lambda: "torch")
     backends.register("probe_limited_op", "cpu", reasons=lambda small: [] if small else ["too big"])(lambda: "cpu")
-    assert backends.select("probe_limited_op", None, (x,), small=True)[0] == "cpu"
-    assert backends.select("probe_limited_op", None, (x,), small=False)[0] == "torch"
+    assert backends.select("probe_limited_op", None, (x,), small=True) == "cpu"
+    assert backends.select("probe_limited_op", None, (x,), small=False) == "torch"
     with pytest.raises(backends.BackendUnavailable, match="too big"):
         backends.select("probe_limited_op", "cpu", (x,), small=False)
-    assert backends.select("probe_limited_op", "cpu", (x,), small=True)[0] == "cpu"
+    assert backends.select("probe_limited_op", "cpu", (x,), small=True) == "cpu"
 
 
 def test_backend_argument_overrides_env_var(monkeypatch):
@@ -616,18 +617,38 @@ def test_modules_match_torch_nn(channels_last):
                                    rtol=1e-5, atol=1e-5)
 
 
-# --- GPU (skipped without CUDA) --------------------------------------------------------------------------------------
+# --- GPU (marked gpu: skipped without CUDA, "needs a CUDA GPU") --------------------------------------------------
+# The triton and cuda backends on CUDA tensors: the same oracle comparison as on the CPU plus shapes whose spatial
+# reduction splits into many chunks, the launchers with the chunk count forced, large offsets, misaligned
+# pointers, a captured CUDA graph and no host syncs. Without a GPU the same code runs through the Triton
+# interpreter (above) and the CUDA kernels through the CPU emulation (test_cuda_sources).
+
+GPU_BACKENDS = ["triton", "cuda"]
+GPU_SHAPES = SHAPES + [LARGE_SHAPE, (2, 320, (9, 10, 11), 32),
+                       (1, 64, (16, 16, 16), 32),
+                       (1, 320, (6, 10, 10), 32),   # C/G = 10
+                       (2, 32, (33, 31), 8),        # 4-D
+                       (1, 8, (48, 48, 48), 2)]     # few groups, many positions: split reduction
+
+
+def _require(backend):
+    reasons = backends.backend_reasons(backend)
+    if reasons:
+        pytest.skip(f"{backend} backend unavailable: {'; '.join(reasons)}")
+
 
 @pytest.mark.gpu
 class TestGPU:
-    @pytest.mark.parametrize("case", _cases(SHAPES + [LARGE_SHAPE, (2, 320, (9, 10, 11), 32)]), ids=_ids)
-    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    @pytest.mark.parametrize("case", _cases(GPU_SHAPES), ids=_ids)
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
     def test_matches_oracle(self, backend, case):
+        _require(backend)
         _run_all_options(backend, *case, device="cuda")
 
-    @pytest.mark.parametrize("backend", ["triton", "cuda"])
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
     def test_nan_canary(self, backend, dtype):
+        _require(backend)
         for cl in (False, True):
             x, g, w, b, bnc = make_inputs(LARGE_SHAPE, dtype, cl, bias_nc=True, device="cuda")
             fmt = channels_last_format(x.ndim) if cl else torch.contiguous_format
@@ -641,21 +662,87 @@ class TestGPU:
                 check_against_oracle(y.cpu(), x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu(), token_major,
                                      0.0, what=f"{backend} canary")
 
-    @pytest.mark.parametrize("backend", ["triton", "cuda"])
-    def test_cuda_graph_capture(self, backend):
-        x, g, w, b, bnc = make_inputs((2, 64, (16, 16, 16), 32), torch.bfloat16, True, bias_nc=True, device="cuda")
-        run = lambda: group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)  # noqa: E731
+    @pytest.mark.parametrize("num_chunks", [1, 2, 7, 64])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
+    def test_launcher_split_reduction_and_canary(self, backend, channels_last, num_chunks):
+        """The launchers directly, with the number of spatial chunks forced, writing into a NaN canary buffer."""
+        _require(backend)
+        if backend == "triton":
+            from pydiffmed.triton_kernels.group_norm import group_norm_launch
+        else:
+            from pydiffmed._cuda import group_norm_launch
+        x, g, w, b, bnc = make_inputs((2, 40, (7, 9, 11), 5), torch.float32, channels_last, bias_nc=True,
+                                      device="cuda")
+        fmt = channels_last_format(x.ndim) if channels_last else torch.contiguous_format
+        y, buf = canary_like(x, memory_format=fmt)
+        group_norm_launch(x, y, g, w, b, bnc, 1e-5, True, x_channels_last=channels_last,
+                          y_channels_last=channels_last, num_chunks=num_chunks)
+        torch.cuda.synchronize()
+        assert canary_intact(y, buf)
+        assert max_abs_err(y.cpu(), oracle(x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu())) < 2e-5
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
+    def test_large_offset_keeps_fp32_accuracy(self, backend, channels_last):
+        _require(backend)
+        x, g, w, b, bnc = make_inputs((2, 32, (12, 12, 12), 8), torch.float32, channels_last, bias_nc=True,
+                                      offset=1000.0, device="cuda")
+        y = group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)
+        assert max_abs_err(y.cpu(), oracle(x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu())) < 2e-5
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
+    def test_misaligned_input_and_no_affine(self, backend, dtype):
+        """A tensor starting one element into its storage (no 16-byte alignment) takes the scalar-load path."""
+        _require(backend)
+        shape, groups = (2, 16, 8, 8, 8), 4
+        storage = torch.randn(math.prod(shape) + 1, device="cuda").to(dtype)
+        x = storage[1:].view(shape)
+        y = group_norm(x, groups, backend=backend)
+        check_against_oracle(y.cpu(), x.cpu(), groups, None, None, 1e-5, None, None, False, 0.0,
+                             what=f"{backend} misaligned {dtype}")
+
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
+    def test_cuda_graph_capture_and_replay(self, backend):
+        _require(backend)
+        shape = (2, 64, (16, 16, 16), 32)
+        x, g, w, b, bnc = make_inputs(shape, torch.bfloat16, True, bias_nc=True, device="cuda")
+
+        def run():
+            return group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            run()  # warm-up: compilation and caches outside the capture
+        with torch.cuda.stream(stream):  # warm-up: compilation, autotuning and caches outside the capture
+            for _ in range(2):
+                run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = run()
-        x.copy_(torch.randn_like(x) + 3)
-        graph.replay()
+        for seed in (1, 2):
+            x_new, _, _, _, bnc_new = make_inputs(shape, torch.bfloat16, True, bias_nc=True, device="cuda",
+                                                  seed=seed)
+            x.copy_(x_new)
+            bnc.copy_(bnc_new)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, run()), f"replay {seed} differs from an eager call on the same data"
+            check_against_oracle(out.cpu(), x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu(), False, 0.0,
+                                 what=f"{backend} graph replay {seed}")
+
+    @pytest.mark.parametrize("backend", GPU_BACKENDS)
+    def test_no_host_sync(self, backend):
+        _require(backend)
+        x, g, w, b, bnc = make_inputs((1, 24, (9, 9, 9), 3), torch.float16, False, bias_nc=True, device="cuda")
+        group_norm(x, g, w, b, act="silu", bias_nc=bnc, backend=backend)  # compile first
         torch.cuda.synchronize()
-        torch.testing.assert_close(out, run())
-        check_against_oracle(out.cpu(), x.cpu(), g, w.cpu(), b.cpu(), 1e-5, "silu", bnc.cpu(), False, 0.0,
-                             what=f"{backend} graph replay")
+        previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for token_major in (False, True):
+                group_norm(x, g, w, b, act="silu", bias_nc=bnc, token_major=token_major, backend=backend)
+            group_norm(x.to(memory_format=channels_last_format(x.ndim)), g, w, b, bias_nc=bnc, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)

@@ -305,7 +305,8 @@ def test_poisson_disc_mask(shape, r):
     assert m.dtype == torch.bool and m.shape == shape
     assert abs(achieved / r - 1) < 0.05
     (ny, nz), nc = shape, [max(1, round(0.08 * n)) for n in shape]
-    assert m[ny // 2 - nc[0] // 2: ny // 2 - nc[0] // 2 + nc[0], nz // 2 - nc[1] // 2: nz // 2 - nc[1] // 2 + nc[1]].all()
+    y0, z0 = ny // 2 - nc[0] // 2, nz // 2 - nc[1] // 2
+    assert m[y0:y0 + nc[0], z0:z0 + nc[1]].all()
     assert torch.equal(m, poisson_disc_mask(shape, r, seed=5)[0])
     assert not torch.equal(m, poisson_disc_mask(shape, r, seed=6)[0])
     # variable density: the inner half of k-space is sampled more densely than the outer rim

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import pydiffmed
 from pydiffmed import io
 
 
@@ -290,3 +291,25 @@ def test_corrupt_json_names_the_file(tmp_path):
         io.read_json(path)
     with pytest.raises(FileNotFoundError, match="none.json"):
         io.read_json(tmp_path / "none.json")
+
+
+# --- provenance in the NIfTI header ----------------------------------------------------------------------------
+
+def test_nifti_descrip_holds_the_description(tmp_path):
+    text = io.sample_description("demo", 7, "dpmpp_2m", 20)
+    assert text == f"pydiffmed {pydiffmed.__version__} demo seed 7 dpmpp_2m 20"
+    io.save_volume(tmp_path / "v.nii.gz", torch.zeros(2, 2, 2), description=text)
+    assert nib.load(str(tmp_path / "v.nii.gz")).header["descrip"].item() == text.encode()
+    io.save_volume(tmp_path / "w.nii.gz", torch.zeros(2, 2, 2))  # no description: the field stays empty
+    assert nib.load(str(tmp_path / "w.nii.gz")).header["descrip"].item() == b""
+
+
+def test_description_fits_80_bytes_keeping_seed_solver_and_steps(tmp_path):
+    seed = 2 ** 63 - 1
+    text = io.sample_description("a-very-long-model-name-" * 5, seed, "dpmpp_2m_sde", 1000)
+    assert len(text) == 80 and text.startswith(f"pydiffmed {pydiffmed.__version__} a-very-long-")
+    assert text.endswith(f"... seed {seed} dpmpp_2m_sde 1000")
+    odd = io.sample_description("Modèle\n2 (v1)", 3, "ddim", 50)  # printable ASCII only, one line
+    assert odd.endswith("Mod?le?2_(v1) seed 3 ddim 50") and odd.isascii() and odd.isprintable()
+    io.save_volume(tmp_path / "v.nii", torch.zeros(2, 2, 2), description="x" * 200)  # cut, not an error
+    assert nib.load(str(tmp_path / "v.nii")).header["descrip"].item() == b"x" * 80

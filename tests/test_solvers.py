@@ -19,8 +19,18 @@ from pydiffmed.ops.fused_step import fused_step
 from pydiffmed.schedules import NoiseSchedule, karras_sigmas
 from pydiffmed.solvers import SOLVERS, SamplingPlan, StepForm
 
-diffusers = pytest.importorskip("diffusers")
-monai_sched = pytest.importorskip("monai.networks.schedulers")
+
+# The peers, for the comparisons of part 1 only (the plan contract, the exact answers and the golden values need
+# neither): a test that compares with one asks for it and is skipped without it.
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def monai_sched():
+    return pytest.importorskip("monai.networks.schedulers")
+
 
 SHAPE = (2, 2, 3, 3, 3)
 TOL = 1e-5
@@ -80,7 +90,7 @@ DDPM_CASES = [(p, sp, v, clip) for p in ("epsilon", "v_prediction", "sample")
 
 
 @pytest.mark.parametrize("pred,spacing,variance,clip", DDPM_CASES)
-def test_ddpm_matches_diffusers(pred, spacing, variance, clip):
+def test_ddpm_matches_diffusers(pred, spacing, variance, clip, diffusers):
     offset = 1 if spacing == "leading" else 0
     ref = diffusers.DDPMScheduler(prediction_type=pred, timestep_spacing=spacing, variance_type=variance,
                                   clip_sample=clip, steps_offset=offset, beta_schedule="scaled_linear")
@@ -100,7 +110,7 @@ def test_ddpm_matches_diffusers(pred, spacing, variance, clip):
                                     dict(rescale_betas_zero_snr=True, prediction_type="v_prediction",
                                          timestep_spacing="trailing", clip_sample=False),
                                     dict(beta_schedule="sigmoid", clip_sample=False)])
-def test_ddpm_matches_diffusers_variants(config):
+def test_ddpm_matches_diffusers_variants(config, diffusers):
     ref = diffusers.DDPMScheduler(**config)
     ref.set_timesteps(10)
     betas = config.get("beta_schedule", "linear")
@@ -129,7 +139,7 @@ def _monai_in_float64(ref):
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-def test_ddpm_matches_monai(pred, variance):
+def test_ddpm_matches_monai(pred, variance, monai_sched):
     # MONAI's own grid and its one-training-step posterior (posterior='train_step'); its tables recomputed in
     # float64 because in float32 its last step loses 1.7e-4 to 1 - alpha_bar[0] (see test_ddpm_monai_as_is)
     ref = _monai_in_float64(monai_sched.DDPMScheduler(prediction_type=pred, variance_type=variance))
@@ -145,7 +155,7 @@ def test_ddpm_matches_monai(pred, variance):
     assert rel_err(x, y) <= TOL
 
 
-def test_ddpm_monai_as_is():
+def test_ddpm_monai_as_is(monai_sched):
     """MONAI with its own float32 tables: equal to 1e-5 until the last step, whose x0 coefficient
     beta[0]/(1 - alpha_bar[0]) MONAI evaluates as 0.99983 instead of 1 (float32 cancellation)."""
     ref = monai_sched.DDPMScheduler()
@@ -163,7 +173,7 @@ def test_ddpm_monai_as_is():
     assert rel_err(x, y) <= 1.5 * abs(coef - 1)
 
 
-def test_ddpm_monai_1000_steps():
+def test_ddpm_monai_1000_steps(monai_sched):
     """The full 1000-step DDPM (where MONAI's train-step posterior is the exact one) with float64 tables."""
     ref = _monai_in_float64(monai_sched.DDPMScheduler())
     ref.set_timesteps(1000)
@@ -185,7 +195,7 @@ DDIM_CASES = [(p, sp, clip, eta) for p in ("epsilon", "v_prediction", "sample")
 
 
 @pytest.mark.parametrize("pred,spacing,clip,eta", DDIM_CASES)
-def test_ddim_matches_diffusers(pred, spacing, clip, eta):
+def test_ddim_matches_diffusers(pred, spacing, clip, eta, diffusers):
     ref = diffusers.DDIMScheduler(prediction_type=pred, timestep_spacing=spacing, clip_sample=clip)
     ref.set_timesteps(10)
     ours = get_solver("ddim", NoiseSchedule.discrete("linear"), 10, prediction_type=pred, spacing=spacing,
@@ -206,7 +216,7 @@ def test_ddim_matches_diffusers(pred, spacing, clip, eta):
           clip_sample=False, beta_schedule="scaled_linear"), dict(eta=0.5)),
     (dict(set_alpha_to_one=False, steps_offset=1, clip_sample=False), {}),
 ])
-def test_ddim_matches_diffusers_variants(config, step_kwargs):
+def test_ddim_matches_diffusers_variants(config, step_kwargs, diffusers):
     ref = diffusers.DDIMScheduler(**config)
     ref.set_timesteps(12)
     sched = NoiseSchedule.discrete(config.get("beta_schedule", "linear"),
@@ -229,7 +239,7 @@ def test_ddim_matches_diffusers_variants(config, step_kwargs):
 
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_matches_monai(pred, eta):
+def test_ddim_matches_monai(pred, eta, monai_sched):
     ref = monai_sched.DDIMScheduler(prediction_type=pred)            # clip_sample=True, MONAI's default
     ref.set_timesteps(15)
     ours = get_solver("ddim", NoiseSchedule.discrete("linear_beta"), 15, prediction_type=pred, spacing="monai",
@@ -246,7 +256,7 @@ def test_ddim_matches_monai(pred, eta):
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-def test_ddim_inversion_matches_diffusers(spacing, clip, pred):
+def test_ddim_inversion_matches_diffusers(spacing, clip, pred, diffusers):
     ref = diffusers.DDIMInverseScheduler(timestep_spacing=spacing, clip_sample=clip, prediction_type=pred)
     ref.set_timesteps(12)
     ours = get_solver("ddim_inversion", NoiseSchedule.discrete("linear"), 12, spacing=spacing, prediction_type=pred,
@@ -261,7 +271,7 @@ def test_ddim_inversion_matches_diffusers(spacing, clip, pred):
     assert rel_err(x, y) <= TOL
 
 
-def test_ddim_inversion_matches_monai_reversed_step():
+def test_ddim_inversion_matches_monai_reversed_step(monai_sched):
     ref = monai_sched.DDIMScheduler(clip_sample=False)
     ref.set_timesteps(12)
     ours = get_solver("ddim_inversion", NoiseSchedule.discrete("linear_beta"), 12, spacing="monai",
@@ -293,7 +303,7 @@ def test_ddim_inversion_inverts_ddim():
 @pytest.mark.parametrize("skip_prk", [False, True])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-def test_pndm_matches_diffusers(skip_prk, pred, spacing):
+def test_pndm_matches_diffusers(skip_prk, pred, spacing, diffusers):
     ref = diffusers.PNDMScheduler(skip_prk_steps=skip_prk, prediction_type=pred, timestep_spacing=spacing)
     ref.set_timesteps(12)
     ours = get_solver("pndm", NoiseSchedule.discrete("linear"), 12, skip_prk_steps=skip_prk, prediction_type=pred,
@@ -309,7 +319,7 @@ def test_pndm_matches_diffusers(skip_prk, pred, spacing):
 
 @pytest.mark.parametrize("skip_prk", [False, True])
 @pytest.mark.parametrize("pred", ["epsilon", "v_prediction"])
-def test_pndm_matches_monai(skip_prk, pred):
+def test_pndm_matches_monai(skip_prk, pred, monai_sched):
     ref = monai_sched.PNDMScheduler(skip_prk_steps=skip_prk, prediction_type=pred)
     ref.set_timesteps(12)
     ours = get_solver("pndm", NoiseSchedule.discrete("linear_beta"), 12, skip_prk_steps=skip_prk,
@@ -330,7 +340,7 @@ DPM_CASES = [(name, grid, cfg) for name in ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sd
 
 
 @pytest.mark.parametrize("name,grid,cfg", DPM_CASES)
-def test_dpmpp_matches_diffusers(name, grid, cfg):
+def test_dpmpp_matches_diffusers(name, grid, cfg, diffusers):
     pred, spacing, n, solver_type, thresholding = cfg
     order = 3 if name == "dpmpp_3m" else 2
     ref = diffusers.DPMSolverMultistepScheduler(
@@ -355,7 +365,7 @@ def test_dpmpp_matches_diffusers(name, grid, cfg):
     dict(euler_at_final=True, beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True),
     dict(lower_order_final=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
 ])
-def test_dpmpp_matches_diffusers_variants(config):
+def test_dpmpp_matches_diffusers_variants(config, diffusers):
     ref = diffusers.DPMSolverMultistepScheduler(**config)
     ref.set_timesteps(12)
     ref.set_begin_index(0)        # its timestep lookup mis-indexes repeated timesteps (Karras + cosine)
@@ -400,7 +410,7 @@ UNIPC_CASES = [(2, "bh2", "uniform", "epsilon", "linspace", 10, False, True),
 
 
 @pytest.mark.parametrize("order,variant,grid,pred,spacing,n,thresholding,predict_x0", UNIPC_CASES)
-def test_unipc_matches_diffusers(order, variant, grid, pred, spacing, n, thresholding, predict_x0):
+def test_unipc_matches_diffusers(order, variant, grid, pred, spacing, n, thresholding, predict_x0, diffusers):
     # diffusers turns the last step into NaN for bh1 or noise prediction with final sigma 0: those use sigma_min
     final = "zero" if (predict_x0 and variant == "bh2") else "sigma_min"
     ref = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, prediction_type=pred,
@@ -422,7 +432,7 @@ def test_unipc_matches_diffusers(order, variant, grid, pred, spacing, n, thresho
 
 @pytest.mark.parametrize("name,n,begin", [("dpmpp_2m", 20, 10), ("dpmpp_3m", 12, 5), ("dpmpp_2m_sde", 16, 9),
                                             ("unipc", 20, 6), ("unipc", 10, 9)])
-def test_starting_part_way_matches_diffusers_begin_index(name, n, begin):
+def test_starting_part_way_matches_diffusers_begin_index(name, n, begin, diffusers):
     """SDEdit / img2img: a multistep solver started at step `begin` equals diffusers' scheduler after
     set_begin_index(begin) (a fresh multistep history, lower order first; 'fewer than 15 steps' still counts
     the whole grid)."""
@@ -460,7 +470,7 @@ EULER_CASES = [(cls, pred, spacing, karras, n, churn)
 
 
 @pytest.mark.parametrize("peer_name,pred,spacing,karras,n,churn", EULER_CASES)
-def test_euler_heun_match_diffusers(peer_name, pred, spacing, karras, n, churn):
+def test_euler_heun_match_diffusers(peer_name, pred, spacing, karras, n, churn, diffusers):
     """diffusers works on x_sigma = x_t·sqrt(sigma² + 1) (scale_model_input); our state is x_t."""
     cls = diffusers.EulerDiscreteScheduler if peer_name == "euler" else diffusers.HeunDiscreteScheduler
     churn = churn if peer_name == "euler" else 0.0
@@ -518,7 +528,7 @@ def test_edm_matches_karras_algorithms(heun, churn):
 
 
 @pytest.mark.parametrize("n,corrector_steps", [(15, 1), (12, 2)])
-def test_pc_matches_diffusers_score_sde_ve(n, corrector_steps):
+def test_pc_matches_diffusers_score_sde_ve(n, corrector_steps, diffusers):
     ref = diffusers.ScoreSdeVeScheduler(num_train_timesteps=n, sigma_max=50.0, snr=0.15,
                                         correct_steps=corrector_steps)
     ref.set_timesteps(n)
@@ -546,7 +556,7 @@ def test_pc_matches_diffusers_score_sde_ve(n, corrector_steps):
 @pytest.mark.parametrize("discrete,transform,n,offset", [(True, False, 30, 0), (False, False, 7, 0),
                                                          (True, True, 10, 0), (False, True, 13, 0),
                                                          (True, False, 10, 1)])
-def test_rflow_matches_monai(discrete, transform, n, offset):
+def test_rflow_matches_monai(discrete, transform, n, offset, monai_sched):
     ref = monai_sched.RFlowScheduler(use_discrete_timesteps=discrete, use_timestep_transform=transform,
                                      steps_offset=offset)
     ref.set_timesteps(n, input_img_size_numel=64 ** 3)
@@ -571,13 +581,14 @@ def _learned_model(x, t):
 
 @pytest.mark.parametrize("variance", ["learned", "learned_range"])
 @pytest.mark.parametrize("peer_name", ["diffusers", "monai"])
-def test_ddpm_learned_variance(variance, peer_name):
+def test_ddpm_learned_variance(variance, peer_name, request):
+    peer = request.getfixturevalue("diffusers" if peer_name == "diffusers" else "monai_sched")
     if peer_name == "diffusers":
-        ref = diffusers.DDPMScheduler(variance_type=variance, clip_sample=False)
+        ref = peer.DDPMScheduler(variance_type=variance, clip_sample=False)
         ref.set_timesteps(15)
         ours = get_solver("ddpm", NoiseSchedule.discrete("linear"), 15, variance_type=variance)
     else:
-        ref = _monai_in_float64(monai_sched.DDPMScheduler(variance_type=variance, clip_sample=False))
+        ref = _monai_in_float64(peer.DDPMScheduler(variance_type=variance, clip_sample=False))
         ref.set_timesteps(15)
         ours = get_solver("ddpm", NoiseSchedule.discrete("linear"), 15, variance_type=variance, spacing="monai",
                           posterior="train_step", learned_range_space="linear")

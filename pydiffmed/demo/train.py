@@ -2,12 +2,15 @@
 
     python -m pydiffmed.demo.train                       # the shipped model (≈1 h on 2 CPU cores)
     python -m pydiffmed.demo.train --iterations 20 --out /tmp/demo_smoke
+    python -m pydiffmed.demo.train --healthy --init demo --iterations 800 --lr 2e-4 \
+        --out pydiffmed/models_data/demo_healthy   # the bundled `demo_healthy` (anomaly detection)
 
 Every batch holds fresh phantoms (family 0, indices counting up from 0), so the run sees new data throughout;
-phantom family 1 is kept apart for the quality checks. The loss is the v-prediction MSE at uniform discrete
-timesteps of a 1000-step cosine schedule; the forward runs under CPU bf16 autocast with fp32 master weights,
-and the saved weights are an exponential moving average of the trained ones. Everything (phantoms, timesteps,
-noise, initialisation) is drawn from generators seeded by --seed.
+phantom family 1 is kept apart for the quality checks. --healthy trains on the same heads without their lesions
+(`data.head_phantom(..., lesions=False)`), --init starts from an existing model's weights (fine-tuning). The loss
+is the v-prediction MSE at uniform discrete timesteps of a 1000-step cosine schedule; the forward runs under CPU
+bf16 autocast with fp32 master weights, and the saved weights are an exponential moving average of the trained
+ones. Everything (phantoms, timesteps, noise, initialisation) is drawn from generators seeded by --seed.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import time
 import torch
 
 from .. import data
-from ..modelfile import MODELS_DIR, build_schedule, save_model
+from ..modelfile import MODELS_DIR, build_schedule, load_model, save_model
 from ..models import UNet3D
 
 DEFAULT_OUT = os.path.join(MODELS_DIR, "demo")
@@ -63,13 +66,15 @@ def _git_commit() -> str | None:
 
 def train(out: str = DEFAULT_OUT, iterations: int = 2600, batch: int = 4, lr: float = 5e-4, ema_decay: float = 0.998,
           seed: int = 0, size: int = VOLUME_SIZE, unet: dict | None = None, bf16: bool = True, save_every: int = 500,
-          log=lambda line: print(line, flush=True)) -> UNet3D:
+          lesions: bool = True, init: str | None = None, log=lambda line: print(line, flush=True)) -> UNet3D:
     """Train and save the demo model to `out` (a pydiffmed model directory); returns the EMA model."""
     for name, value in (("iterations", iterations), ("batch", batch), ("size", size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     torch.manual_seed(seed)
     model = UNet3D(**(unet or UNET)).train()
+    if init is not None:
+        model.load_state_dict(load_model(init)[0].state_dict())
     ema = UNet3D(**(unet or UNET)).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -80,13 +85,14 @@ def train(out: str = DEFAULT_OUT, iterations: int = 2600, batch: int = 4, lr: fl
 
     def save(step):
         source = {"script": "python -m pydiffmed.demo.train", "iterations": step, "batch": batch, "lr": lr,
-                  "ema_decay": ema_decay, "seed": seed, "bf16_autocast": bf16, "data": "pydiffmed.data phantom "
-                  f"family {seed}, indices 0..{step * batch - 1}", "seconds": round(time.perf_counter() - started),
+                  "ema_decay": ema_decay, "seed": seed, "bf16_autocast": bf16, "init": init,
+                  "data": f"pydiffmed.data phantom family {seed}, indices 0..{step * batch - 1}"
+                  + ("" if lesions else ", without lesions"), "seconds": round(time.perf_counter() - started),
                   "final_loss": running_loss, "torch": torch.__version__, "commit": _git_commit()}
         save_model(out, ema, model_config(ema, size, source), overwrite=True)
 
     for step in range(iterations):
-        x0 = data.phantoms(batch, seed=seed, shape=size, start=step * batch)
+        x0 = data.phantoms(batch, seed=seed, shape=size, start=step * batch, lesions=lesions)
         t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1, 1)
@@ -126,10 +132,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower)")
+    parser.add_argument("--healthy", action="store_true", help="phantoms without lesions (for anomaly detection)")
+    parser.add_argument("--init", default=None, help="start from this model's weights (directory or bundled name)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    train(args.out, args.iterations, args.batch, args.lr, seed=args.seed, bf16=args.bf16)
+    train(args.out, args.iterations, args.batch, args.lr, seed=args.seed, bf16=args.bf16, lesions=not args.healthy,
+          init=args.init)
     return 0
 
 

@@ -1,5 +1,10 @@
-"""Inverse problems: measurement operators (A, Aᴴ) and undersampling masks; see DESIGN.md §9 "Measurements"."""
+"""Inverse problems: measurement operators (A, Aᴴ), undersampling masks and the posterior samplers' data steps
+(samplers.py); see DESIGN.md §9 "Measurements". Anomaly detection with a model of healthy anatomy (anomaly.py:
+reconstructions from partial noising or DDIM inversion, the anomaly map, threshold, score, AUROC; noise.py: simplex
+noise)."""
+from .anomaly import anomaly_map, anomaly_score, auroc, gaussian_smooth, otsu_threshold, reconstruct_healthy, threshold
 from .masks import poisson_disc_mask, random_mask, uniform_mask
+from .noise import simplex_noise
 from .operators import (
     CartesianMRI,
     Downsampling,
@@ -14,7 +19,10 @@ from .operators import (
     limited_angle_angles,
     sparse_view_angles,
 )
+from .samplers import POSTERIORS, DataStep, Measurement, data_step
 
-__all__ = ["CartesianMRI", "Downsampling", "LinearOperator", "Masking", "ParallelBeamCT", "adjoint_error",
-           "as_operator", "conjugate_gradient", "fft_c", "ifft_c", "limited_angle_angles", "poisson_disc_mask",
-           "random_mask", "sparse_view_angles", "uniform_mask"]
+__all__ = ["POSTERIORS", "CartesianMRI", "DataStep", "Downsampling", "LinearOperator", "Masking", "Measurement",
+           "ParallelBeamCT", "adjoint_error", "anomaly_map", "anomaly_score", "as_operator", "auroc",
+           "conjugate_gradient", "data_step", "fft_c", "gaussian_smooth", "ifft_c", "limited_angle_angles",
+           "otsu_threshold", "poisson_disc_mask", "random_mask", "reconstruct_healthy", "simplex_noise",
+           "sparse_view_angles", "threshold", "uniform_mask"]

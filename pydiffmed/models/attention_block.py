@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
-from .layers import add_linear_, linear
+from .layers import add_linear_, channels_last_format, linear
 
 
 class SpatialSelfAttention(nn.Module):
@@ -162,8 +162,7 @@ class SpatialAttentionBlock(nn.Module):
         norm, attn = self.norm, self.attn
         h = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, token_major=True)
         out = attn.attend(h).view(b * n, c)
-        memory_format = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
-        y = torch.empty_like(x, memory_format=memory_format)
+        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
         y_tokens = y.movedim(1, -1).view(b, n, c)  # y's own memory, token-major
         x_tokens = x.movedim(1, -1).reshape(b, n, c)  # a view for contiguous or channels_last x
         if attn.include_fc:

@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import channels_last_format
+
 _HAS_CONV_ADD = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-
-
-def channels_last_format(ndim: int):
-    return torch.channels_last_3d if ndim == 5 else torch.channels_last
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,17 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def dtype_name(dtype) -> str:
+    """'float16' for torch.float16: how messages, sidecars and reports name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def check_float_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected one of {allowed}")
+        allowed = ", ".join(dtype_name(d) for d in dtypes)
+        raise TypeError(f"{name} has dtype {dtype_name(t.dtype)}; expected one of {allowed}")
 
 
 def check_shape(name: str, t, shape) -> None:

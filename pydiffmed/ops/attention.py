@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float_tensor, check_same_device
+from ._checks import check_float_tensor, check_same_device, dtype_name
 
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -37,7 +37,7 @@ def attention(q, k, v, *, scale=None, layout="bhnd", backend=None):
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {_dtype_name(t)} but q has dtype {_dtype_name(q)}")
+            raise TypeError(f"{name} has dtype {dtype_name(t.dtype)} but q has dtype {dtype_name(q.dtype)}")
     check_same_device("q", q, k=k, v=v)
     qh, kh, vh = (_as_bhnd(t, layout) for t in (q, k, v))
     batch, heads, _, head_dim = qh.shape
@@ -56,12 +56,8 @@ def attention(q, k, v, *, scale=None, layout="bhnd", backend=None):
         scale = head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    name, _ = backends.select("attention", backend, (q, k, v), q=qh, k=kh, v=vh)
+    name = backends.select("attention", backend, (q, k, v), q=qh, k=kh, v=vh)
     return torch.ops.pydiffmed.attention(q, k, v, float(scale), layout == "bnhd", name)
-
-
-def _dtype_name(t):
-    return str(t.dtype).replace("torch.", "")
 
 
 def _layout_words(layout):
@@ -81,7 +77,7 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = _empty_output(q)
     layout = "bnhd" if tokens_before_heads else "bhnd"
     if out.numel():
-        backends._REGISTRY["attention"][backend].run(
+        backends.implementation("attention", backend).run(
             _as_bhnd(q, layout), _as_bhnd(k, layout), _as_bhnd(v, layout), _as_bhnd(out, layout), scale)
     return out
 
@@ -119,29 +115,25 @@ def _run_sdpa(q, k, v, out, scale):
     out.copy_(F.scaled_dot_product_attention(q, k, v, scale=scale))
 
 
-backends.register("attention", "torch")(_run_sdpa)
-backends.register("attention", "cpu", reasons=lambda **_: [])(_run_sdpa)
+backends.register("attention", "torch", dtypes=None, layouts=None)(_run_sdpa)
+backends.register("attention", "cpu", layouts=None)(_run_sdpa)
+
+# The Triton kernel's limits (pydiffmed/triton_kernels/attention.py: d <= 128, MAX_GRID_Y; its
+# unsupported_reasons also checks the strides, which only the inputs tell). bf16 tl.dot gives wrong results
+# under the Triton interpreter: bf16 runs on GPU only.
+_TRITON_LIMITS = (backends.Limit("head_dim", "head dimension d", 128, lambda q, **_: q.shape[-1]),
+                  backends.Limit("batch_heads", "B·heads", 65535, lambda q, **_: q.shape[0] * q.shape[1]))
 
 
 def _triton_reasons(q, k, v):
-    from triton_kernels.attention import unsupported_reasons
+    from pydiffmed.triton_kernels.attention import unsupported_reasons
 
-    reasons = unsupported_reasons(q, k, v)
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        reasons.append("bf16 tl.dot gives wrong results under the Triton interpreter (bf16 runs on GPU only)")
-    return reasons
+    return unsupported_reasons(q, k, v)
 
 
-@backends.register("attention", "triton", reasons=_triton_reasons)
+@backends.register("attention", "triton", layouts=None, limits=_TRITON_LIMITS,
+                   interpreter_dtypes=(torch.float32, torch.float16), reasons=_triton_reasons)
 def _run_triton(q, k, v, out, scale):
-    from triton_kernels.attention import attention_launch
+    from pydiffmed.triton_kernels.attention import attention_launch
 
     attention_launch(q, k, v, out, scale)
-
-
-_CUDA_REASON = "the cuda backend has no attention kernel (the triton backend is the CUDA path for attention)"
-
-
-@backends.register("attention", "cuda", reasons=lambda **_: [_CUDA_REASON])
-def _run_cuda(q, k, v, out, scale):
-    raise backends.BackendUnavailable(_CUDA_REASON)  # select() never picks it: its reasons are never empty

@@ -19,14 +19,16 @@ element is read before it is written), but must not partially overlap them.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 from typing import Optional, Sequence
 
 import torch
 
 from .. import backends
 from ._checks import (FLOAT_DTYPES, channels_last_format, check_float_tensor, check_same_device, check_shape,
-                      layout_of)
+                      dtype_name, layout_of)
 from . import reference
 
 COEF_NAMES = ("p_x", "p_m", "clip", "a", "b", "c1", "c2", "c3", "s")
@@ -59,7 +61,7 @@ def step_coefs(p_x=0.0, p_m=0.0, clip=None, a=0.0, b=0.0, c=(), s=0.0, dtype=tor
 
 def _check_index_tensor(name, t, device):
     if t.dtype not in _INTEGER_DTYPES:
-        raise TypeError(f"{name} must be an integer tensor, got dtype {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name} must be an integer tensor, got dtype {dtype_name(t.dtype)}")
     if t.numel() != 1 or t.ndim > 1:
         raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(t.shape)}")
     if t.device != device:
@@ -81,7 +83,7 @@ def _coefficient_tensor(coefs, b, table, device):
         except (TypeError, ValueError):
             raise TypeError("coefs must be a tensor or a sequence of K numbers") from None
     if coefs.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"coefs must be float32 or float64, got {str(coefs.dtype).replace('torch.', '')}")
+        raise TypeError(f"coefs must be float32 or float64, got {dtype_name(coefs.dtype)}")
     shape = tuple(coefs.shape)
     if table:
         ok = (coefs.ndim == 2 and shape[1] == K) or (coefs.ndim == 3 and shape[1:] == (b, K))
@@ -205,7 +207,7 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
     noise_k = as_layout(noise)
 
     tensors = (x_k, m_k, mc_k, *h_k, noise_k, seeds, coefs, step_index, noise_step_tensor, *staged.values())
-    name, _ = backends.select("fused_step", backend, tensors, x=x_k)
+    name = backends.select("fused_step", backend, tensors, x=x_k)
     args = (x_k, m_k, mc_k, float(guidance_scale or 0.0), coefs, step_index, *h_k, noise_k, seeds, int(noise_step),
             noise_step_tensor, staged["out"], staged["model_input"], staged["x0_out"], name)
     if torch.compiler.is_compiling():
@@ -233,7 +235,7 @@ def _fused_step_run(x, model_output, model_output_cond, guidance_scale, coefs, s
                     noise_step, noise_step_tensor, out, model_input, x0_out, backend):
     args = StepArgs(x, model_output, model_output_cond, guidance_scale, coefs, step_index, (h1, h2, h3), noise,
                     seeds, noise_step, noise_step_tensor, out, model_input, x0_out)
-    backends._REGISTRY["fused_step"][backend].run(args)
+    backends.implementation("fused_step", backend).run(args)
 
 
 @_fused_step_op.register_fake
@@ -265,15 +267,7 @@ class StepArgs:
 
 # --- backends ------------------------------------------------------------------------------------------------
 
-def _cpu_reasons(**_):
-    try:
-        from .. import _C
-    except Exception:
-        return []  # backends.backend_reasons already reports the missing extension
-    return [] if hasattr(_C, "fused_step") else ["pydiffmed._C was built without fused_step (rebuild it)"]
-
-
-@backends.register("fused_step", "torch")
+@backends.register("fused_step", "torch", dtypes=None, layouts=None)
 def _run_torch(a: StepArgs):
     coefs = a.coefs
     if a.step_index is not None:
@@ -300,7 +294,7 @@ def _ptr(t):
     return t.data_ptr() if t is not None else 0
 
 
-@backends.register("fused_step", "cpu", reasons=_cpu_reasons)
+@backends.register("fused_step", "cpu", symbols=("fused_step",))
 def _run_cpu(a: StepArgs):
     from .. import _C
 
@@ -317,7 +311,7 @@ def _run_cpu(a: StepArgs):
 
 @backends.register("fused_step", "triton")
 def _run_triton(a: StepArgs):
-    from triton_kernels.fused_step import fused_step_launch
+    from pydiffmed.triton_kernels.fused_step import fused_step_launch
 
     fused_step_launch(a)
 
@@ -330,6 +324,47 @@ def _run_cuda(a: StepArgs):
 
 
 # --- noise ---------------------------------------------------------------------------------------------------
+
+_SEED_RANGE = "[-2**63, 2**63)"  # a Philox key is the seed's 64-bit two's complement
+
+
+def philox_keys(seed, batch: int) -> torch.Tensor:
+    """(B,) int64 CPU tensor of the per-sample Philox keys fused_step's noise uses: seed + arange(B) for an int
+    (what the engine and the solvers do by default), or one seed per sample (sequence or integer tensor). Every
+    key must lie in [-2**63, 2**63) (ValueError naming the seed)."""
+    if isinstance(seed, bool):
+        raise TypeError("seed must be an int, a sequence of B ints or an int64 tensor (B,), got bool")
+    if isinstance(seed, numbers.Integral):
+        seed = int(seed)
+        if not -2 ** 63 <= seed <= 2 ** 63 - batch:
+            last = f" (samples use seeds {seed}..{seed + batch - 1})" if batch > 1 else ""
+            raise ValueError(f"seed {seed} is out of range{last}: every per-sample seed must lie in {_SEED_RANGE}, "
+                             f"the 64-bit Philox keys")
+        return torch.arange(batch, dtype=torch.int64) + seed
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in _INTEGER_DTYPES:
+            raise TypeError(f"seed tensor must have an integer dtype, got {dtype_name(seed.dtype)}")
+        seeds = seed.reshape(-1).to(torch.int64)
+    else:
+        if hasattr(seed, "__len__") and len(seed) != batch:
+            raise ValueError(f"seed gives {len(seed)} seeds for a batch of {batch} (one per sample, or one int)")
+        try:
+            values = list(itertools.islice(seed, batch + 1))  # never more than one too many
+        except TypeError:
+            raise TypeError(f"seed must be an int, a sequence of B ints or an int64 tensor, "
+                            f"got {type(seed).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+            raise TypeError("seed sequence must hold ints")
+        for v in values:
+            if not -2 ** 63 <= int(v) < 2 ** 63:
+                raise ValueError(f"seed {int(v)} is out of range: every per-sample seed must lie in {_SEED_RANGE}, "
+                                 f"the 64-bit Philox keys")
+        seeds = torch.tensor([int(v) for v in values], dtype=torch.int64)
+    if seeds.numel() != batch:
+        count = f"{seeds.numel()}" if seeds.numel() <= batch else "more"
+        raise ValueError(f"seed gives {count} seeds for a batch of {batch} (one per sample, or one int)")
+    return seeds
+
 
 def philox_normal(seeds, step, shape, device=None, backend=None) -> torch.Tensor:
     """Exactly the noise fused_step draws for these seeds and step word: an fp32 tensor of `shape` (B, ...)
@@ -428,7 +463,7 @@ def per_sample_norm(t, *, backend=None) -> torch.Tensor:
         raise ValueError(f"t must have a batch dimension of size >= 1, got shape {tuple(t.shape)}")
     if layout_of(t) == "strided":
         t = t.contiguous()
-    name, _ = backends.select("per_sample_norm", backend, (t,), t=t)
+    name = backends.select("per_sample_norm", backend, (t,), t=t)
     return torch.ops.pydiffmed.per_sample_norm(t, name)
 
 
@@ -436,7 +471,7 @@ def per_sample_norm(t, *, backend=None) -> torch.Tensor:
 def _per_sample_norm_op(t: torch.Tensor, backend: str) -> torch.Tensor:
     if t.numel() == 0:
         return torch.zeros(t.shape[0], dtype=torch.float32, device=t.device)
-    partial_sums = backends._REGISTRY["per_sample_norm"][backend].run(t.reshape(-1), t.shape[0])
+    partial_sums = backends.implementation("per_sample_norm", backend).run(t.reshape(-1), t.shape[0])
     return partial_sums.double().sum(dim=1).sqrt().float()
 
 
@@ -447,20 +482,12 @@ def _(t, backend):
 
 # Each run returns fp32 partial sums of squares (B, P), P >= 1, for the flat sample blocks of `flat`.
 
-@backends.register("per_sample_norm", "torch")
+@backends.register("per_sample_norm", "torch", dtypes=None, layouts=None)
 def _norm_torch(flat, batch):
     return flat.reshape(batch, -1).float().square().sum(dim=1, keepdim=True)
 
 
-def _cpu_norm_reasons(**_):
-    try:
-        from .. import _C
-    except Exception:
-        return []
-    return [] if hasattr(_C, "per_sample_sumsq") else ["pydiffmed._C was built without per_sample_sumsq"]
-
-
-@backends.register("per_sample_norm", "cpu", reasons=_cpu_norm_reasons)
+@backends.register("per_sample_norm", "cpu", symbols=("per_sample_sumsq",))
 def _norm_cpu(flat, batch):
     from .. import _C
 
@@ -472,7 +499,7 @@ def _norm_cpu(flat, batch):
 
 @backends.register("per_sample_norm", "triton")
 def _norm_triton(flat, batch):
-    from triton_kernels.fused_step import per_sample_sumsq_launch
+    from pydiffmed.triton_kernels.fused_step import per_sample_sumsq_launch
 
     return per_sample_sumsq_launch(flat, batch)
 

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import (as_float32, channels_last_format, check_float_tensor, check_same_device, check_shape,
-                      layout_of)
+from ._checks import as_float32, check_float_tensor, check_same_device, check_shape, layout_of
 from . import reference
 
 ACTIVATIONS = (None, "silu")
@@ -49,7 +48,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bia
     if layout_of(x) == "strided":
         x = x.contiguous()
     tensors = (x, weight, bias, bias_nc)
-    name, _ = backends.select("group_norm", backend, tensors, x=x, num_groups=num_groups, act=act)
+    name = backends.select("group_norm", backend, tensors, x=x, num_groups=num_groups, act=act)
     args = (x, num_groups, weight, bias, eps, act or "", bias_nc, bool(token_major), name)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or needs_grad:
@@ -60,7 +59,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bia
 
 def _group_norm_run(x, num_groups, weight, bias, eps, act, bias_nc, token_major, backend):
     y = _empty_output(x, token_major)
-    backends._REGISTRY["group_norm"][backend].run(x, y, num_groups, weight, bias, eps, act == "silu", bias_nc)
+    backends.implementation("group_norm", backend).run(x, y, num_groups, weight, bias, eps, act == "silu", bias_nc)
     return y
 
 
@@ -124,7 +123,7 @@ def _output_is_channels_last(x, y):
 
 # --- backends ------------------------------------------------------------------------------------------------
 
-@backends.register("group_norm", "torch")
+@backends.register("group_norm", "torch", dtypes=None, layouts=None)
 def _run_torch(x, y, num_groups, weight, bias, eps, silu, bias_nc):
     out = reference.group_norm(x, num_groups, weight, bias, eps, act="silu" if silu else None, bias_nc=bias_nc)
     if y.ndim == 3:
@@ -146,7 +145,7 @@ def _run_cpu(x, y, num_groups, weight, bias, eps, silu, bias_nc):
 
 @backends.register("group_norm", "triton")
 def _run_triton(x, y, num_groups, weight, bias, eps, silu, bias_nc):
-    from triton_kernels.group_norm import group_norm_launch
+    from pydiffmed.triton_kernels.group_norm import group_norm_launch
 
     group_norm_launch(x, y, num_groups, as_float32(weight), as_float32(bias), as_float32(bias_nc), eps, silu,
                       x_channels_last=layout_of(x) == "cl", y_channels_last=_output_is_channels_last(x, y))

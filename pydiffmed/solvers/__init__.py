@@ -6,10 +6,13 @@
 One file per family: ddpm, ddim (+ inversion), pndm, ald (NCSN), sde (Euler-Maruyama, predictor-corrector),
 ode (Heun, RK4, adaptive Dormand-Prince), dpmpp (DPM-Solver++ 2M / 3M / 2M-SDE), unipc, edm (Euler, Heun),
 rflow (rectified-flow Euler and Heun on MONAI's RFlowScheduler grid).
+`from_diffusers(scheduler_or_config)` / `from_monai(scheduler)` (convert.py): the solver taking a peer
+scheduler's steps.
 """
 from ..schedules import NoiseSchedule
 from .ald import AnnealedLangevin
-from .base import Solver
+from .base import CAPABILITIES, Solver
+from .convert import from_diffusers, from_monai
 from .ddim import DDIM, DDIMInversion
 from .ddpm import DDPM
 from .dpmpp import DPMSolverPP2M, DPMSolverPP2MSDE, DPMSolverPP3M
@@ -45,8 +48,8 @@ SOLVERS = {
 
 def get_solver(name, schedule, num_steps=None, **opts):
     """A solver by name (see SOLVERS) for `schedule` with `num_steps` steps; opts are the solver's options
-    (prediction_type, clip, thresholding, spacing, grid, ... — see each class). ode_dopri5 is adaptive and
-    takes no num_steps."""
+    (prediction_type, clip, thresholding, spacing, grid, ... — see each class). Adaptive solvers
+    (names(adaptive=True)) take no num_steps."""
     if not isinstance(name, str) or name not in SOLVERS:
         raise ValueError(f"unknown solver {name!r}; available: {sorted(SOLVERS)}")
     if not isinstance(schedule, NoiseSchedule):
@@ -54,5 +57,17 @@ def get_solver(name, schedule, num_steps=None, **opts):
     return SOLVERS[name](schedule, num_steps, **opts)
 
 
-__all__ = ["SOLVERS", "get_solver", "Solver", "SamplingPlan", "StepForm"] + sorted(
+def names(**capabilities) -> list[str]:
+    """Sorted names of the solvers whose declared capabilities (CAPABILITIES, class attributes of Solver) have
+    the given values: names(plannable=True, encodes=False) are the samplers the engine runs,
+    names(can_start_partway=True) those SDEdit can use."""
+    unknown = set(capabilities) - set(CAPABILITIES)
+    if unknown:
+        raise ValueError(f"unknown capability {', '.join(sorted(unknown))}; expected one of {CAPABILITIES}")
+    return sorted(name for name, cls in SOLVERS.items()
+                  if all(getattr(cls, key) == bool(value) for key, value in capabilities.items()))
+
+
+__all__ = ["CAPABILITIES", "SOLVERS", "get_solver", "names", "Solver", "SamplingPlan", "StepForm", "from_diffusers",
+           "from_monai"] + sorted(
     cls.__name__ for cls in SOLVERS.values())

@@ -83,8 +83,9 @@ def multistep_grid(schedule, n, *, grid="uniform", spacing=None, steps_offset=0,
     exactly: `spacing` (default 'linspace', over n+1 points with the last dropped, except 'trailing'),
     grid 'uniform' (sigma interpolated at the timesteps), 'karras' (rho = 7 between the training sigmas'
     ends, timesteps rounded) or 'logsnr' (uniform log sigma; diffusers' use_lu_lambdas); sigmas rounded to
-    fp32 like theirs and computed from alpha_bar stored in fp32 as theirs is; a zero-terminal-SNR alpha_bar is floored at 2^-24 as they do. final: 'zero' (sigma = 0,
-    the last step returns the x0 estimate) or 'sigma_min'.
+    fp32 like theirs and computed from alpha_bar stored in fp32 as theirs is; a zero-terminal-SNR alpha_bar is
+    floored at 2^-24 as they do. final: 'zero' (sigma = 0, the last step returns the x0 estimate) or
+    'sigma_min'.
     Continuous schedules: grid 'uniform' (in t), 'karras' or 'logsnr' between t_max and t_min; final 'zero'
     (n points, then sigma = 0) or 't_min' (n + 1 points ending at t_min)."""
     if grid not in MULTISTEP_GRIDS:

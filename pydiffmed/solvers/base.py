@@ -6,12 +6,13 @@ from __future__ import annotations
 import abc
 import copy
 import math
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from .. import prediction
-from ..ops.fused_step import apply_dynamic_threshold, dynamic_threshold, fused_step, philox_normal
+from ..ops.fused_step import apply_dynamic_threshold, dynamic_threshold, fused_step, philox_keys, philox_normal
 from ..schedules import NoiseSchedule
 from ._program import Program
 from .plan import SamplingPlan
@@ -56,9 +57,8 @@ def check_num_steps(schedule, num_steps):
     return int(num_steps)
 
 
-def default_seeds(batch, seed=0, device=None):
-    """The engine's default per-sample Philox keys: seed + arange(B)."""
-    return (torch.arange(batch, dtype=torch.int64) + int(seed)).to(device)
+# The capabilities every Solver class declares (class attributes; pydiffmed.solvers.names selects by them).
+CAPABILITIES = ("plannable", "can_start_partway", "encodes", "adaptive")
 
 
 class Solver(abc.ABC):
@@ -74,6 +74,31 @@ class Solver(abc.ABC):
 
     name = "solver"
     supports_clip = True
+
+    # Capabilities, declared per class: the engine, the command and get_solver read these (see `unsupported`
+    # and pydiffmed.solvers.names), never a solver's name.
+    plannable = True          # plan() gives the fixed SamplingPlan the engine runs (some option values may still
+                              # need the eager step(): plan() then raises ValueError saying which)
+    plan_clip_options: ClassVar[dict] = {}  # options that keep a plan with clip / thresholding
+    can_start_partway = True  # SDEdit (strength=): the engine starts it at a later model evaluation (or cuts its
+                              # grid with starting_at)
+    encodes = False           # maps data to noise (an inversion) instead of sampling noise to data
+    adaptive = False          # picks its step sizes while it runs: takes no num_steps, has no fixed plan
+
+    @classmethod
+    def unsupported(cls, task: str) -> str | None:
+        """Why this solver cannot do `task`, from its declared capabilities (None: it can): 'plan' (a fixed plan
+        for the engine), 'sample' (noise to data through the engine) or 'start_partway' (SDEdit)."""
+        if task == "start_partway":
+            return None if cls.can_start_partway else f"{cls.name} cannot start part-way through its grid"
+        if task == "sample" and cls.encodes:
+            return f"{cls.name} encodes volumes into noise (data to noise); it does not sample"
+        if task not in ("plan", "sample"):
+            raise ValueError(f"unknown task {task!r}; expected 'plan', 'sample' or 'start_partway'")
+        if cls.plannable:
+            return None
+        what = "is adaptive (it picks its step sizes while it runs) and " if cls.adaptive else ""
+        return f"{cls.name} {what}has no fixed-step plan: run it eagerly with solver.sample(model, x_T)"
 
     def __new__(cls, *args, **kwargs):
         # the step count is checked before a subclass's __init__ builds grids of that size (copy and pickle call
@@ -123,7 +148,6 @@ class Solver(abc.ABC):
         self._form_of_eval = tuple(program.form_of_eval)
         self._buffers = tuple(program.buffers)
         self._output = program.state
-        self._program = program
 
     def x0_estimate(self, alpha, sigma, d_alpha=-1.0, d_sigma=1.0):
         """(p_x, p_m, clip) of the x0 estimate at (alpha, sigma), with this solver's clip."""
@@ -150,6 +174,8 @@ class Solver(abc.ABC):
         return self._rows.copy()
 
     def plan(self, device=None) -> SamplingPlan:
+        if not self.plannable:
+            raise ValueError(self.unsupported("plan"))
         if self._plan_unsupported:
             raise ValueError(f"{self.name}: {self._plan_unsupported}")
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -159,10 +185,12 @@ class Solver(abc.ABC):
             buffers=self._buffers, forms=list(self._forms), form_of_eval=self._form_of_eval,
             init_noise_scale=float(self.init_noise_scale), output=self._output)
 
-    def starting_at(self, step: int) -> "Solver":
+    def starting_at(self, step: int) -> Solver:
         """A copy of this solver with its first `step` steps removed, the rest run as a fresh solve from the
         grid point they start at (a multistep solver warms up again at lower order, as diffusers' schedulers do
         after `set_begin_index`): the form SDEdit needs. Solvers whose grid cannot be cut raise ValueError."""
+        if not self.can_start_partway:
+            raise ValueError(self.unsupported("start_partway"))
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 0 <= step < self.num_steps:
             raise ValueError(f"step must be an int in [0, {self.num_steps}), got {step!r}")
         if step == 0:
@@ -175,7 +203,8 @@ class Solver(abc.ABC):
         return solver
 
     def _drop_steps(self, step: int):
-        raise ValueError(f"{self.name} cannot start part-way through its grid")
+        raise ValueError(f"{self.name} cannot cut its grid (the engine starts it part-way at a later model "
+                         f"evaluation of its plan instead)")
 
     def reset(self):
         """Forget the buffers of step-by-step use."""
@@ -195,7 +224,7 @@ class Solver(abc.ABC):
         if noise is not None:
             return {"noise": noise}
         if seeds is None:
-            seeds = default_seeds(x.shape[0], self.seed, x.device)
+            seeds = philox_keys(self.seed, x.shape[0]).to(x.device)
         return {"seeds": seeds}
 
     def _check_index(self, i):
@@ -227,7 +256,7 @@ class Solver(abc.ABC):
 
     def initial_noise(self, shape, seed=0, seeds=None, device=None):
         """x_T = init_noise_scale · philox_normal(seeds, step=E): what the engine starts from."""
-        seeds = default_seeds(shape[0], seed, device) if seeds is None else seeds
+        seeds = philox_keys(int(seed), shape[0]).to(device) if seeds is None else seeds
         return philox_normal(seeds, self.num_model_evals, shape, device=device) * self.init_noise_scale
 
     def sample(self, model, x_T=None, *, shape=None, seed=0, seeds=None, noises=None, callback=None):
@@ -238,7 +267,7 @@ class Solver(abc.ABC):
                 raise ValueError("sample needs x_T or shape")
             x_T = self.initial_noise(shape, seed, seeds)
         if seeds is None:
-            seeds = default_seeds(x_T.shape[0], seed, x_T.device)
+            seeds = philox_keys(int(seed), x_T.shape[0]).to(x_T.device)
         self.reset()
         x = x_T.float()
         times = self.timesteps.to(x.device)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import ClassVar
 
 import torch
 
@@ -24,7 +25,6 @@ from .. import prediction
 from ..ops.fused_step import fused_step
 from ._grids import alpha_sigma_at, check_spacing, eval_times_and_end
 from .base import Solver
-
 
 
 def _clean_end_alpha_sigma(schedule, set_alpha_to_one):
@@ -37,6 +37,8 @@ def _clean_end_alpha_sigma(schedule, set_alpha_to_one):
 
 class _DDIMCore(Solver):
     """Deterministic-or-eta DDIM over a list of (model time, alpha_t, sigma_t, alpha_s, sigma_s, sigma_eta)."""
+
+    plan_clip_options: ClassVar[dict] = {"use_clipped_model_output": True}  # the single-pass form
 
     def __init__(self, schedule, num_steps, *, use_clipped_model_output=False, **common):
         self.use_clipped_model_output = bool(use_clipped_model_output)
@@ -74,7 +76,7 @@ class _DDIMCore(Solver):
         if not self._two_pass:
             return super().step(i, x, model_output, noise, seeds=seeds)
         i = self._check_index(i)
-        model_time, a_t, s_t, a_s, s_s, s_eta = self._step_list[i]
+        _, a_t, s_t, a_s, s_s, s_eta = self._step_list[i]
         direction = math.sqrt(max(s_s * s_s - s_eta * s_eta, 0.0))
         q_x, q_m = prediction.eps_coefs(self.prediction_type, a_t, s_t)
         p_x, p_m, clip = self.x0_estimate(a_t, s_t)
@@ -117,7 +119,10 @@ class DDIM(_DDIMCore):
             else:
                 prev = times[i + 1] if i + 1 < len(times) else end
             a_t, s_t = alpha_sigma_at(sched, t)
-            a_s, s_s = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one) if prev is None else alpha_sigma_at(sched, prev)
+            if prev is None:
+                a_s, s_s = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one)
+            else:
+                a_s, s_s = alpha_sigma_at(sched, prev)
             s_eta = 0.0
             if self.eta > 0:
                 if sched.kind == "discrete":
@@ -141,6 +146,8 @@ class DDIMInversion(_DDIMCore):
     prev_rule 'stride' uses the peers' source/target = t -/+ N // num_steps instead of the grid neighbour.
     """
     name = "ddim_inversion"
+    encodes = True
+    can_start_partway = False
 
     def __init__(self, schedule, num_steps, *, spacing=None, steps_offset=0, model_time="target",
                  prev_rule="grid", set_alpha_to_one=True, final="clean", **common):
@@ -170,7 +177,10 @@ class DDIMInversion(_DDIMCore):
                     src = src if src >= 0 else None
                 else:
                     src = up[k - 1] if k > 0 else (end if self.final == "t_min" else None)
-                a_t, s_t = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one) if src is None else alpha_sigma_at(sched, src)
+                if src is None:
+                    a_t, s_t = _clean_end_alpha_sigma(self.schedule, self.set_alpha_to_one)
+                else:
+                    a_t, s_t = alpha_sigma_at(sched, src)
                 a_s, s_s = alpha_sigma_at(sched, u)
                 steps.append((sched.model_time(u), a_t, s_t, a_s, s_s, 0.0))
         else:

@@ -26,9 +26,9 @@ import math
 
 import torch
 
-from ..ops.fused_step import philox_normal
+from ..ops.fused_step import philox_keys, philox_normal
 from ._grids import alpha_sigma_at, check_spacing, eval_times_and_end
-from .base import Solver, default_seeds
+from .base import Solver
 
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
 
@@ -124,7 +124,7 @@ class DDPM(Solver):
         if not noisy:
             return super().step(i, x, m, None, seeds=seeds)
         if noise is None:
-            seeds = default_seeds(x.shape[0], self.seed, x.device) if seeds is None else seeds
+            seeds = philox_keys(self.seed, x.shape[0]).to(x.device) if seeds is None else seeds
             noise = philox_normal(seeds, i, x.shape, device=x.device)
         if self.variance_type == "learned":
             std = v.clamp(min=0).sqrt()

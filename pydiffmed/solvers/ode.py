@@ -15,6 +15,8 @@ import math
 import numpy as np
 import torch
 
+from ..ops.fused_step import philox_keys, philox_normal
+from ..schedules import NoiseSchedule
 from ._grids import alpha_of_edm_sigma, continuous_points
 from .base import Solver
 
@@ -137,30 +139,58 @@ _B5 = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
 _B4 = (5179 / 57600, 0.0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40)
 
 
-class ODEDopri5:
+class ODEDopri5(Solver):
     """Adaptive Dormand-Prince 5(4) on the probability-flow ODE (eager only; one step size for the batch).
 
     sample(model, x_T) -> (x, nfe): integrates from t_max to t_min in u = log(sigma/alpha) with tolerances
     rtol/atol on y = x/alpha (RMS norm over all elements, like scipy's RK45); the state dtype is x_T's (use
-    float64 for reference solutions). denoise=True returns the x0 estimate at t_min (one more evaluation)."""
+    float64 for reference solutions). denoise=True returns the x0 estimate at t_min (one more evaluation).
+    Adaptive: no num_steps, no fixed plan (plan(), step() and starting_at() raise ValueError); timesteps is None
+    and num_model_evals is None until a sample() sets it."""
     name = "ode_dopri5"
+    plannable = False
+    can_start_partway = False
+    adaptive = True
+    timesteps = None
+    num_model_evals = None
 
     def __init__(self, schedule, num_steps=None, *, rtol=1e-5, atol=1e-5, prediction_type="epsilon", clip=None,
                  denoise=False, first_step=None, max_steps=100000, safety=0.9):
         from .. import prediction
 
+        if num_steps is not None:
+            raise ValueError(f"{self.name} is adaptive: it picks its own steps and takes no num_steps (rtol/atol "
+                             f"set its accuracy)")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a pydiffmed.schedules.NoiseSchedule, got {type(schedule).__name__}")
         self.schedule = schedule
+        self.num_steps = None
         self.prediction_type = prediction.canonical(prediction_type)
         self.rtol, self.atol, self.clip, self.denoise = float(rtol), float(atol), clip, bool(denoise)
         self.first_step, self.max_steps, self.safety = first_step, int(max_steps), float(safety)
         times, u = _log_sigma_grid(schedule, 1, "time")
         self._t0, self._t1, self._u0, self._u1 = times[0], times[-1], u[0], u[-1]
         self.init_noise_scale = schedule.init_noise_scale(self._t0)
-        self.num_model_evals = None
-        self.timesteps = None
+        self._eager = {}
 
-    def plan(self, device=None):
-        raise ValueError("ode_dopri5 is adaptive and eager only: use sample(model, x_T)")
+    # no fixed program: what a planned solver builds, steps through or cuts does not exist here
+    def _num_evals(self):
+        raise ValueError(self.unsupported("plan"))
+
+    def _build(self, program):
+        raise ValueError(self.unsupported("plan"))
+
+    @property
+    def coefficient_table(self):
+        raise ValueError(self.unsupported("plan"))
+
+    def step(self, i, x, model_output, noise=None, *, seeds=None):
+        raise ValueError(self.unsupported("plan"))
+
+    def initial_noise(self, shape, seed=0, seeds=None, device=None):
+        """x_T = init_noise_scale · philox_normal(seeds, step=0) (there is no fixed evaluation count)."""
+        seeds = philox_keys(int(seed), shape[0]).to(device) if seeds is None else seeds
+        return philox_normal(seeds, 0, shape, device=device) * self.init_noise_scale
 
     def _at(self, u):
         if u == self._u0:

@@ -26,6 +26,7 @@ from .base import Solver
 
 class PNDM(Solver):
     name = "pndm"
+    can_start_partway = False  # its PLMS history cannot restart part-way, and its grid is not cut
     supports_clip = False
 
     def __init__(self, schedule, num_steps, *, skip_prk_steps=False, spacing="leading", steps_offset=0,

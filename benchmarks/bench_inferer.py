@@ -1,0 +1,141 @@
+"""The drop-in MONAI inferer (issue 18): MONAI's DiffusionInferer.sample vs pydiffmed's drop-in
+(pydiffmed.integrations.monai.DiffusionInferer), the same call with one import changed, same model and scheduler.
+
+Model: MONAI `DiffusionModelUNet` in bench_unet's "small" configuration (channels 32, 64, 64; attention at the
+last level; one res block) with random non-zero weights (bench_unet.randomize_), batch 1, one channel, 32³ (--quick,
+the default; --full adds bench_unet's "large" configuration at 32³ and "small" at 64³). DDIM 20 steps, two cases:
+* MONAI's default DDIMScheduler (clip_sample=True): MONAI keeps the noise estimate of the unclipped x0, which the
+  drop-in runs step by step (accelerated model, two-pass update; no fused loop);
+* DDIMScheduler(clip_sample=False): the drop-in runs pydiffmed's engine (fused loop; CUDA graphs on a GPU).
+Rows per case: MONAI fp32 (the baseline of every ratio), the drop-in fp32 (dtype=None: the model's), and the drop-in
+with a half-precision network (CPU: dtype=torch.bfloat16; GPU: torch.float16), solver state fp32. The drop-in
+accelerates its own copy of the model in place (pydiffmed.accelerate); MONAI runs the untouched original.
+
+ms: median wall time of one whole `sample` call, all variants of a model timed in turn within every round
+(common.interleaved_medians) after one warm-up round (oneDNN primitives, the drop-in's prepared Sampler, CUDA
+graph capture). max_abs_diff_vs_MONAI: the final volumes of the last timed runs (same input_noise; DDIM is
+deterministic); MONAI_max_abs gives the scale. With random weights and clip_sample=True the trajectory amplifies
+rounding (each step's clamp decides which voxels keep the network's x0), so its half-precision row differs by much
+more than its fp32 row; the unclipped case shows the precision cost itself.
+
+    python benchmarks/bench_inferer.py [--quick | --full | --smoke] [--repeats R] [--steps S] [--threads N]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_unet import CONFIGS, randomize_  # noqa: E402
+from common import command_line, interleaved_medians, save  # noqa: E402
+
+CASES = {"DDIM, MONAI default (clip_sample=True)": {}, "DDIM, clip_sample=False": {"clip_sample": False}}
+MONAI_LABEL = "MONAI fp32 (monai.inferers.DiffusionInferer)"
+
+
+def half_dtype(device):
+    return torch.float16 if device == "cuda" else torch.bfloat16
+
+
+def build(config_name, device):
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(0)
+    model = DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, **CONFIGS[config_name])
+    return randomize_(model).eval().to(device)
+
+
+def run_model(config_name, size, device, steps, repeats, warmup):
+    """Rows of one model: both cases, every variant."""
+    from monai.inferers import DiffusionInferer as MonaiInferer
+    from monai.networks.schedulers import DDIMScheduler
+
+    from pydiffmed.integrations.monai import DiffusionInferer
+
+    monai_model = build(config_name, device)
+    ours_model = copy.deepcopy(monai_model)      # accelerated in place by the drop-in
+    x = torch.randn((1, 1, size, size, size), generator=torch.Generator().manual_seed(1)).to(device)
+    half = half_dtype(device)
+    half_name = "fp16" if half == torch.float16 else "bf16"
+    rows = []
+    for case, options in CASES.items():
+        def scheduler(options=options):
+            s = DDIMScheduler(**options)
+            s.set_timesteps(steps)
+            return s
+
+        inferers = {MONAI_LABEL: (MonaiInferer(scheduler()), "fp32"),
+                    "pydiffmed drop-in fp32": (DiffusionInferer(scheduler()), "fp32"),
+                    f"pydiffmed drop-in {half_name} network": (DiffusionInferer(scheduler(), dtype=half), half_name)}
+        last, runs = {}, {}
+
+        def call(label, inferer):
+            model = monai_model if label == MONAI_LABEL else ours_model
+            last[label] = inferer.sample(x, model, verbose=False)
+            runs[label] = getattr(inferer, "last_run", "MONAI's loop")
+
+        with torch.no_grad():
+            fns = {label: (lambda label=label, inf=inf: call(label, inf)) for label, (inf, _) in inferers.items()}
+            medians = interleaved_medians(fns, device, repeats, warmup=warmup)
+        reference = last[MONAI_LABEL].float()
+        monai_ms = medians[MONAI_LABEL][0] * 1e3
+        for label, (_, dtype_name) in inferers.items():
+            ms = medians[label][0] * 1e3
+            row = {"model": config_name, "volume": f"{size}³", "case": case, "variant": label, "dtype": dtype_name,
+                   "steps": steps, "ms": ms, "ms_per_step": ms / steps, "speedup_vs_MONAI": monai_ms / ms,
+                   "max_abs_diff_vs_MONAI": float((last[label].float() - reference).abs().max()),
+                   "MONAI_max_abs": float(reference.abs().max()), "path": runs[label]}
+            rows.append(row)
+            print(f"{config_name:>6} {size}³ {case:40s} {label:40s} {ms:10.1f} ms ×{row['speedup_vs_MONAI']:6.2f} "
+                  f"max|Δ| {row['max_abs_diff_vs_MONAI']:.2g} ({row['path']})", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="small 32³ (the default)")
+    sizes.add_argument("--full", action="store_true", help="adds large 32³ and small 64³")
+    sizes.add_argument("--smoke", action="store_true", help="tiny (tests): small config at 8³, 2 steps, 1 round")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; GPU 5)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "steps", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = args.steps or (2 if args.smoke else 20)
+    repeats = args.repeats or (1 if args.smoke else 5 if device == "cuda" else 3)
+    warmup = 0 if args.smoke else 1
+    models = [("small", 8)] if args.smoke else [("small", 32)]
+    if args.full:
+        models += [("large", 32), ("small", 64)]
+    rows = []
+    for config_name, size in models:
+        rows += run_model(config_name, size, device, steps, repeats, warmup)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    notes = (f"`{command_line()}`: MONAI DiffusionModelUNet (bench_unet configs, random weights), batch 1, DDIM "
+             f"{steps} steps from the same input_noise. ms: median of {repeats} interleaved rounds after "
+             f"{warmup} warm-up round(s); speedup_vs_MONAI against MONAI fp32 of the same case in the same rounds; "
+             f"max_abs_diff_vs_MONAI of the final volumes (MONAI_max_abs: their scale). path: how the drop-in ran "
+             f"(engine: pydiffmed.Sampler's fused loop; step by step: MONAI's clipped DDIM, whose two-pass update "
+             f"has no fused plan). torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+    if device == "cuda":
+        notes += (f" fp32 convolutions: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} "
+                  "(torch's default).")
+    columns = ["model", "volume", "case", "variant", "dtype", "steps", "ms", "ms_per_step", "speedup_vs_MONAI",
+               "max_abs_diff_vs_MONAI", "MONAI_max_abs", "path"]
+    print(save("bench_inferer", rows, columns, notes))
+
+
+if __name__ == "__main__":
+    main()
