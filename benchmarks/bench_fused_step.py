@@ -125,7 +125,7 @@ CASES = {"ddim_eta1": ddim_case, "dpmpp_2m": dpmpp_2m_case}
 
 def median_and_best(fn, device, repeats, warmup=2):
     """(median, minimum) wall time of fn() in seconds. The minimum is the least disturbed by other processes on
-    a shared machine; the median is what DESIGN §7 reports."""
+    a shared machine; the median is what ARCHITECTURE §7 reports."""
     for _ in range(warmup):
         fn()
     times = []

@@ -11,7 +11,8 @@ Rows per case: MONAI fp32 (the baseline of every ratio), the drop-in fp32 (dtype
 with a half-precision network (CPU: dtype=torch.bfloat16; GPU: torch.float16), solver state fp32. The drop-in
 accelerates its own copy of the model in place (pydiffmed.accelerate); MONAI runs the untouched original.
 
-ms: median wall time of one whole `sample` call, all variants of a model timed in turn within every round
+ms: median wall time of one whole `sample` call (cpu_ms: the process's CPU time), all variants of a model timed in
+turn within every round
 (common.interleaved_medians) after one warm-up round (oneDNN primitives, the drop-in's prepared Sampler, CUDA
 graph capture). max_abs_diff_vs_MONAI: the final volumes of the last timed runs (same input_noise; DDIM is
 deterministic); MONAI_max_abs gives the scale. With random weights and clip_sample=True the trajectory amplifies
@@ -84,11 +85,12 @@ def run_model(config_name, size, device, steps, repeats, warmup):
             fns = {label: (lambda label=label, inf=inf: call(label, inf)) for label, (inf, _) in inferers.items()}
             medians = interleaved_medians(fns, device, repeats, warmup=warmup)
         reference = last[MONAI_LABEL].float()
-        monai_ms = medians[MONAI_LABEL][0] * 1e3
+        monai_ms, monai_cpu = (v * 1e3 for v in medians[MONAI_LABEL])
         for label, (_, dtype_name) in inferers.items():
-            ms = medians[label][0] * 1e3
+            ms, cpu_ms = (v * 1e3 for v in medians[label])
             row = {"model": config_name, "volume": f"{size}³", "case": case, "variant": label, "dtype": dtype_name,
                    "steps": steps, "ms": ms, "ms_per_step": ms / steps, "speedup_vs_MONAI": monai_ms / ms,
+                   "cpu_ms": cpu_ms, "cpu_speedup_vs_MONAI": monai_cpu / cpu_ms,
                    "max_abs_diff_vs_MONAI": float((last[label].float() - reference).abs().max()),
                    "MONAI_max_abs": float(reference.abs().max()), "path": runs[label]}
             rows.append(row)
@@ -126,6 +128,8 @@ def main(argv=None):
     notes = (f"`{command_line()}`: MONAI DiffusionModelUNet (bench_unet configs, random weights), batch 1, DDIM "
              f"{steps} steps from the same input_noise. ms: median of {repeats} interleaved rounds after "
              f"{warmup} warm-up round(s); speedup_vs_MONAI against MONAI fp32 of the same case in the same rounds; "
+             "cpu_ms / cpu_speedup_vs_MONAI: the same with this process's CPU time (all its threads), less "
+             "sensitive to other processes on the cores; "
              f"max_abs_diff_vs_MONAI of the final volumes (MONAI_max_abs: their scale). path: how the drop-in ran "
              f"(engine: pydiffmed.Sampler's fused loop; step by step: MONAI's clipped DDIM, whose two-pass update "
              f"has no fused plan). torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
@@ -133,7 +137,7 @@ def main(argv=None):
         notes += (f" fp32 convolutions: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} "
                   "(torch's default).")
     columns = ["model", "volume", "case", "variant", "dtype", "steps", "ms", "ms_per_step", "speedup_vs_MONAI",
-               "max_abs_diff_vs_MONAI", "MONAI_max_abs", "path"]
+               "cpu_ms", "cpu_speedup_vs_MONAI", "max_abs_diff_vs_MONAI", "MONAI_max_abs", "path"]
     print(save("bench_inferer", rows, columns, notes))
 
 

@@ -6,7 +6,8 @@
 # Steps (each logs to OUTDIR/<step>.log with its command, exit status and wall time; OUTDIR/summary.txt lists
 # them all): env (python, torch, CUDA check), build (C++ extension in place), nvidia_smi, info (pydiffmed info),
 # gpu_tests (pytest -m gpu, junit xml in OUTDIR/gpu_tests.xml, skip reasons in the log), one step per GPU
-# benchmark at --quick sizes with its own time limit (about 9 minutes in all), results_md (regenerated
+# benchmark at --quick sizes with its own time limit (about 9 minutes in all), bench_distributed (the N-GPU form:
+# 1 GPU against all visible GPUs, NCCL; skipped, saying why, with fewer than 2), results_md (regenerated
 # RESULTS.md and README.md's benchmarks block). The benchmarks' *_cuda.json and *_cuda.png files written during
 # this run, RESULTS.md and README.md are copied to OUTDIR/results/. A failing step does not stop the later ones; the exit status is 1 if any step failed.
 #
@@ -58,6 +59,10 @@ OP_BENCHMARKS_CMD='import sys; sys.path.insert(0, "benchmarks"); import common; 
 BENCHMARKS=(bench_unet:110 bench_sampling:120 bench_end_to_end:50 bench_scaling:30 bench_determinism:30
             bench_decode:40 bench_inferer:30)
 TESTS_TIMEOUT=900
+# bench_distributed's N-GPU form (after the loop above; not counted in its 9 minutes: on a machine with one GPU it
+# skips at once, on W >= 2 GPUs it runs 1 GPU against W with both modes in one launch per configuration).
+NGPU_LIMIT=240
+NGPU_BENCH=(benchmarks/bench_distributed.py --quick --device cuda --one-launch)
 
 SUMMARY="$OUTDIR/summary.txt"
 START_MARK="$OUTDIR/.suite_started"
@@ -172,12 +177,17 @@ if [ $DRY_RUN -eq 1 ]; then
         run_step "${bench}_help" 120 "$PY" "benchmarks/$bench.py" --help
         echo "  would run: timeout ${entry##*:} $PY benchmarks/$bench.py --quick" >> "$SUMMARY"
     done
+    run_step bench_distributed_help 120 "$PY" benchmarks/bench_distributed.py --help
+    echo "  would run: timeout $NGPU_LIMIT $PY ${NGPU_BENCH[*]}" >> "$SUMMARY"
 else
     run_step gpu_tests "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests -q -rs \
         --junitxml="$OUTDIR/gpu_tests.xml"
     for entry in "${BENCHMARKS[@]}"; do
         run_step "${entry%%:*}" "${entry##*:}" "$PY" "benchmarks/${entry%%:*}.py" --quick
     done
+    # N-GPU form: one process per visible GPU (torchrun, NCCL) against one GPU; with fewer than 2 GPUs it prints
+    # why it skipped and exits 0 in seconds.
+    run_step bench_distributed "$NGPU_LIMIT" "$PY" "${NGPU_BENCH[@]}"
     run_step results_md 120 "$PY" benchmarks/results_md.py
     mkdir -p "$OUTDIR/results"
     # Only results written by this run: older *_cuda.json files may come from another commit or machine.

@@ -194,10 +194,33 @@ def headline_inferer(rows):
              "same MONAI model", "; ".join(parts))]
 
 
+def headline_distributed(rows):
+    """The parallel runs of bench_distributed against one process on the same cores ("single"): data-parallel
+    scaling efficiency, spatial-parallel step time, per-rank peak memory and communication share."""
+    single = [r["config"] for r in rows if r.get("processes") == 1 and "ms" in r]
+    parts = []
+    for r in rows:
+        if r.get("processes", 1) < 2 or "ms" not in r:
+            continue
+        if r["mode"] == "data parallel" and r.get("efficiency") is not None:
+            parts.append(f"data parallel, {r['batch']} volumes {r['volume']}: scaling efficiency "
+                         f"{r['efficiency']:.2f}, throughput {_x(1 / r['time_vs_single'])} single's")
+        elif r["measure"] == "DDIM step" and r.get("time_vs_single") is not None:
+            parts.append(f"spatial {r['volume']}, one DDIM step: time {r['time_vs_single']:.2f}× single's, "
+                         f"communication {r['comm_share']:.0%} of it")
+        elif r["measure"] == "forward" and r.get("memory_vs_single") is not None:
+            parts.append(f"spatial {r['volume']} forward: per-rank peak memory {r['memory_vs_single']:.2f}× single's")
+    if not parts or not single:
+        return []
+    config = next(r["config"] for r in rows if r.get("processes", 1) > 1)
+    return [(f"Many processes: {config} vs one process on the same cores ({single[-1]})", "; ".join(parts))]
+
+
 # The kernel benchmarks' headlines come first, one per op in the registry (headline_kernel); then these.
 HEADLINES = {"bench_unet": headline_unet,
              "bench_end_to_end": headline_end_to_end, "bench_inferer": headline_inferer,
-             "bench_scaling": headline_scaling, "bench_demo_quality": headline_demo_quality}
+             "bench_scaling": headline_scaling, "bench_demo_quality": headline_demo_quality,
+             "bench_distributed": headline_distributed}
 
 
 def headline_rows(results):

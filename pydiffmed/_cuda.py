@@ -219,7 +219,8 @@ def fused_step_launch(a) -> None:
             ptr(a.out), code(a.out), ptr(a.model_input), code(a.model_input), ptr(a.x0_out), code(a.x0_out),
             ptr(a.coefs), np.int64(a.step_stride), np.int64(a.batch_stride), ptr(a.step_index),
             np.int64(a.num_steps), np.uint32(a.noise_step), ptr(a.noise_step_tensor),
-            np.int64(a.numel), np.int64(a.channels), np.int64(max(a.spatial, 1)), np.int32(bool(a.channels_last)))
+            np.int64(a.numel), np.int64(a.channels), np.int64(max(a.spatial, 1)), np.int32(bool(a.channels_last)),
+            np.int64(a.noise_offset), np.int64(a.noise_plane))
     philox_blocks = (a.numel + 3) // 4
     grid = ((philox_blocks + _FS_THREADS - 1) // _FS_THREADS, a.batch, 1)
     _fs_launch_on(a.x.device, "fused_step_kernel", grid, (_FS_THREADS, 1, 1), args)

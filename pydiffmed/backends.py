@@ -1,4 +1,4 @@
-"""The four kernel backends and the dispatch between them (DESIGN §3), as declarations.
+"""The four kernel backends and the dispatch between them (ARCHITECTURE §3), as declarations.
 
 Each backend is one `Backend` record (what it needs on this machine, the devices its kernels take, its place in
 the priority order). Each op registers one implementation per backend with `register(op, backend, ...)`, which
@@ -205,8 +205,9 @@ def describe() -> str:
 
 # --- dispatch ------------------------------------------------------------------------------------------------
 
-def _dtype_name(dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype) or str(dtype)
+def dtype_name(dtype) -> str:
+    """'float16' for torch.float16: how messages, sidecars and reports name a dtype."""
+    return str(dtype).replace("torch.", "")
 
 
 def _device_reasons(impl: OpImpl, devices, forced: bool) -> list[str]:
@@ -235,10 +236,10 @@ def _declared_reasons(impl: OpImpl, devices, dtypes, layout, facts: dict, forced
     allowed = impl.interpreter_dtypes if interpreted and impl.interpreter_dtypes is not None else impl.dtypes
     for dtype in sorted(set(dtypes) - set(allowed or dtypes), key=str):
         if interpreted:
-            reasons.append(f"{impl.backend} runs {impl.op} in {_dtype_name(dtype)} on GPU only (not under the "
+            reasons.append(f"{impl.backend} runs {impl.op} in {dtype_name(dtype)} on GPU only (not under the "
                            f"interpreter, {_BACKENDS[impl.backend].interpreter}=1)")
         else:
-            reasons.append(f"{impl.backend} has no {impl.op} kernel for {_dtype_name(dtype)}")
+            reasons.append(f"{impl.backend} has no {impl.op} kernel for {dtype_name(dtype)}")
     if layout is not None and impl.layouts is not None and layout not in impl.layouts:
         reasons.append(f"{impl.backend} {impl.op} takes {' or '.join(impl.layouts)} layouts, not {layout}")
     for limit in impl.limits:

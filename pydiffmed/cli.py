@@ -1,7 +1,9 @@
-"""The `pydiffmed` command: sample volumes from a model, convert MONAI checkpoints, list bundled models, time
-the machine, show backends.
+"""The `pydiffmed` command: sample volumes from a model, reconstruct MRI/CT measurements and detect anomalies
+(pydiffmed/cli_inverse.py), convert MONAI checkpoints, list bundled models, time the machine, show backends.
 
     pydiffmed sample --model DIR --num 8 --batch 4 --solver dpmpp_2m --steps 20 --seed 0 --out samples/
+    pydiffmed reconstruct --model DIR --kspace k.npy --mask mask.npy --out DIR    (or --sinogram s.npy --angles ...)
+    pydiffmed anomaly --model DIR --input vol.nii.gz --out DIR
     pydiffmed convert --monai-checkpoint model.pt --monai-config config.json --out DIR
     pydiffmed models | bench | info
 
@@ -11,8 +13,9 @@ unexpected error is one line naming its type (PYDIFFMED_DEBUG=1 shows the traceb
 part way exits with status 1 (130 for Ctrl-C) and leaves only complete files (every write is atomic); rerun
 it with --resume to finish it: a volume counts as done only when its sidecar (written last) parses, matches the
 run and records the sha256 of its NIfTI (or DICOM series) and preview as they are on disk; anything else is
-sampled again. A running `sample` holds a lock on its output directory (OUT/.pydiffmed.lock); a second one
-refuses at once.
+sampled again. A running `sample`, `reconstruct` or `anomaly` holds a lock on its output directory
+(OUT/.pydiffmed.lock); a second run into it refuses at once. The pieces these three commands share live here, in
+the section "shared by the commands that write into --out".
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ if TYPE_CHECKING:  # annotations only: the command imports torch and the package
     import numpy as np
     import torch
 
-    from . import io, modelfile
+    from . import distributed, io, modelfile
     from .solvers import Solver
 
 USAGE_ERROR = 2
@@ -49,12 +52,15 @@ INTERRUPTED = 130
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Bundled models the project ships once they are trained: named so that a missing one says so.
-_PLANNED_BUNDLED = ("demo",)
+_PLANNED_BUNDLED = ("demo", "demo_healthy")
 _MAX_VOLUMES = 100_000  # --num: bounds the per-volume bookkeeping (names, files checked: seconds per 10⁵)
 _DEBUG_ENV = "PYDIFFMED_DEBUG"  # set to 1: an unexpected error shows its traceback
 _TEMP_PREFIX = ".pdm-tmp-"  # pydiffmed.io.atomic_path's temporary names: .pdm-tmp-<12 hex>-<final name>
-_LOCK_NAME = ".pydiffmed.lock"  # held (flock) in the output directory by a running `sample`
+_LOCK_NAME = ".pydiffmed.lock"  # held (flock) in the output directory by a running sample/reconstruct/anomaly
 _MAX_SIDECAR_BYTES = 1 << 20
+_OUTPUT_COMMANDS = ("sample", "reconstruct", "anomaly")  # the commands that write into --out (and lock it)
+# Under torchrun a rank that finishes its share waits for the others (its final barrier) for up to this long.
+_COLLECTIVE_TIMEOUT_S = 7 * 24 * 3600.0
 
 
 class UsageError(Exception):
@@ -66,7 +72,9 @@ def _one_line(message) -> str:
 
 
 def _error(message, code):
-    print(f"pydiffmed: error: {_one_line(message)}", file=sys.stderr)
+    world = os.environ.get("WORLD_SIZE", "1")
+    rank = f"rank {os.environ.get('RANK')}: " if world.isdigit() and int(world) > 1 else ""  # under torchrun
+    print(f"pydiffmed: error: {rank}{_one_line(message)}", file=sys.stderr)
     return code
 
 
@@ -456,8 +464,12 @@ def _check_option_pairs(args):
         raise UsageError("inpainting needs both --mask and --known")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix):
-        raise UsageError(f"--prefix {args.prefix!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
+    _check_prefix(args.prefix)
+
+
+def _check_prefix(prefix):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", prefix):
+        raise UsageError(f"--prefix {prefix!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
 
 
 def _load_model(args):
@@ -504,16 +516,21 @@ def _volume_shape(args, info, shape_override, inputs) -> tuple:
     if shape is None:
         raise UsageError(f"--model {args.model}: the model stores no volume shape; pass --shape D H W")
     shape = tuple(int(s) for s in shape)
-    factor = 2 ** (len(info.unet.get("channels", (32, 64, 64, 64))) - 1)
-    if any(s % factor for s in shape):
-        raise UsageError(f"--shape {' '.join(map(str, shape))}: every size must be divisible by {factor} (the "
-                         f"model halves each spatial size {factor.bit_length() - 1} time(s))")
+    _check_divisible("--shape", shape, info)
     if inputs.init is not None:
         _check_input_shape("--init", inputs.init, info.channels, shape)
     if inputs.known is not None:
         _check_input_shape("--known", inputs.known, info.channels, shape)
         _check_input_shape("--mask", inputs.mask, info.channels, shape, allow_one_channel=True)
     return shape
+
+
+def _check_divisible(flag, shape, info):
+    """Every size of a volume shape must be divisible by 2**(levels - 1): the model halves it at each level."""
+    factor = 2 ** (len(info.unet.get("channels", (32, 64, 64, 64))) - 1)
+    if any(s % factor for s in shape):
+        raise UsageError(f"{flag} {' '.join(map(str, shape))}: every size must be divisible by {factor} (the "
+                         f"model halves each spatial size {factor.bit_length() - 1} time(s))")
 
 
 def _check_conditioning(args, info):
@@ -582,6 +599,43 @@ class _Job:
     samplers: dict = field(default_factory=dict)  # batch size -> Sampler
     start_eval: Optional[int] = None  # SDEdit: the first model evaluation run, of the full run's evaluations
     lock: Optional[_OutputLock] = None
+    world: "distributed.World" = None   # this process's place under torchrun (World(): alone)
+    all_pending: list = field(default_factory=list)  # every rank's pending volumes (pending: this rank's share)
+
+
+def _join_world(args, device):
+    """(World, device) of this process. Under torchrun: joins the job's process group (gloo for the CPU, NCCL for
+    CUDA) and takes the rank's own GPU (cuda:LOCAL_RANK) for a CUDA device given without an index."""
+    import torch
+
+    from . import distributed
+
+    try:
+        world = distributed.world_from_env()
+    except RuntimeError as exc:
+        raise UsageError(exc) from None
+    if args.spatial_parallel and world.world_size < 2:
+        raise UsageError("--spatial-parallel splits every volume across the processes of a torchrun job; start the "
+                         "command with `torchrun --nproc-per-node N -m pydiffmed sample ...` (N >= 2)")
+    if not world.distributed:
+        return world, device
+    if device.type == "cuda" and not re.fullmatch(r"cuda:\d+", args.device):
+        device = torch.device("cuda", world.local_rank)
+    distributed.init_process_group(world, device, timeout_s=_COLLECTIVE_TIMEOUT_S)
+    return world, device
+
+
+def _share_outputs(job):
+    """Under torchrun every rank takes rank 0's output plan (one look at the directory), then its share of the
+    volumes: volume k is sampled by rank k mod world_size (data parallel), or by all ranks together, each holding
+    a depth slab (--spatial-parallel)."""
+    from . import distributed
+
+    plan = distributed.broadcast_object((job.pending, job.skipped, job.damaged), job.world)
+    job.pending, job.skipped, job.damaged = (list(part) for part in plan)
+    job.all_pending = list(job.pending)
+    if not job.args.spatial_parallel:
+        job.pending = job.world.share(job.pending)
 
 
 def _build_samplers(job):
@@ -594,16 +648,23 @@ def _build_samplers(job):
     samplers, start_eval = {}, None
     for size in sorted({min(args.batch, len(job.pending) - start) for start in range(0, len(job.pending),
                                                                                    args.batch)}):
+        options = dict(device=job.device, dtype=job.dtype, guidance_scale=args.guidance_scale,
+                       strength=args.strength, batch_invariant=args.batch_invariant)
         try:
-            samplers[size] = Sampler(job.model, job.solver, (size, job.channels, *job.shape), device=job.device,
-                                     dtype=job.dtype, guidance_scale=args.guidance_scale, strength=args.strength,
-                                     cuda_graph=not args.eager, batch_invariant=args.batch_invariant)
+            if args.spatial_parallel:
+                from .spatial_parallel import SpatialSampler
+
+                samplers[size] = SpatialSampler(job.model, job.solver, (size, job.channels, *job.shape), **options)
+            else:
+                samplers[size] = Sampler(job.model, job.solver, (size, job.channels, *job.shape),
+                                         cuda_graph=not args.eager, **options)
         except InsufficientMemoryError as exc:
             raise UsageError(f"--batch {args.batch} of {'×'.join(map(str, job.shape))} volumes: {exc}") from None
         except (TypeError, ValueError) as exc:
             raise UsageError(exc) from None
     if args.strength is not None and samplers:
         sampler = next(iter(samplers.values()))
+        sampler = getattr(sampler, "sampler", sampler)  # a SpatialSampler's own Sampler (of its slab)
         evals = job.solver.num_model_evals
         start_eval = evals - (sampler.num_model_evals - sampler.start_index)  # of the full run's evaluations
         if evals - start_eval != int(evals * args.strength):
@@ -625,6 +686,7 @@ def _prepare_sample(args):
     spacing = _check_triple("--spacing", args.spacing)
     shape_override = _check_triple("--shape", args.shape, positive_int=True)
     device = _device(args.device)
+    world, device = _join_world(args, device)
     dtype = _dtype(args.dtype, device)
     backend, chosen = _backends_for(device, dtype)
     model, schedule, info = _load_model(args)
@@ -639,9 +701,10 @@ def _prepare_sample(args):
                solver_options=solver_options, shape=shape, channels=info.channels, out=out,
                names=_output_names(args.prefix, args.num, args.format),
                affine=_output_affine(info, spacing, shape, inputs), init=inputs.init, mask=inputs.mask,
-               known=inputs.known, hashes=_input_hashes(args), version=pydiffmed.__version__)
+               known=inputs.known, hashes=_input_hashes(args), version=pydiffmed.__version__, world=world)
     _check_output_format(job)
     _plan_outputs(job, args)
+    _share_outputs(job)
     job.model = model.to(device=device, dtype=dtype)
     job.samplers, job.start_eval = _build_samplers(job)
     return job
@@ -659,20 +722,17 @@ def _provenance(job, k):
         "index": k,
         "seed": args.seed + k,
         "base_seed": args.seed,
-        "model": info.name,
-        "model_sha256": info.sha256,
-        "model_path": os.path.abspath(info.path),
+        **_model_fields(info),
         "solver": args.solver,
         "solver_options": job.solver_options,
         "steps": args.steps,
         "num_model_evals": job.solver.num_model_evals,
-        "dtype": dtype_name(job.dtype),
-        "state_dtype": "float32",
-        "device": str(job.device),
-        "backend": job.backend,
-        "backends": job.backends,
-        "cuda_graph": job.device.type == "cuda" and not args.eager,
+        **_runtime_fields(job.device, job.dtype, job.backend, job.backends),
+        "cuda_graph": job.device.type == "cuda" and not args.eager and not args.spatial_parallel,
         "batch_invariant": args.batch_invariant,
+        "world_size": job.world.world_size,
+        "rank": None if args.spatial_parallel else job.world.rank,  # the rank that sampled it (data parallel)
+        "spatial_parallel": args.spatial_parallel,
         "shape": [job.channels, *job.shape],
         "spacing": list(io.spacing_from_affine(job.affine)),
         "orientation": io.orientation_from_affine(job.affine),
@@ -698,13 +758,15 @@ def _provenance(job, k):
 # --- sample: the run -----------------------------------------------------------------------------------------
 
 class _OutputLock:
-    """An exclusive lock on an output directory, held by one `sample` run from before it reads the directory
-    until it ends, so that two runs never write into one directory at once: the second refuses at once (exit 2).
-    It is an flock on OUT/.pydiffmed.lock, which holds the owner's pid and is removed when the run ends; a
-    killed run's flock dies with it and its stale file is reused. No-op where fcntl is missing."""
+    """An exclusive lock on an output directory, held by one run of a command that writes into --out (`sample`,
+    `reconstruct`, `anomaly`) from before it reads the directory until it ends, so that two runs never write into
+    one directory at once: the second refuses at once (exit 2). It is an flock on OUT/.pydiffmed.lock, which holds
+    the owner's pid and command and is removed when the run ends; a killed run's flock dies with it and its stale
+    file is reused. No-op where fcntl is missing."""
 
-    def __init__(self):
+    def __init__(self, command="sample"):
         self.fd = self.path = None
+        self.command = command
 
     def acquire(self, out):
         """Take the lock if `out` is an existing directory and the lock is not held yet; True if held after."""
@@ -731,10 +793,12 @@ class _OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 try:
-                    owner = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+                    owner = os.read(fd, 64).decode("ascii", "replace").split()
                 finally:
                     os.close(fd)
-                raise UsageError(f"another pydiffmed sample is writing to {out} (pid {owner}); wait for it to "
+                pid = owner[0] if owner else "unknown"
+                command = owner[1] if len(owner) > 1 and owner[1] in _OUTPUT_COMMANDS else "run"
+                raise UsageError(f"another pydiffmed {command} is writing to {out} (pid {pid}); wait for it to "
                                  f"finish or use another --out") from None
             try:  # the owner before us may have removed the file between our open and our flock: then retry
                 current = os.stat(path, follow_symlinks=False)
@@ -746,7 +810,7 @@ class _OutputLock:
                 self.fd, self.path = fd, path
                 with contextlib.suppress(OSError):  # the pid is informative only (a full disk cannot store it)
                     os.ftruncate(fd, 0)
-                    os.write(fd, f"{os.getpid()}\n".encode())
+                    os.write(fd, f"{os.getpid()} {self.command}\n".encode())
                 return True
             os.close(fd)
         raise UsageError(f"--out {out}: could not lock the directory ({_LOCK_NAME} keeps changing)")
@@ -760,16 +824,16 @@ class _OutputLock:
         self.fd = self.path = None
 
 
-def _remove_leftover_temporaries(job):
-    """Delete temporary files that interrupted writes of this run's outputs left behind (a killed run's; the
-    directory lock makes sure no other run is writing them)."""
-    ours = {name for names in job.names for name in names.values()}
+def _remove_leftover_temporaries(out, ours):
+    """Delete temporary files in `out` that interrupted writes of the outputs named `ours` left behind (a killed
+    run's; the directory lock makes sure no other run is writing them)."""
+    ours = set(ours)
     pattern = re.compile(re.escape(_TEMP_PREFIX) + r"[0-9a-f]+-(.+)\Z")
     removed = 0
-    for entry in os.listdir(job.out):
+    for entry in os.listdir(out):
         match = pattern.match(entry)
         if match and match.group(1) in ours:
-            path = os.path.join(job.out, entry)
+            path = os.path.join(out, entry)
             if os.path.isdir(path) and not os.path.islink(path):  # a DICOM series' temporary directory
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
@@ -872,16 +936,23 @@ def _run_sample(job):
 
     args = job.args
     _keep_freed_memory_on_cpu(job.device)
-    os.makedirs(job.out, exist_ok=True)
-    lock = job.lock
-    if lock is not None and lock.fd is None and lock.acquire(job.out):
-        # The directory did not exist when the outputs were planned: another run may have written into it since.
-        planned = list(job.pending)
+
+    def replan():
+        share = job.pending
         _plan_outputs(job, args)
-        if job.pending != planned:
-            raise UsageError(f"another pydiffmed sample wrote into {job.out} while this one was starting; rerun "
+        if job.pending != job.all_pending:
+            raise UsageError(f"another pydiffmed run wrote into {job.out} while this one was starting; rerun "
                              f"with --resume")
-    _remove_leftover_temporaries(job)
+        job.pending = share
+
+    world = job.world
+    if world.rank == 0:
+        _open_out_dir(job.out, job.lock, replan)
+        _remove_leftover_temporaries(job.out, (name for names in job.names for name in names.values()))
+    else:
+        os.makedirs(job.out, exist_ok=True)
+    _barrier(world)  # under torchrun: nobody writes before rank 0 has locked the directory and cleared it
+    writes = world.rank == 0 or not args.spatial_parallel
     # over volumes; the engine shows the steps of each batch
     progress = progress_bar(len(job.pending), not args.quiet, "volumes", "vol", leave=True)
     sampled, sampling_seconds = 0, 0.0
@@ -900,17 +971,24 @@ def _run_sample(job):
             seconds = (time.perf_counter() - began) / len(indices)
             sampling_seconds += seconds * len(indices)
             for k, volume in zip(indices, volumes):
-                _write_volume(job, k, volume, round(seconds, 6), overwrite=args.overwrite or args.resume)
+                if writes:
+                    _write_volume(job, k, volume, round(seconds, 6), overwrite=args.overwrite or args.resume)
                 sampled += 1
                 if progress is not None:
                     progress.update(1)
     finally:
         if progress is not None:
             progress.close()
+    _barrier(world)  # rank 0 keeps the directory locked until every rank has written its share
+    if args.spatial_parallel and world.rank != 0:
+        return 0
     per_volume = f"{sampling_seconds / sampled:.3g} s per volume" if sampled else "nothing to sample"
     skipped = f", {len(job.skipped)} complete volume(s) kept" if job.skipped else ""
     if job.damaged:
         skipped += f", {len(job.damaged)} damaged volume(s) redone"
+    if world.distributed:
+        how = "all ranks, each a depth slab" if args.spatial_parallel else f"rank {world.rank}'s share"
+        skipped += f" ({how} of {world.world_size} processes)"
     print(f"pydiffmed: {sampled} volume(s) written to {job.out}{skipped}; {per_volume} ({args.solver}, "
           f"{args.steps} steps, batch {args.batch}); device {job.device}, {dtype_name(job.dtype)}, backend "
           f"{job.backend}")
@@ -918,27 +996,131 @@ def _run_sample(job):
 
 
 def _sample(args):
+    from . import distributed
+
+    try:
+        return _run_locked(args, "sample", _prepare_sample, _run_sample,
+                           lambda job: f"complete volumes are kept in {job.out}; rerun with --resume to finish")
+    finally:
+        distributed.leave()
+
+
+# --- shared by the commands that write into --out (sample, reconstruct, anomaly) ------------------------------
+
+def _barrier(world):
+    if world.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _run_locked(args, command, prepare, run, kept):
+    """The frame of a command that writes into --out: lock the directory (if it exists: before anything in it is
+    read), check everything and build the job (`prepare(args)`; bad input is a UsageError, nothing written), then
+    `run(job)`. A failure part way is one line and exit status 1 (130 for Ctrl-C) ending with `kept(job)`: what is
+    left in the directory. The lock is released however the run ends."""
     from .engine import NonFiniteModelOutput
 
-    lock = _OutputLock()
+    from . import distributed
+
     try:
-        lock.acquire(os.path.abspath(args.out))  # an existing directory: before anything in it is read
-        job = _prepare_sample(args)
-        job.lock = lock  # otherwise taken once _run_sample has created the directory
+        rank = distributed.world_from_env().rank
+    except RuntimeError as exc:
+        raise UsageError(exc) from None
+    if os.environ.get("WORLD_SIZE", "1") != "1" and command != "sample":
+        raise UsageError(f"`{command}` runs in one process; start it without torchrun")
+    lock = _OutputLock(command)
+    try:
+        if rank == 0:  # under torchrun rank 0 locks the directory for the whole job
+            lock.acquire(os.path.abspath(args.out))
+        job = prepare(args)
+        job.lock = lock if rank == 0 else None  # otherwise taken once the run has created the directory
         try:
-            return _run_sample(job)
+            return run(job)
         except KeyboardInterrupt:
-            return _error(f"interrupted; complete volumes are kept in {job.out} (rerun with --resume to finish)",
-                          INTERRUPTED)
+            return _error(f"interrupted; {kept(job)}", INTERRUPTED)
         except NonFiniteModelOutput as exc:
             hint = "" if dtype_name(job.dtype) == "float32" else "; try --dtype float32"
             return _error(f"{exc}{hint}", RUN_ERROR)
         except OSError as exc:
-            return _error(f"{exc} (complete volumes are kept in {job.out}; rerun with --resume to finish)",
-                          RUN_ERROR)
+            return _error(f"{exc} ({kept(job)})", RUN_ERROR)
     finally:
         lock.release()
 
+
+def _open_out_dir(out, lock, recheck):
+    """Create the output directory (nothing is created while the input is checked). If it did not exist then, its
+    lock is taken now and `recheck()` runs: another run may have written into it meanwhile."""
+    os.makedirs(out, exist_ok=True)
+    if lock is not None and lock.fd is None and lock.acquire(out):
+        recheck()
+
+
+def _check_outputs_free(out, names, overwrite):
+    """UsageError when an output file of this run is in the way: a directory, or (without --overwrite) any
+    existing file."""
+    paths = [os.path.join(out, name) for name in names]
+    for path in paths:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise UsageError(f"{path} is a directory where an output file goes; move it or use another --out")
+    present = [path for path in paths if os.path.lexists(path)]
+    if present and not overwrite:
+        raise UsageError(f"{present[0]} already exists ({len(present)} output file(s) of this run exist in {out}); "
+                         f"pass --overwrite to replace them, or use another --out or --prefix")
+
+
+def _model_fields(info) -> dict:
+    """The sidecar entries naming the model."""
+    return {"model": info.name, "model_sha256": info.sha256, "model_path": os.path.abspath(info.path)}
+
+
+def _runtime_fields(device, dtype, backend, chosen) -> dict:
+    """The sidecar entries naming where and how the model ran."""
+    return {"dtype": dtype_name(dtype), "state_dtype": "float32", "device": str(device), "backend": backend,
+            "backends": chosen}
+
+
+def _input_file_fields(files) -> dict:
+    """{flag: {"path", "sha256"}} of the input files given (None where not), for a sidecar."""
+    from . import modelfile
+
+    return {flag: None if path is None else {"path": os.path.abspath(path), "sha256": modelfile.file_sha256(path)}
+            for flag, path in files.items()}
+
+
+def _write_output_set(out, writers, sidecar_name, sidecar, overwrite):
+    """Write one run's output files, then its sidecar (last: it marks the set complete and records every file's
+    sha256 under "files_sha256"). writers: {file name: write(path)}, each writing atomically (pydiffmed.io). The
+    set is whole or absent: if any write fails (a full disk, Ctrl-C), the files written so far are removed again
+    (with --overwrite also any older file of an output's name: the user gave them up) and the error re-raised; an
+    OSError then names the file that could not be written."""
+    from . import io, modelfile
+
+    names = [*writers, sidecar_name]
+    written, current = [], None
+    try:
+        if overwrite:
+            current = os.path.join(out, sidecar_name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(current)  # the old set stops counting as complete before any of its files is replaced
+        hashes = {}
+        for name, write in writers.items():
+            current = os.path.join(out, name)
+            write(current)
+            written.append(name)
+            hashes[name] = modelfile.file_sha256(current)
+        sidecar = {**sidecar, "files_sha256": hashes,
+                   "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        current = os.path.join(out, sidecar_name)
+        io.write_json(current, sidecar, overwrite=overwrite)
+    except BaseException as exc:
+        for name in names if overwrite else written:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out, name))
+        if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
+            raise OSError(f"cannot write {current}: {exc.strerror or exc}") from exc
+        raise
+    return sidecar
 
 # --- convert, models, bench, info ----------------------------------------------------------------------------
 
@@ -1077,7 +1259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="a bundled model name (see `pydiffmed models`), a model directory "
                                                   "or a .safetensors model file")
     s.add_argument("--out", required=True, help="output directory (created if missing)")
-    s.add_argument("--num", type=int, default=8, help="number of volumes (default 8; at most 100000 per run)")
+    s.add_argument("-n", "--num", type=int, default=8,
+                   help="number of volumes (default 8; at most 100000 per run). Under torchrun write -n: torchrun's "
+                        "own parser takes --num for an abbreviation of its --numa-binding")
     s.add_argument("--batch", type=int, default=4, help="volumes per model call (default 4)")
     s.add_argument("--solver", default="dpmpp_2m", help="solver name (default dpmpp_2m)")
     s.add_argument("--steps", type=int, default=20, help="solver steps (default 20)")
@@ -1115,8 +1299,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-invariant", action="store_true",
                    help="evaluate the model one volume at a time, so that --batch cannot change a bit of any volume "
                         "on a GPU either (on the CPU this always holds); slower on a GPU")
+    s.add_argument("--spatial-parallel", action="store_true",
+                   help="under torchrun: split every volume along its depth across the processes (one slab each: "
+                        "halo exchanges, all-reduced GroupNorm statistics) instead of sharing out the volumes")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)
+
+    from .cli_inverse import add_parsers  # reconstruct, anomaly (they import this module's shared pieces)
+
+    add_parsers(sub)
 
     c = sub.add_parser("convert", help="convert a MONAI DiffusionModelUNet checkpoint into a pydiffmed model")
     c.add_argument("--monai-checkpoint", required=True, help="state dict (.pt/.pth, read without unpickling code) "

@@ -1,4 +1,4 @@
-"""The sampling engine: runs a solver's SamplingPlan on the device (DESIGN §1, issue 7).
+"""The sampling engine: runs a solver's SamplingPlan on the device (ARCHITECTURE §1, issue 7).
 
     volumes = pydiffmed.sample(model, (B, C, D, H, W), solver="dpmpp_2m", num_steps=20, seed=0)
     sampler = pydiffmed.Sampler(model, "ddim", (B, C, D, H, W), num_steps=50, dtype=torch.bfloat16)
@@ -122,6 +122,27 @@ def _row(**values):
     for name, v in values.items():
         row[_COL[name]] = float(v)
     return row
+
+
+def _slab_noise_index(slab, shape, plan, data_step):
+    """fused_step's noise_index for a Sampler holding depth rows [start, start + rows) of a volume `depth` rows
+    deep (slab = (start, depth)); None without a slab."""
+    if slab is None:
+        return None
+    try:
+        start, depth = (int(v) for v in slab)
+    except (TypeError, ValueError):
+        raise TypeError(f"slab must be (start, depth) ints, got {slab!r}") from None
+    if len(shape) < 3 or not 0 <= start <= start + shape[2] <= depth:
+        raise ValueError(f"slab={slab!r}: the shape's {shape[2]} depth rows from row {start} must lie in the "
+                         f"volume's [0, {depth})")
+    if data_step is not None:
+        raise ValueError("a posterior data step (measurement=) needs the whole volume; it cannot run on a slab")
+    if any(form.coef_fn is not None for form in plan.forms):
+        raise ValueError("this solver's updates compute per-sample numbers over the whole volume (dynamic "
+                         "thresholding or Langevin step sizes); they cannot run on a slab")
+    plane = math.prod(shape[3:])
+    return start * plane, depth * plane
 
 
 def _self_contained_start(plan, rows, k):
@@ -252,12 +273,16 @@ class Sampler:
       samplers): a Measurement(operator, y, sigma_y) and the data step applied to every x0 estimate between the
       model call and fused_step — "projection", "dds" (the default) or "dps" — with its options. DPS runs
       eagerly (no CUDA graph).
+    slab: (start, depth) when this Sampler's shape (B, C, rows, ...) holds depth rows [start, start + rows) of
+      a volume `depth` rows deep (spatial parallelism, pydiffmed.spatial_parallel): the noise is that volume's
+      (fused_step's noise_index), so the slabs of all ranks together draw what one process draws. Updates that
+      are not elementwise (dynamic thresholding, Langevin step sizes, posterior data steps) are refused.
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
                  check_memory=True, batch_invariant=False, measurement=None, posterior=None,
-                 posterior_options=None, **solver_options):
+                 posterior_options=None, slab=None, **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.shape = _check_shape(shape)
@@ -316,6 +341,7 @@ class Sampler:
         self._cond = {}
         self._cond_signature = ()
         self.data_step = samplers.from_arguments(measurement, posterior, posterior_options)
+        self._noise_index = _slab_noise_index(slab, self.shape, plan, self.data_step)
         if self.data_step is not None:  # the posterior's data step (inverse/samplers.py), checked against the plan
             self.data_step.bind(solver=self.solver, rows=self._rows, times=self._times, shape=self.shape,
                                 device=self.device, state_dtype=self.state_dtype, model=self.model)
@@ -457,7 +483,7 @@ class Sampler:
             history=tuple(self.buffers[h] for h in form.history),
             out=out, model_input=model_input,
             x0_out=None if form.x0_out is None else self.buffers[form.x0_out],
-            seeds=self.seeds if form.noisy else None, noise_step=self.step_index,
+            seeds=self.seeds if form.noisy else None, noise_step=self.step_index, noise_index=self._noise_index,
             model_output_cond=m_cond, guidance_scale=scale)
         if blend_target is not None:
             out = self.buffers[blend_target]
@@ -484,7 +510,8 @@ class Sampler:
         """RePaint: the known region of `target` becomes the known volume re-noised to target's level."""
         torch.add(self.step_index, self.num_model_evals + 1, out=self._inpaint_step)
         ops.fused_step(self._known, self._known, self._inpaint_coefs, step_index=self.step_index,
-                       out=self._noised_known, seeds=self.seeds, noise_step=self._inpaint_step)
+                       out=self._noised_known, seeds=self.seeds, noise_step=self._inpaint_step,
+                       noise_index=self._noise_index)
         if self._mask.dtype == torch.bool:
             torch.where(self._mask, self._noised_known, target, out=target)
         else:
@@ -714,7 +741,7 @@ class Sampler:
                 x.copy_(init.expand(self.shape))
                 self._flag_input("init", init.dtype, x)
             ops.fused_step(x, x, self._start_coefs, out=x, model_input=self.model_input[:batch], seeds=self.seeds,
-                           noise_step=self.num_model_evals)
+                           noise_step=self.num_model_evals, noise_index=self._noise_index)
         if self.guidance_scale is not None:
             self.model_input[batch:].copy_(self.model_input[:batch])
         self.step_index.fill_(self.start_index)
@@ -790,7 +817,7 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
            state_dtype=torch.float32, cuda_graph=True, guidance_scale=None, cond=None, uncond=None, mask=None,
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
            check_memory=True, batch_invariant=False, measurement=None, posterior=None, posterior_options=None,
-           **solver_options):
+           distributed=False, **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
@@ -798,8 +825,18 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     cond/uncond, mask/known, init (with strength), x_T, callback and progress. On a CUDA device with
     cuda_graph=True the prepared Sampler and its graphs are kept (up to two, see clear_cache) and reused by the
     next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan.
-    measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept)."""
+    measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept).
+    distributed=True (inside an initialised torch.distributed process group): every rank calls sample with the same
+    arguments; rank r samples volumes r, r + world_size, ... of the batch and every rank returns the whole batch,
+    equal to what one process would sample (pydiffmed.distributed)."""
     shape = _check_shape(shape)
+    if distributed:
+        return _sample_distributed(model, shape, seed, dict(
+            solver=solver, num_steps=num_steps, schedule=schedule, device=device, dtype=dtype,
+            state_dtype=state_dtype, cuda_graph=cuda_graph, guidance_scale=guidance_scale, cond=cond, uncond=uncond,
+            mask=mask, known=known, init=init, strength=strength, x_T=x_T, callback=callback, progress=progress,
+            nan_check=nan_check, check_memory=check_memory, batch_invariant=batch_invariant,
+            measurement=measurement, posterior=posterior, posterior_options=posterior_options, **solver_options))
     solver = _solver_from(solver, schedule, num_steps, solver_options)
     device = torch.device(device) if device is not None else _model_device(model)
     options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
@@ -826,6 +863,38 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
             del _sampler_cache[:-_CACHE_SIZE]
     return sampler(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T, callback=callback,
                    progress=progress)
+
+
+def _sample_distributed(model, shape, seed, options):
+    """sample(..., distributed=True): this rank's share of the batch, then the whole batch gathered."""
+    from . import distributed
+
+    world = distributed.current_world()
+    if not world.distributed:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group with more than one "
+                         "process (start the script with torchrun and call torch.distributed.init_process_group)")
+    if options["measurement"] is not None:
+        raise ValueError("distributed=True does not take a measurement yet; sample each measurement in one process")
+    batch = shape[0]
+    seeds = philox_keys(seed, batch)
+    mine = list(range(world.rank, batch, world.world_size))
+
+    def share(value, ndim=None):  # a per-sample tensor (leading dimension B) is cut to this rank's samples
+        if isinstance(value, dict):
+            return {k: share(v) for k, v in value.items()}
+        per_sample = isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch
+        return value[mine] if per_sample and ndim in (None, value.ndim) else value
+
+    for name in ("cond", "uncond"):  # model keyword tensors have a leading batch dimension of B or 1
+        options[name] = share(options[name])
+    for name in ("mask", "known", "init", "x_T"):  # these broadcast to the shape: per-sample only at full rank
+        options[name] = share(options[name], len(shape))
+    device = torch.device(options["device"]) if options["device"] is not None else _model_device(model)
+    if mine:
+        local = sample(model, (len(mine),) + shape[1:], seed=seeds[mine], **options)
+    else:  # a batch smaller than the world: this rank only takes part in the gather
+        local = torch.empty((0,) + shape[1:], dtype=options["state_dtype"], device=device)
+    return distributed.gather_batch(local, mine, batch, world)
 
 
 __all__ = ["InsufficientMemoryError", "MemoryEstimate", "NonFiniteModelOutput", "Sampler", "available_memory",

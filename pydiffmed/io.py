@@ -1,4 +1,5 @@
-"""Files in and out: NIfTI volumes (nibabel), PNG previews (Pillow) and JSON sidecars, every write atomic.
+"""Files in and out: NIfTI volumes (nibabel), NumPy arrays (`load_array`: measurements, read without
+unpickling), PNG previews (Pillow) and JSON sidecars, every write atomic.
 
 Axis convention: a volume tensor is (C, D, H, W) or (D, H, W); its three spatial axes are the NIfTI voxel axes
 i, j, k in that order (the array is written as is, channels last when C > 1). `spacing` is the voxel size in mm
@@ -577,6 +578,103 @@ def _check_claimed_size(image, path):
                             f"file has {size} bytes")
 
 
+# --- NumPy arrays (measurements) ---------------------------------------------------------------------------
+
+_NPY_MAGIC = b"\x93NUMPY"
+_NUMERIC_KINDS = "biufc"  # bool, integers, floats, complex
+
+
+def _npy_header(stream, where):
+    """(shape, fortran_order, dtype) from the header of a .npy stream, which is left at the start of the data;
+    FileReadError for anything but a plain numeric array (object arrays can only be read by unpickling, so they are
+    refused here, before numpy sees the data)."""
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+    except Exception as exc:  # numpy raises ValueError / SyntaxError / EOFError for a damaged header
+        raise FileReadError(f"{where}: cannot read as a NumPy .npy array (damaged header: {exc})") from None
+    if dtype.hasobject:
+        raise FileReadError(f"{where}: the array holds Python objects (dtype {dtype}), which can only be read by "
+                            f"unpickling, and pydiffmed never unpickles; save a numeric array "
+                            f"(np.save(path, array, allow_pickle=False))")
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in _NUMERIC_KINDS:
+        raise FileReadError(f"{where}: expected a numeric array (bool, integer, float or complex), got dtype "
+                            f"{dtype}")
+    return tuple(int(s) for s in shape), bool(fortran_order), dtype
+
+
+def _check_array_claim(where, shape, dtype, available, max_elements):
+    count = math.prod(shape)
+    if count > max_elements:
+        raise FileReadError(f"{where}: the header claims a {'×'.join(map(str, shape))} array ({count} elements), "
+                            f"more than pydiffmed reads ({max_elements}); is the header damaged?")
+    if count * dtype.itemsize > available:
+        raise FileReadError(f"{where}: the file is truncated: the header claims a {'×'.join(map(str, shape))} array "
+                            f"of {dtype} ({count * dtype.itemsize} bytes), but it holds {available} bytes of data")
+    return count * dtype.itemsize
+
+
+def _read_npz_member(path, key, max_elements):
+    import zipfile
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise FileReadError(f"{path}: cannot read as a NumPy .npz archive ({exc})") from None
+    with archive:
+        names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+        if key is None and len(names) != 1:
+            raise FileReadError(f"{path}: the archive holds {len(names)} arrays ({', '.join(names) or 'none'}); it "
+                                f"must hold exactly one")
+        name = names[0] if key is None else key
+        if name not in names:
+            raise FileReadError(f"{path}: the archive holds no array named {name!r} (it holds "
+                                f"{', '.join(names) or 'none'})")
+        where = f"{path} (array {name!r})"
+        info = archive.getinfo(name + ".npy")
+        try:
+            with archive.open(info) as member:
+                shape, fortran_order, dtype = _npy_header(member, where)
+                nbytes = _check_array_claim(where, shape, dtype, info.file_size, max_elements)
+                data = member.read(nbytes)
+        except FileReadError:
+            raise
+        except Exception as exc:  # zlib / zipfile errors of a damaged member
+            raise FileReadError(f"{where}: cannot read ({type(exc).__name__}: {exc})") from None
+    if len(data) != nbytes:
+        raise FileReadError(f"{where}: the file is truncated ({len(data)} of {nbytes} bytes of data)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
+def load_array(path, *, key=None, max_elements: int = MAX_VOLUME_VOXELS) -> np.ndarray:
+    """Read one numeric array from a NumPy `.npy` file or a `.npz` archive, never unpickling (allow_pickle=False,
+    and object arrays are refused from the header, before any data is read). A `.npz` must hold one array, or an
+    array named `key`. The header's size claim is checked first (at most `max_elements` elements, no more bytes
+    than the file holds). FileNotFoundError for a missing file; FileReadError naming the file otherwise (a pickle,
+    not NumPy data, truncated, several arrays and no `key`, ...). Returns a C-contiguous native-byte-order array."""
+    path = _existing_file(path)
+    with open(path, "rb") as f:
+        head = f.read(len(_NPY_MAGIC))
+        if head == _NPY_MAGIC:
+            f.seek(0)
+            shape, _, dtype = _npy_header(f, path)
+            _check_array_claim(path, shape, dtype, os.path.getsize(path) - f.tell(), max_elements)
+    if head[:1] == b"\x80":  # pickle protocol 2 and later start with PROTO
+        raise FileReadError(f"{path}: the file is a Python pickle, and pydiffmed never unpickles; save the array "
+                            f"with np.save(path, array, allow_pickle=False)")
+    if head == _NPY_MAGIC:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise FileReadError(f"{path}: cannot read the array ({type(exc).__name__}: {exc})") from None
+    elif head[:4] == b"PK\x03\x04":
+        array = _read_npz_member(path, key, max_elements)
+    else:
+        raise FileReadError(f"{path}: not a NumPy .npy or .npz file (save the array with np.save or np.savez)")
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False))
+
+
 # --- previews ----------------------------------------------------------------------------------------------
 
 def _to_ras(array, affine):
@@ -671,6 +769,6 @@ def save_preview(path, volume, *, affine=None, spacing=None, window=None, zoom=N
 
 
 __all__ = ["FileReadError", "VolumeInfo", "atomic_directory", "atomic_path", "auto_window", "check_intensity",
-           "check_orientation", "denormalize", "directory_sha256", "header_text", "jsonable", "load_volume",
-           "make_affine", "normalize", "orientation_from_affine", "preview_image", "read_json", "sample_description",
-           "save_preview", "save_volume", "spacing_from_affine", "write_bytes", "write_json"]
+           "check_orientation", "denormalize", "directory_sha256", "header_text", "jsonable", "load_array",
+           "load_volume", "make_affine", "normalize", "orientation_from_affine", "preview_image", "read_json",
+           "sample_description", "save_preview", "save_volume", "spacing_from_affine", "write_bytes", "write_json"]

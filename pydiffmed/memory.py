@@ -1,4 +1,4 @@
-"""Memory a sampling run needs (DESIGN §9): `estimate_memory` (parameters, solver state and model input, and
+"""Memory a sampling run needs (ARCHITECTURE §8): `estimate_memory` (parameters, solver state and model input, and
 the activations of one model forward measured on small proxy volumes and extrapolated) and `available_memory`
 (what the device has free). The engine checks one against the other before it allocates anything
 (`Sampler(check_memory=True)` raises InsufficientMemoryError).

@@ -1,5 +1,5 @@
 """Exact computation of convolutional networks by depth slabs: halos for convolutions, whole-volume statistics for
-GroupNorm (DESIGN §9).
+GroupNorm (ARCHITECTURE §8).
 
 Why this is exact. A convolution's output rows [a, b) depend only on its input rows [a·s − p, (b−1)·s − p + k):
 the slab plus a halo, with zero rows where the halo leaves the volume (the zero padding of the whole-volume

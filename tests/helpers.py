@@ -1,4 +1,4 @@
-"""Shared test utilities: the DESIGN §6 tolerance rule, the NaN canary, random weights for models and the CPU
+"""Shared test utilities: the ARCHITECTURE §6 tolerance rule, the NaN canary, random weights for models and the CPU
 emulation of the CUDA kernels."""
 from __future__ import annotations
 

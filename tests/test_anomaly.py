@@ -411,3 +411,35 @@ def test_demo_model_reconstructs_a_phantom_by_every_method():
                                     seed=0, prediction_type=info.prediction_type, clip=info.clip_sample)
         error = float((recon - phantom).norm() / phantom.norm())
         assert 0.005 < error < 0.15, (method, error)
+
+
+def test_healthy_phantoms_differ_only_in_their_lesions():
+    volume, labels = data.head_phantom(1, 4, return_labels=True)
+    healthy, healthy_labels = data.head_phantom(1, 4, return_labels=True, lesions=False)
+    assert (labels == 3).sum() > 0 and (healthy_labels == 3).sum() == 0
+    changed = (volume - healthy).abs()[0] > 1e-6
+    assert changed.any()
+    assert (labels[changed] == 3).float().mean() > 0.6  # the rest: partial-volume rims of the lesions
+    assert torch.equal(volume[0][labels != 3].ne(healthy[0][labels != 3]), changed[labels != 3])
+
+
+def test_healthy_model_finds_lesions():
+    """The bundled demo_healthy (the demo fine-tuned on the same heads without lesions) against held-out lesion
+    phantoms (family 1): voxel AUROC of the smoothed anomaly map inside the head's brain (Gaussian partial noising
+    to level 0.5, 10 DDIM steps). Measured 0.985 / 0.986 / 0.994 (mean 0.989), against 0.946 / 0.966 / 0.978
+    (mean 0.963) with the lesion-trained demo model."""
+    aurocs = {}
+    for name in ("demo_healthy", "demo"):
+        model, schedule, info = pydiffmed.load_model(name)
+        values = []
+        for index in range(3):
+            volume, labels = data.head_phantom(1, index, info.volume_shape, return_labels=True)
+            volume = volume[None]
+            recon = reconstruct_healthy(model, volume, method="gaussian", level=0.5, num_steps=10,
+                                        schedule=schedule, seed=index, prediction_type=info.prediction_type)
+            brain = (labels >= 2)[None, None]
+            amap = anomaly_map(volume, recon, smoothing_sigma=1.0, mask=brain)
+            values.append(float(auroc(amap, (labels == 3)[None, None], mask=brain)))
+        aurocs[name] = sum(values) / len(values)
+    assert aurocs["demo_healthy"] > 0.975, aurocs
+    assert aurocs["demo_healthy"] > aurocs["demo"] + 0.01, aurocs

@@ -160,7 +160,7 @@ def test_triton_limits_on_grid_and_offsets():
 
 def test_bf16_on_interpreter_refused():
     q, k, v = qkv(1, 1, 4, 4, 16, torch.bfloat16, device="cpu")
-    with pytest.raises(backends.BackendUnavailable, match="bf16"):
+    with pytest.raises(backends.BackendUnavailable, match="bfloat16"):
         ops.attention(q, k, v, backend="triton")
     assert ops.attention(q, k, v).dtype == torch.bfloat16  # SDPA on CPU handles bf16
 

@@ -1,4 +1,4 @@
-"""AutoencoderKL against MONAI's AutoencoderKL (random weights, several configurations, fp32 and the DESIGN §6
+"""AutoencoderKL against MONAI's AutoencoderKL (random weights, several configurations, fp32 and the ARCHITECTURE §6
 bf16 rule), and the exact slab-wise decode/encode (pydiffmed/partition.py) against the whole-volume call."""
 import math
 

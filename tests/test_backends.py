@@ -126,7 +126,7 @@ def test_declared_dtypes_steer_dispatch(request):
         x = torch.zeros(2, dtype=dtype)
         assert backends.select("probe_fp32_op", None, (x,)) == expected
         assert backends.choose("probe_fp32_op", device="cpu", dtype=dtype) == expected
-    with pytest.raises(backends.BackendUnavailable, match="cpu has no probe_fp32_op kernel for fp16"):
+    with pytest.raises(backends.BackendUnavailable, match="cpu has no probe_fp32_op kernel for float16"):
         backends.select("probe_fp32_op", "cpu", (torch.zeros(2, dtype=torch.float16),))
     backends.unregister("probe_fp32_op")
     assert "probe_fp32_op" not in backends.ops()

@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,8 @@ def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
 
 
 def test_the_tests_never_wrote_into_benchmarks_results():
-    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode", "bench_inferer"):
+    for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode", "bench_inferer",
+                 "bench_distributed"):
         path = os.path.join(BENCH, "results", f"{name}_cpu.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -252,6 +254,7 @@ def test_inferer_rows_and_headline(tmp_path):
         assert set(by_variant) == {"pydiffmed drop-in fp32", "pydiffmed drop-in bf16 network"}
         for r in by_variant.values():
             assert r["ms"] > 0 and r["speedup_vs_MONAI"] == pytest.approx(monai["ms"] / r["ms"])
+            assert r["cpu_ms"] > 0 and r["cpu_speedup_vs_MONAI"] == pytest.approx(monai["cpu_ms"] / r["cpu_ms"])
             assert r["path"] == ("step by step" if "default" in case else "engine")
         fp32 = by_variant["pydiffmed drop-in fp32"]
         assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"])  # the same sample
@@ -262,6 +265,43 @@ def test_inferer_rows_and_headline(tmp_path):
         sys.path.remove(BENCH)
     [(subject, result)] = results_md.headline_inferer(rows)
     assert "DDIM 2 steps" in subject and result.count("small 8³") == 2 and "fp32 max |Δ|" in result
+
+
+def test_distributed_rows_and_headline(tmp_path):
+    """bench_distributed --smoke: 1 process × 1 and × 2 threads and 2 processes × 1 thread (torchrun, gloo), data
+    parallel and spatial parallel, every row measured and its ratios those of the rows' own times; the parallel
+    runs sample what one process samples."""
+    run_script("bench_distributed.py", ["--smoke"], tmp_path, timeout=400)
+    result = load(tmp_path, "bench_distributed")
+    rows = result["rows"]
+    assert "load average" in result["notes"] and "--smoke" in result["command"]
+    assert [(r["mode"], r["measure"]) for r in rows] == [("data parallel", "sampling run")] * 3 + \
+        [("spatial parallel", "forward")] * 3 + [("spatial parallel", "DDIM step")] * 3
+    for r in rows:
+        assert "note" not in r, r
+        assert r["ms"] > 0 and r["cpu_s"] > 0 and r["peak_MB"] >= 0 and r["rss_peak_MB"] > r["peak_MB"]
+    for group in (rows[:3], rows[3:6], rows[6:]):
+        one, single, parallel = group
+        assert (one["config"], single["config"], parallel["config"]) == (
+            "1 process × 1 thread", "1 process × 2 threads", "2 processes × 1 thread")
+        assert one["time_vs_1x1"] == 1.0 and single["time_vs_single"] == 1.0 and one["comm_share"] is None
+        assert parallel["time_vs_single"] == pytest.approx(parallel["ms"] / single["ms"])
+        assert parallel["efficiency"] == pytest.approx(one["ms"] / (2 * parallel["ms"]))
+        assert parallel["memory_vs_single"] == pytest.approx(parallel["peak_MB"] / single["peak_MB"])
+        assert 0 <= parallel["comm_share"] <= 1 and len(parallel["comm_share_per_rank"]) == 2
+        assert re.search(r"\(target [<>]= [0-9.]+\): (met|NOT met)", parallel["target"]), parallel["target"]
+        # the same volumes as one process (data parallel: bit for bit on the CPU)
+        assert parallel["max_abs_diff_vs_1x1"] <= (0.0 if parallel["mode"] == "data parallel" else 1e-4)
+    assert rows[2]["throughput_vol_s"] == pytest.approx(2 / (rows[2]["ms"] / 1e3))
+    sys.path.insert(0, BENCH)
+    try:
+        results_md = importlib.import_module("results_md")
+    finally:
+        sys.path.remove(BENCH)
+    [(subject, line)] = results_md.headline_distributed(rows)
+    assert "2 processes × 1 thread" in subject and "1 process × 2 threads" in subject
+    assert "scaling efficiency" in line and "per-rank peak memory" in line and "one DDIM step" in line
+
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
     """The GPU suite's CPU mode: every step up to the first GPU call, the GPU tests collected and every GPU

@@ -1,5 +1,5 @@
 """ControlNet3D and accelerate()d MONAI ControlNets against MONAI's `ControlNet` (random weights, zero convolutions
-randomised too), bf16 by the DESIGN §6 rule, and ControlledUNet sampling with pydiffmed.sample against MONAI's
+randomised too), bf16 by the ARCHITECTURE §6 rule, and ControlledUNet sampling with pydiffmed.sample against MONAI's
 `ControlNetDiffusionInferer.sample` with the same initial noise (with and without classifier-free guidance)."""
 import copy
 

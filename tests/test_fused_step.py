@@ -495,13 +495,13 @@ def compile_kernel(fn, types, constexprs, **options):
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 ints = {n: "i64" for n in ("noise_step_value", "step_stride", "batch_stride", "num_steps", "numel", "channels",
-                           "spatial")}
+                           "spatial", "noise_offset", "noise_plane")}
 types = dict(ints, guidance="fp32", m_ptr="*fp16", mi_ptr="*bf16", x0_ptr="*fp16", seeds_ptr="*i64",
              step_index_ptr="*i64", noise_step_ptr="*i64")
 for cl, seeds, present in itertools.product((False, True), (False, True), (False, True)):
     flags = dict(HAS_MC=present, HAS_H1=present, HAS_H2=present, HAS_H3=present, HAS_NOISE=not seeds,
                  HAS_SEEDS=seeds, HAS_MI=present, HAS_X0=present, HAS_STEP_INDEX=present,
-                 HAS_NOISE_STEP_PTR=present, CHANNELS_LAST=cl, BLOCK=1024)
+                 HAS_NOISE_STEP_PTR=present, CHANNELS_LAST=cl, NOISE_INDEX=seeds and present, BLOCK=1024)
     ptx = compile_kernel(F._fused_step_kernel, types, flags, num_warps=4, enable_fp_fusion=False).asm["ptx"]
     assert "fma.rn.f32" not in ptx, "multiply-adds were contracted"
     assert not seeds or ("div.rn.f32" in ptx and "sqrt.rn.f32" in ptx), "Box-Muller must use IEEE div/sqrt"

@@ -1,4 +1,4 @@
-"""pydiffmed.ops.group_norm on every backend that runs here, against a float64 oracle (DESIGN §4, §6)."""
+"""pydiffmed.ops.group_norm on every backend that runs here, against a float64 oracle (ARCHITECTURE §4, §6)."""
 from __future__ import annotations
 
 import contextlib
@@ -116,7 +116,7 @@ def oracle(x, num_groups, weight, bias, eps, act, bias_nc):
 
 
 def torch_at_dtype(x, num_groups, weight, bias, eps, act, bias_nc):
-    """The same math in plain torch at x's dtype (the DESIGN §6 yardstick)."""
+    """The same math in plain torch at x's dtype (the ARCHITECTURE §6 yardstick)."""
     dt = x.dtype
     xt = x
     if bias_nc is not None:

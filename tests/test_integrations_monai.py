@@ -6,7 +6,7 @@ non-zero weights, 8³ volumes, batch 2), fp32, same input_noise.
   manual_seed) and with learned variances; DDPM with the default Philox noise is repeatable from a seed and equals
   the solver's own loop with that noise; cross-attention conditioning with and without cfg, concat conditioning;
   intermediates (same count, same positions, same values); the in-place acceleration and accelerate=False; the
-  prepared Sampler is reused until the weights change; bf16 within the DESIGN §6 rule.
+  prepared Sampler is reused until the weights change; bf16 within the ARCHITECTURE §6 rule.
 * LatentDiffusionInferer: with scale_factor and the latent pad/crop (ldm_latent_shape / autoencoder_latent_shape),
   MONAI's AutoencoderKL decoding, intermediates decoded.
 * ControlNetDiffusionInferer (with cfg) and ControlNetLatentDiffusionInferer.

@@ -1,4 +1,4 @@
-"""Solvers, checked three ways (DESIGN §6):
+"""Solvers, checked three ways (ARCHITECTURE §6):
 1. step for step against diffusers' and MONAI's schedulers (same inputs, same explicit noise, fp32, whole loop,
    relative error max|ours - peer| / max|peer| <= 1e-5), sweeping prediction types, spacings, clip,
    thresholding, zero-SNR, eta;

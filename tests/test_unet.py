@@ -1,5 +1,5 @@
 """UNet3D and accelerate() against MONAI's DiffusionModelUNet (random weights, both key namings), bf16 by the
-DESIGN §6 rule, device-value-free forward, and checkpoint loading that never unpickles arbitrary objects."""
+ARCHITECTURE §6 rule, device-value-free forward, and checkpoint loading that never unpickles arbitrary objects."""
 import copy
 import pathlib
 import pickle
@@ -204,7 +204,7 @@ def test_defaults_and_keys_equal_monai():
 
 @pytest.mark.parametrize("name", ["attn_last_level", "self_attention_combined_nofc", "2d_cross_attention"])
 def test_bf16_within_design_rule(name):
-    """bf16 UNet3D vs fp32 MONAI: error ≤ 2 × (MONAI run in bf16 vs fp32) (DESIGN §6)."""
+    """bf16 UNet3D vs fp32 MONAI: error ≤ 2 × (MONAI run in bf16 vs fp32) (ARCHITECTURE §6)."""
     config, monai, x, t, kwargs = build(name, seed=5)
     model = UNet3D.from_monai(monai).eval()
     half = {k: v.bfloat16() if v.is_floating_point() else v for k, v in kwargs.items()}

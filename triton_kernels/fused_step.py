@@ -1,4 +1,4 @@
-"""Triton kernel of pydiffmed.ops.fused_step (DESIGN §4), with the Philox4x32-10 + Box-Muller mapping of
+"""Triton kernel of pydiffmed.ops.fused_step (ARCHITECTURE §4), with the Philox4x32-10 + Box-Muller mapping of
 csrc/common/philox.h (same constants, same fp32 operation order; launched without multiply-add fusion, so it
 reproduces the CPU kernel and the torch reference bit for bit).
 
@@ -132,11 +132,11 @@ def _missing_term(coef):
 @triton.jit(do_not_specialize=["guidance", "noise_step_value"])
 def _fused_step_kernel(x_ptr, m_ptr, mc_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, seeds_ptr, out_ptr, mi_ptr, x0_ptr,
                        coef_ptr, step_index_ptr, noise_step_ptr, guidance, noise_step_value, step_stride,
-                       batch_stride, num_steps, numel, channels, spatial,
+                       batch_stride, num_steps, numel, channels, spatial, noise_offset, noise_plane,
                        HAS_MC: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_H3: tl.constexpr,
                        HAS_NOISE: tl.constexpr, HAS_SEEDS: tl.constexpr, HAS_MI: tl.constexpr,
                        HAS_X0: tl.constexpr, HAS_STEP_INDEX: tl.constexpr, HAS_NOISE_STEP_PTR: tl.constexpr,
-                       CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+                       CHANNELS_LAST: tl.constexpr, NOISE_INDEX: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -193,10 +193,17 @@ def _fused_step_kernel(x_ptr, m_ptr, mc_ptr, h1_ptr, h2_ptr, h3_ptr, noise_ptr, 
             step_word = (tl.load(noise_step_ptr) & 0xFFFFFFFF).to(tl.uint32)
         else:
             step_word = (noise_step_value.to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
-        z0, z1, z2, z3 = philox_normal_tile(tl.load(seeds_ptr + b), step_word, block)
-        col = lane[None, :]
-        z = tl.where(col == 0, z0[:, None], tl.where(col == 1, z1[:, None],
-                                                     tl.where(col == 2, z2[:, None], z3[:, None])))
+        if NOISE_INDEX:  # a slab of a larger volume: element (c, s) draws index c·noise_plane + noise_offset + s
+            channel = index // spatial
+            volume_index = channel * noise_plane + noise_offset + (index - channel * spatial)
+            z0, z1, z2, z3 = philox_normal_tile(tl.load(seeds_ptr + b), step_word, volume_index // 4)
+            col = volume_index % 4
+            z = tl.where(col == 0, z0, tl.where(col == 1, z1, tl.where(col == 2, z2, z3)))
+        else:
+            z0, z1, z2, z3 = philox_normal_tile(tl.load(seeds_ptr + b), step_word, block)
+            col = lane[None, :]
+            z = tl.where(col == 0, z0[:, None], tl.where(col == 1, z1[:, None],
+                                                         tl.where(col == 2, z2[:, None], z3[:, None])))
         acc = acc + _term(s, z)
     else:
         acc = acc + _missing_term(s)
@@ -225,11 +232,12 @@ def fused_step_launch(a, block: int | None = None):
         a.coefs, a.step_index if a.step_index is not None else a.coefs,
         a.noise_step_tensor if a.noise_step_tensor is not None else a.coefs,
         float(a.guidance), int(a.noise_step), a.step_stride, a.batch_stride, a.num_steps, a.numel, a.channels,
-        max(a.spatial, 1),
+        max(a.spatial, 1), a.noise_offset, a.noise_plane,
         HAS_MC=a.m_cond is not None, HAS_H1=h1 is not None, HAS_H2=h2 is not None, HAS_H3=h3 is not None,
         HAS_NOISE=a.noise is not None, HAS_SEEDS=a.seeds is not None, HAS_MI=a.model_input is not None,
         HAS_X0=a.x0_out is not None, HAS_STEP_INDEX=a.step_index is not None,
-        HAS_NOISE_STEP_PTR=a.noise_step_tensor is not None, CHANNELS_LAST=bool(a.channels_last), BLOCK=block,
+        HAS_NOISE_STEP_PTR=a.noise_step_tensor is not None, CHANNELS_LAST=bool(a.channels_last),
+        NOISE_INDEX=(a.noise_offset, a.noise_plane) != (0, a.spatial), BLOCK=block,
         num_warps=4, enable_fp_fusion=False)
 
 

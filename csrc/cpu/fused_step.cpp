@@ -54,6 +54,7 @@ struct StepKernelArgs {
     const long long* step_index;
     pdm_u32 noise_step;
     const long long* noise_step_ptr;
+    long long noise_offset, noise_plane;  // Philox index of element (c, s): c·noise_plane + noise_offset + s
     long long batch, channels, spatial;
     bool channels_last;
 };
@@ -315,7 +316,17 @@ void step_tile(const StepKernelArgs& a, long long row, long long j0, int n) {
             load_tile(a.noise.ptr, a.noise.dtype, offset, stride, n, tb);
         } else if (a.seeds) {
             pdm_u32 step = a.noise_step_ptr ? (pdm_u32)(*a.noise_step_ptr) : a.noise_step;
-            philox_normals((pdm_u64)a.seeds[b], step, first, n, tb);
+            if (a.noise_offset == 0 && a.noise_plane == a.spatial) {
+                philox_normals((pdm_u64)a.seeds[b], step, first, n, tb);
+            } else {  // a slab of a larger volume: the volume's indices, one contiguous run per channel
+                for (int done = 0; done < n;) {
+                    const long long i = first + done, c = i / a.spatial, pos = i - c * a.spatial;
+                    const int len = (int)std::min<long long>(n - done, a.spatial - pos);
+                    philox_normals((pdm_u64)a.seeds[b], step, c * a.noise_plane + a.noise_offset + pos, len,
+                                   tb + done);
+                    done += len;
+                }
+            }
         } else {
             fill(tb, n, nan);
         }
@@ -391,7 +402,8 @@ void register_fused_step(py::module_& m) {
            std::uintptr_t noise, int noise_dt, std::uintptr_t seeds, std::uintptr_t out, int out_dt,
            std::uintptr_t model_input, int mi_dt, std::uintptr_t x0_out, int x0_dt, std::uintptr_t coefs,
            long long step_stride, long long batch_stride, std::uintptr_t step_index, long long num_steps,
-           long long noise_step, std::uintptr_t noise_step_ptr, long long batch, long long channels,
+           long long noise_step, std::uintptr_t noise_step_ptr, long long noise_offset, long long noise_plane,
+           long long batch, long long channels,
            long long spatial, bool channels_last, int num_threads) {
             StepKernelArgs a;
             a.x = {as_ptr<const void>(x), x_dt};
@@ -416,6 +428,8 @@ void register_fused_step(py::module_& m) {
             a.step_index = as_ptr<const long long>(step_index);
             a.noise_step = (pdm_u32)noise_step;
             a.noise_step_ptr = as_ptr<const long long>(noise_step_ptr);
+            a.noise_offset = noise_offset;
+            a.noise_plane = noise_plane;
             a.batch = batch;
             a.channels = channels;
             a.spatial = spatial;

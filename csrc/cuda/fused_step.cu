@@ -43,7 +43,8 @@ extern "C" __global__ void fused_step_kernel(
     void* out, int out_dtype, void* model_input, int model_input_dtype, void* x0_out, int x0_out_dtype,
     const float* coefs, long long step_stride, long long batch_stride, const long long* step_index,
     long long num_steps, unsigned int noise_step, const long long* noise_step_ptr,
-    long long numel, long long channels, long long spatial, int channels_last) {
+    long long numel, long long channels, long long spatial, int channels_last, long long noise_offset,
+    long long noise_plane) {
     const long long b = blockIdx.y;
     const long long block = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // Philox block in the sample
     const long long first = 4 * block;
@@ -54,7 +55,17 @@ extern "C" __global__ void fused_step_kernel(
     if (k.s != 0.0f && !noise) {
         if (seeds) {
             const unsigned int step = noise_step_ptr ? (unsigned int)(*noise_step_ptr) : noise_step;
-            pdm::philox_normal4((pdm_u64)seeds[b], step, (pdm_u64)block, z[0], z[1], z[2], z[3]);
+            if (noise_offset == 0 && noise_plane == spatial) {
+                pdm::philox_normal4((pdm_u64)seeds[b], step, (pdm_u64)block, z[0], z[1], z[2], z[3]);
+            } else {  // a slab of a larger volume: element (c, s) draws index c·noise_plane + noise_offset + s
+                for (int lane = 0; lane < 4 && first + lane < numel; ++lane) {
+                    const long long i = first + lane, c = i / spatial;
+                    const long long v = c * noise_plane + noise_offset + (i - c * spatial);
+                    float w[4];
+                    pdm::philox_normal4((pdm_u64)seeds[b], step, (pdm_u64)(v >> 2), w[0], w[1], w[2], w[3]);
+                    z[lane] = w[v & 3];
+                }
+            }
         } else {
             z[0] = z[1] = z[2] = z[3] = pdm::bits_f32(0x7fc00000u);
         }

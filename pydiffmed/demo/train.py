@@ -38,12 +38,13 @@ SPACING_MM = 7.0  # a ~180 mm head spans ~26 of the 32 voxels
 INTENSITY = {"scale": 500.0, "offset": 500.0, "clip": [0.0, 1000.0]}  # model [-1, 1] → 0…1000 a.u.
 
 
-def model_config(model: UNet3D, size: int, source: dict) -> dict:
+def model_config(model: UNet3D, size: int, source: dict, name: str = "demo", lesions: bool = True) -> dict:
     """The pydiffmed model config of the demo model (everything but the network arguments)."""
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     spacing = SPACING_MM * VOLUME_SIZE / size
-    return {"name": "demo", "description": f"UNet3D ({millions:.1f} M parameters) trained on pydiffmed.data head "
-                                           f"phantoms, {size}^3 at {spacing:g} mm",
+    phantoms = "head phantoms" if lesions else "head phantoms without lesions"
+    return {"name": name, "description": f"UNet3D ({millions:.1f} M parameters) trained on pydiffmed.data {phantoms}, "
+                                         f"{size}^3 at {spacing:g} mm",
             "schedule": SCHEDULE, "prediction_type": PREDICTION, "clip_sample": 1.0,
             "volume_shape": [size] * 3, "channels": 1, "spacing": [spacing] * 3, "orientation": "RAS",
             "intensity": INTENSITY, "source": source}
@@ -89,7 +90,8 @@ def train(out: str = DEFAULT_OUT, iterations: int = 2600, batch: int = 4, lr: fl
                   "data": f"pydiffmed.data phantom family {seed}, indices 0..{step * batch - 1}"
                   + ("" if lesions else ", without lesions"), "seconds": round(time.perf_counter() - started),
                   "final_loss": running_loss, "torch": torch.__version__, "commit": _git_commit()}
-        save_model(out, ema, model_config(ema, size, source), overwrite=True)
+        name = os.path.basename(os.path.normpath(out)).removesuffix(".safetensors")
+        save_model(out, ema, model_config(ema, size, source, name, lesions), overwrite=True)
 
     for step in range(iterations):
         x0 = data.phantoms(batch, seed=seed, shape=size, start=step * batch, lesions=lesions)

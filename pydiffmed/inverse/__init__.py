@@ -1,5 +1,5 @@
 """Inverse problems: measurement operators (A, Aᴴ), undersampling masks and the posterior samplers' data steps
-(samplers.py); see DESIGN.md §9 "Measurements". Anomaly detection with a model of healthy anatomy (anomaly.py:
+(samplers.py); see docs/ARCHITECTURE.md §8. Anomaly detection with a model of healthy anatomy (anomaly.py:
 reconstructions from partial noising or DDIM inversion, the anomaly map, threshold, score, AUROC; noise.py: simplex
 noise)."""
 from .anomaly import anomaly_map, anomaly_score, auroc, gaussian_smooth, otsu_threshold, reconstruct_healthy, threshold

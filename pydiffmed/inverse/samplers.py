@@ -3,7 +3,7 @@
     m = Measurement(Masking(mask), y, sigma_y=0.01)
     x = pydiffmed.sample(model, shape, "ddim", measurement=m, posterior="dds", posterior_options={"cg_iters": 5})
 
-How it sits in the engine (DESIGN §1, §9 "Measurements"). fused_step forms x0 = clip(p_x·x + p_m·m) from the
+How it sits in the engine (ARCHITECTURE §1, §8 "Measurements"). fused_step forms x0 = clip(p_x·x + p_m·m) from the
 model output m with the plan row's coefficients. A data step maps the x0 estimate to x0' and hands fused_step
 m' = m + (x0' - x̂0)/u_m (u_x, u_m: the x0 coefficients of that evaluation, below), so fused_step forms x0'
 itself: the plan, fused_step and the CUDA graphs stay as they are, and the data step is device-only (tables

@@ -5,12 +5,9 @@ import math
 
 import torch
 
+from ..backends import dtype_name
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def dtype_name(dtype) -> str:
-    """'float16' for torch.float16: how messages, sidecars and reports name a dtype."""
-    return str(dtype).replace("torch.", "")
 
 
 def check_float_tensor(name: str, t, dtypes=FLOAT_DTYPES) -> None:

@@ -1,4 +1,4 @@
-"""`attention`: softmax(q·kᵀ·scale)·v over volume tokens (DESIGN §4), without an N×N matrix on the fast path.
+"""`attention`: softmax(q·kᵀ·scale)·v over volume tokens (ARCHITECTURE §4), without an N×N matrix on the fast path.
 
 Layouts: "bhnd" (B×heads×N×d) or "bnhd" (B×N×heads×d, the token-major layout a fused QKV projection produces:
 q, k and v may be strided views into one B×N×3×heads×d tensor, and the output B×N×heads×d is the B×N×C

@@ -1,4 +1,4 @@
-"""`fused_step`: one solver update in one pass over memory, with in-kernel Philox noise (DESIGN §1, §4).
+"""`fused_step`: one solver update in one pass over memory, with in-kernel Philox noise (ARCHITECTURE §1, §4).
 
     x0 = clamp(p_x*x + p_m*m, -clip, clip)                  (clip = +inf: no clamp)
     x' = a*x + b*x0 + c1*h1 + c2*h2 + c3*h3 + s*z
@@ -113,7 +113,7 @@ def _check_coefficient_values(rows, history, has_noise):
 
 def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None, model_input=None, x0_out=None,
                noise=None, seeds=None, noise_step=None, model_output_cond=None, guidance_scale=None,
-               backend=None):
+               noise_index=None, backend=None):
     """One solver update (module docstring). Returns `out` (a new tensor like x when not given).
 
     x: (B, ...) fp32/fp16/bf16; model_output (m), model_output_cond, history (h1, h2, h3; None entries
@@ -122,6 +122,9 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
     step_index: int or 0-d integer tensor on x.device selecting the table row (on device: no host sync).
     seeds: (B,) int64 on x.device (64-bit Philox keys); noise_step: int in [0, 2^32) or 0-d integer tensor
     on x.device (default step_index, else 0). CFG: m = m + guidance_scale*(model_output_cond - m).
+    noise_index = (offset, plane): x is a slab of a larger volume (spatial parallelism): the element of channel c
+    (x.shape[1]) at spatial index s draws the Philox index c·plane + offset + s, the volume's own, where plane is
+    the volume's element count per channel (default (0, x's): the logical index).
     """
     check_float_tensor("x", x)
     if x.ndim < 1 or x.shape[0] < 1:
@@ -181,6 +184,7 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
         noise_step_tensor, noise_step = noise_step.reshape(()).to(torch.int64), 0
     else:
         _check_int("noise_step", noise_step, 2 ** 32)
+    noise_offset, noise_plane = _noise_index(noise_index, x)
 
     if coefs.device.type == "cpu":
         used = coefs
@@ -209,7 +213,8 @@ def fused_step(x, model_output, coefs, *, step_index=None, history=(), out=None,
     tensors = (x_k, m_k, mc_k, *h_k, noise_k, seeds, coefs, step_index, noise_step_tensor, *staged.values())
     name = backends.select("fused_step", backend, tensors, x=x_k)
     args = (x_k, m_k, mc_k, float(guidance_scale or 0.0), coefs, step_index, *h_k, noise_k, seeds, int(noise_step),
-            noise_step_tensor, staged["out"], staged["model_input"], staged["x0_out"], name)
+            noise_step_tensor, staged["out"], staged["model_input"], staged["x0_out"], name, noise_offset,
+            noise_plane)
     if torch.compiler.is_compiling():
         torch.ops.pydiffmed.fused_step(*args)  # torch.compile must see one op
     else:
@@ -226,29 +231,49 @@ def _fused_step_op(x: torch.Tensor, model_output: torch.Tensor, model_output_con
                    h1: Optional[torch.Tensor], h2: Optional[torch.Tensor], h3: Optional[torch.Tensor],
                    noise: Optional[torch.Tensor], seeds: Optional[torch.Tensor], noise_step: int,
                    noise_step_tensor: Optional[torch.Tensor], out: torch.Tensor, model_input: Optional[torch.Tensor],
-                   x0_out: Optional[torch.Tensor], backend: str) -> None:
+                   x0_out: Optional[torch.Tensor], backend: str, noise_offset: int = 0,
+                   noise_plane: int = -1) -> None:
     _fused_step_run(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds,
-                    noise_step, noise_step_tensor, out, model_input, x0_out, backend)
+                    noise_step, noise_step_tensor, out, model_input, x0_out, backend, noise_offset, noise_plane)
 
 
 def _fused_step_run(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds,
-                    noise_step, noise_step_tensor, out, model_input, x0_out, backend):
+                    noise_step, noise_step_tensor, out, model_input, x0_out, backend, noise_offset=0, noise_plane=-1):
     args = StepArgs(x, model_output, model_output_cond, guidance_scale, coefs, step_index, (h1, h2, h3), noise,
-                    seeds, noise_step, noise_step_tensor, out, model_input, x0_out)
+                    seeds, noise_step, noise_step_tensor, out, model_input, x0_out, noise_offset, noise_plane)
     backends.implementation("fused_step", backend).run(args)
 
 
 @_fused_step_op.register_fake
 def _(x, model_output, model_output_cond, guidance_scale, coefs, step_index, h1, h2, h3, noise, seeds, noise_step,
-      noise_step_tensor, out, model_input, x0_out, backend):
+      noise_step_tensor, out, model_input, x0_out, backend, noise_offset=0, noise_plane=-1):
     return None
+
+
+def _noise_index(noise_index, x):
+    """(offset, plane) of fused_step's noise_index, checked; plane -1 stands for x's own (the default)."""
+    if noise_index is None:
+        return 0, -1
+    spatial = x.numel() // x.shape[0] // (x.shape[1] if x.ndim > 1 and x.shape[1] else 1) if x.numel() else 0
+    try:
+        offset, plane = noise_index
+    except (TypeError, ValueError):
+        raise TypeError(f"noise_index must be a pair (offset, plane) of ints, got {noise_index!r}") from None
+    for name, v in (("offset", offset), ("plane", plane)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"noise_index {name} must be an int, got {v!r}")
+    offset, plane = int(offset), int(plane)
+    if offset < 0 or offset + spatial > plane:
+        raise ValueError(f"noise_index=({offset}, {plane}): the slab's {spatial} elements per channel must lie in "
+                         f"[0, plane) of the volume's channel (0 <= offset, offset + {spatial} <= plane)")
+    return offset, plane
 
 
 class StepArgs:
     """Validated kernel arguments: every tensor shaped like x shares x's layout ('ncs' or 'cl')."""
 
     def __init__(self, x, m, m_cond, guidance, coefs, step_index, history, noise, seeds, noise_step,
-                 noise_step_tensor, out, model_input, x0_out):
+                 noise_step_tensor, out, model_input, x0_out, noise_offset=0, noise_plane=-1):
         self.x, self.m, self.m_cond, self.guidance = x, m, m_cond, guidance
         self.coefs, self.step_index, self.history, self.noise, self.seeds = coefs, step_index, history, noise, seeds
         self.noise_step, self.noise_step_tensor = noise_step, noise_step_tensor
@@ -258,6 +283,9 @@ class StepArgs:
         self.channels_last = layout_of(x) == "cl"
         self.channels = x.shape[1] if x.ndim > 1 else 1
         self.spatial = self.numel // self.channels if self.channels else 0
+        # Philox index of element (c, s): c·noise_plane + noise_offset + s (fused_step's noise_index)
+        self.noise_offset = noise_offset
+        self.noise_plane = self.spatial if noise_plane < 0 else noise_plane
         table = step_index is not None
         self.num_steps = coefs.shape[0] if table else 1
         per_sample = coefs.ndim == (3 if table else 2)
@@ -276,7 +304,8 @@ def _run_torch(a: StepArgs):
     noise = a.noise
     if noise is None and a.seeds is not None:
         step = a.noise_step_tensor if a.noise_step_tensor is not None else a.noise_step
-        noise = reference.philox_normal(a.seeds, step, a.x.shape, a.x.device)
+        index = None if (a.noise_offset, a.noise_plane) == (0, a.spatial) else (a.noise_offset, a.noise_plane)
+        noise = reference.philox_normal(a.seeds, step, a.x.shape, a.x.device, index=index)
     guidance = a.guidance if a.m_cond is not None else None
     x_new, x0 = reference.fused_step(a.x, a.m, coefs, a.history, noise, a.m_cond, guidance)
     if a.x0_out is not None:
@@ -305,7 +334,7 @@ def _run_cpu(a: StepArgs):
         _ptr(a.seeds), _ptr(a.out), _code(a.out), _ptr(a.model_input), _code(a.model_input),
         _ptr(a.x0_out), _code(a.x0_out),
         _ptr(a.coefs), a.step_stride, a.batch_stride, _ptr(a.step_index), a.num_steps,
-        a.noise_step, _ptr(a.noise_step_tensor),
+        a.noise_step, _ptr(a.noise_step_tensor), a.noise_offset, a.noise_plane,
         a.batch, a.channels, a.spatial, a.channels_last, torch.get_num_threads())
 
 
@@ -366,11 +395,12 @@ def philox_keys(seed, batch: int) -> torch.Tensor:
     return seeds
 
 
-def philox_normal(seeds, step, shape, device=None, backend=None) -> torch.Tensor:
+def philox_normal(seeds, step, shape, device=None, backend=None, noise_index=None) -> torch.Tensor:
     """Exactly the noise fused_step draws for these seeds and step word: an fp32 tensor of `shape` (B, ...)
     with z[b, i] = normal(Philox4x32-10(key=seeds[b], counter=(i//4 lo, i//4 hi, step, 0)))[lane i%4] for the
     logical row-major index i within sample b. The uniforms are u = ((w >> 9) + 1/2)·2^-23 (exact in fp32, in
-    (0, 1)); Box-Muller maps lanes (0, 1) and (2, 3) to (r cos θ, r sin θ), r = sqrt(-2 ln u_a), θ = 2π u_b."""
+    (0, 1)); Box-Muller maps lanes (0, 1) and (2, 3) to (r cos θ, r sin θ), r = sqrt(-2 ln u_a), θ = 2π u_b.
+    noise_index = (offset, plane): the noise of a slab of a larger volume (see fused_step)."""
     if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.ndim != 1:
         raise TypeError("seeds must be a 1-D int64 tensor (B,)")
     shape = tuple(int(s) for s in shape)
@@ -384,7 +414,8 @@ def philox_normal(seeds, step, shape, device=None, backend=None) -> torch.Tensor
     if out.numel() == 0:
         return out
     # Every coefficient but s is zero, so x and m are never read: `out` stands in for them.
-    return fused_step(out, out, step_coefs(s=1.0), seeds=seeds, noise_step=step, out=out, backend=backend)
+    return fused_step(out, out, step_coefs(s=1.0), seeds=seeds, noise_step=step, out=out, noise_index=noise_index,
+                      backend=backend)
 
 
 # --- companion ops: dynamic thresholding and per-sample norms ----------------------------------------------

@@ -1,4 +1,4 @@
-"""`group_norm`: y = act(GroupNorm(x + bias_nc) · weight + bias) over 4-D/5-D input (DESIGN §4).
+"""`group_norm`: y = act(GroupNorm(x + bias_nc) · weight + bias) over 4-D/5-D input (ARCHITECTURE §4).
 
 The public function validates, normalises the layout (contiguous or channels_last kept as is, other strides
 copied once), picks a backend and calls the custom op `pydiffmed::group_norm`, which `torch.compile` and

@@ -173,10 +173,25 @@ def _box_muller_float64(words):
     return z
 
 
-def philox_normal(seeds, step, shape, device=None):
+def philox_normal(seeds, step, shape, device=None, index=None):
     """The noise fused_step draws (fp32): z[b, i] for the logical (row-major) index i of each sample's
-    `shape[1:]`. seeds: (B,) int64 (64-bit keys); step: int or 0-d integer tensor (the counter's third word)."""
-    return _normals_by_chunk(seeds, step, shape, device, _box_muller_fp32, torch.float32)
+    `shape[1:]`. seeds: (B,) int64 (64-bit keys); step: int or 0-d integer tensor (the counter's third word).
+    index = (offset, plane): the element of channel c (shape[1]) at spatial index s draws the index
+    c·plane + offset + s instead (a slab of a volume with `plane` elements per channel)."""
+    if index is None:
+        return _normals_by_chunk(seeds, step, shape, device, _box_muller_fp32, torch.float32)
+    shape = tuple(int(s) for s in shape)
+    device = torch.device(device) if device is not None else seeds.device
+    channels = shape[1] if len(shape) > 1 else 1
+    spatial = _sample_numel(shape) // max(channels, 1)
+    offset, plane = index
+    out = torch.empty((shape[0], channels, spatial), dtype=torch.float32, device=device)
+    for c in range(channels):  # each channel's indices are one contiguous range of the volume's
+        first = c * plane + offset
+        block0, block1 = first // 4, (first + spatial + 3) // 4
+        z = torch.stack(_box_muller_fp32(philox_words(seeds, step, shape, device, (block0, block1))), dim=-1)
+        out[:, c] = z.reshape(shape[0], -1)[:, first - 4 * block0:first - 4 * block0 + spatial]
+    return out.reshape(shape)
 
 
 def philox_normal_float64(seeds, step, shape, device=None):

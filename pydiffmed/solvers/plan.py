@@ -1,4 +1,4 @@
-"""SamplingPlan and StepForm: the contract between solvers and the engine (DESIGN §1).
+"""SamplingPlan and StepForm: the contract between solvers and the engine (ARCHITECTURE §1).
 
 A plan is numbers plus a little wiring: for model evaluation e the engine calls the model on the model input
 (written from the previous form's `out`) at `timesteps[e]`, then applies `ops.fused_step` with row `coefs[e]`

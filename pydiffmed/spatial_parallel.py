@@ -1,0 +1,637 @@
+"""Spatial parallelism (issue 16, DESIGN §9): one volume, many processes. The volume — the sampler state and every
+activation of the denoiser — is cut along depth (the first spatial axis) into slabs, one per rank of a
+`torch.distributed` process group (gloo on CPU, NCCL on GPU), and each rank runs the whole sampling loop on its
+slab.
+
+    model = SpatialParallelUNet(unet, depth=D)            # every rank, same weights
+    y = model(x[:, :, model.start:model.stop], t)         # this rank's slab of unet(x, t)
+    volume = spatial_sample(unet, (B, C, D, H, W), "ddim", num_steps=50, seed=0)   # the whole volume, every rank
+
+Why it is exact (the same numbers as one process, up to fp32 rounding):
+* Slabs are cut in units of 2^(levels-1) rows (`slab_bounds`), so every level of the UNet has slab boundaries on
+  whole rows: the stride-2 downsampling convolution, the 2×2×2 average pool of `resblock_updown` and the nearest
+  ×2 upsampling all map a slab onto the matching slab of the next level.
+* A convolution's output rows need its input rows plus a halo (one row for 3×3×3, one row before the slab for
+  the strided downsampler, none for 1×1): the halo rows come from the neighbouring ranks (`batch_isend_irecv`)
+  and are zero at the volume's ends, as the whole-volume convolution's zero padding. Communication overlaps
+  computation: the halo is in flight while the rows that need none convolve; the boundary rows follow.
+* GroupNorm (with the resnets' fused SiLU and time-embedding bias) needs the whole volume's mean and variance per
+  (sample, group): each rank computes its slab's count, mean and centred second moment in fp64, one all-gather
+  per norm layer exchanges them, every rank merges them in rank order (Chan et al., partition.GroupStats) and
+  applies the normalisation to its slab (partition.GroupNormApply).
+* Attention is over all D·H·W tokens; a depth slab is a contiguous token range, so each rank keeps its queries
+  and all-gathers keys and values (SpatialAttentionBlock, and the self-attention of SpatialTransformer).
+* The time embedding, class and cross-attention conditioning are per sample: replicated on every rank.
+* The solver update (`ops.fused_step`) is elementwise and its Philox noise is indexed by the voxel of the whole
+  volume (`noise_index`, passed by the engine's `slab=`), so a slab draws exactly the noise one process draws
+  for those voxels. What is not elementwise in the solver path — dynamic thresholding (a per-sample quantile),
+  Langevin corrector step sizes (per-sample norms) and posterior data steps — is refused under spatial
+  parallelism.
+
+Halo rows and statistics are small (one row per neighbour per convolution, 3·B·G numbers per norm); attention's
+key/value gather is the one exchange that grows with the volume (2·C values per token, at the attention levels
+only, where the volume is smallest).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import ops
+from .models.attention_block import SpatialAttentionBlock
+from .models.layers import (add_linear_, avg_pool_2x, channels_last_format, conv_module, linear, per_sample,
+                            to_channels_last, upsample_conv, upsample_nearest)
+from .models.transformer import SpatialTransformer, _add_projected, _attend
+from .models.unet import Downsample, Upsample, UNet3D, _timesteps, silu_time_embedding
+from .partition import GroupNormApply, GroupStats
+
+_TAG_DOWN, _TAG_UP = 17, 18  # halo rows travelling to the next rank (deeper) / to the previous rank
+
+
+# --- slabs ---------------------------------------------------------------------------------------------------
+
+def slab_bounds(depth: int, world_size: int, unit: int = 1) -> list[tuple[int, int]]:
+    """[start, stop) depth rows of each rank's slab: the volume's `depth` rows cut in whole units of `unit` rows
+    (2^(levels-1) for a UNet), as equal as possible, the larger slabs first. ValueError when depth is not a
+    multiple of unit or there are fewer units than ranks (a rank would get no rows)."""
+    for name, value in (("depth", depth), ("world_size", world_size), ("unit", unit)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if depth % unit:
+        raise ValueError(f"depth {depth} is not a multiple of {unit}: slabs are cut in units of {unit} rows (the "
+                         f"model halves the volume {int(math.log2(unit))} times)")
+    units = depth // unit
+    if units < world_size:
+        raise ValueError(f"depth {depth} has {units} unit(s) of {unit} rows for {world_size} ranks: every rank needs "
+                         f"at least one unit; use at most {units} ranks or a deeper volume")
+    base, extra = divmod(units, world_size)
+    bounds, start = [], 0
+    for rank in range(world_size):
+        stop = start + (base + (rank < extra)) * unit
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class _Group:
+    """This rank's place in `group` (None: the default group) and the global ranks of its neighbours."""
+
+    def __init__(self, group):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("spatial parallelism needs an initialised torch.distributed process group "
+                               "(torch.distributed.init_process_group: gloo on CPU, nccl on GPU)")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def global_rank(self, rank):
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+
+class _Halo:
+    """The halo rows of one activation slab in flight: this rank receives `before` rows from the previous rank
+    (its last rows) and `after` rows from the next (its first rows), and sends its own to them. wait() gives
+    (rows before, rows after), zero rows at the volume's ends, None for a side without a halo."""
+
+    def __init__(self, comm: _Group, x: torch.Tensor, before: int, after: int):
+        self.x, self.before, self.after = x, before, after
+        self.recv_before = self.recv_after = None
+        first, last = comm.rank == 0, comm.rank == comm.world_size - 1
+        p2p, self._keep = [], []
+
+        def shape(rows):
+            return (x.shape[0], x.shape[1], rows, *x.shape[3:])
+
+        if before and not first:
+            self.recv_before = x.new_empty(shape(before))
+            p2p.append(dist.P2POp(dist.irecv, self.recv_before, comm.global_rank(comm.rank - 1), comm.group,
+                                  _TAG_DOWN))
+        if after and not last:
+            self.recv_after = x.new_empty(shape(after))
+            p2p.append(dist.P2POp(dist.irecv, self.recv_after, comm.global_rank(comm.rank + 1), comm.group,
+                                  _TAG_UP))
+        if before and not last:
+            rows = x[:, :, x.shape[2] - before:].contiguous()
+            self._keep.append(rows)
+            p2p.append(dist.P2POp(dist.isend, rows, comm.global_rank(comm.rank + 1), comm.group, _TAG_DOWN))
+        if after and not first:
+            rows = x[:, :, :after].contiguous()
+            self._keep.append(rows)
+            p2p.append(dist.P2POp(dist.isend, rows, comm.global_rank(comm.rank - 1), comm.group, _TAG_UP))
+        self._requests = dist.batch_isend_irecv(p2p) if p2p else []
+
+    def wait(self):
+        for request in self._requests:
+            request.wait()
+        self._requests, self._keep = [], []
+        x = self.x
+
+        def rows(received, count):
+            if not count:
+                return None
+            if received is None:  # the volume's end: the zero padding of the whole-volume convolution
+                return x.new_zeros((x.shape[0], x.shape[1], count, *x.shape[3:]))
+            return received.to(memory_format=channels_last_format(x.ndim))
+
+        return rows(self.recv_before, self.before), rows(self.recv_after, self.after)
+
+
+def _cat_rows(pieces):
+    pieces = [p for p in pieces if p is not None]
+    return pieces[0] if len(pieces) == 1 else to_channels_last(torch.cat(pieces, dim=2))
+
+
+# --- the model -----------------------------------------------------------------------------------------------
+
+class SpatialParallelUNet(nn.Module):
+    """A `UNet3D` run by depth slabs across the ranks of `group` (default: the default process group): called on
+    this rank's slab x[:, :, start:stop] of the model input, it returns the same slab of unet(x, ...) (up to fp32
+    rounding). Every rank of the group must call it together with the same timesteps and conditioning.
+
+    depth: the depth (first spatial size) of the whole volume. Its slab cut is `slab_bounds(depth, world_size,
+    2^(levels-1))`; `bounds`, `start`, `stop` and `rows` describe it. `slab(volume)` cuts this rank's slab out of
+    a whole volume, `gather(slab)` puts the whole volume together on every rank.
+
+    forward(x, timesteps, context=None, class_labels=None, down_block_additional_residuals=None,
+    mid_block_additional_residual=None): as UNet3D.forward, with x and the ControlNet residuals (if given) this
+    rank's slabs. Inference only."""
+
+    def __init__(self, unet: UNet3D, depth: int, group=None):
+        super().__init__()
+        if not isinstance(unet, UNet3D):
+            raise TypeError(f"SpatialParallelUNet runs a pydiffmed UNet3D (UNet3D.from_monai converts MONAI's "
+                            f"DiffusionModelUNet), got {type(unet).__name__}")
+        self.unet = unet
+        self._comm = _Group(group)
+        self.unit = 2 ** (len(unet.block_out_channels) - 1)
+        self.bounds = slab_bounds(depth, self._comm.world_size, self.unit)
+        self.depth = int(depth)
+        self.start, self.stop = self.bounds[self._comm.rank]
+        self.rows = self.stop - self.start
+
+    @property
+    def group(self):
+        return self._comm.group
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    def __deepcopy__(self, memo):
+        # the engine copies a model to convert its dtype or device; the process group is shared, never copied
+        memo[id(self._comm)] = self._comm
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            object.__setattr__(new, name, copy.deepcopy(value, memo))
+        return new
+
+    # -- volumes ----------------------------------------------------------------------------------------------
+    def slab(self, volume: torch.Tensor) -> torch.Tensor:
+        """This rank's slab (a view) of a whole volume B×C×D×... (depth: dimension 2)."""
+        if volume.ndim < 3 or volume.shape[2] != self.depth:
+            raise ValueError(f"expected a volume of depth {self.depth} (dimension 2), got shape {tuple(volume.shape)}")
+        return volume[:, :, self.start:self.stop]
+
+    def gather(self, slab: torch.Tensor) -> torch.Tensor:
+        """The whole volume from every rank's slab, on every rank (a collective)."""
+        return gather_slabs(slab, self.bounds, self._comm)
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, down_block_additional_residuals=None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        unet = self.unet
+        self._check_ranks(x, context, class_labels)
+        weight = unet.conv_in.conv.weight
+        batch = x.shape[0]
+        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=channels_last_format(x.ndim))
+        silu_emb = per_sample(lambda t, labels: silu_time_embedding(unet, t, labels),
+                              _timesteps(timesteps, batch, weight.device),
+                              class_labels if unet.num_class_embeds is not None else None)
+        h = self._conv(h, unet.conv_in.conv)
+        skips = [h]
+        for level in unet.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._resnet(resnet, h, silu_emb)
+                if len(level.attentions):
+                    h = self._attention(level.attentions[j], h, context)
+                skips.append(h)
+            if level.downsampler is not None:
+                h = self._sampler(level.downsampler, h, silu_emb)
+                skips.append(h)
+        if down_block_additional_residuals is not None:
+            for i, residual in enumerate(down_block_additional_residuals[:len(skips)]):
+                skips[i] = skips[i] + residual
+        middle = unet.middle_block
+        h = self._resnet(middle.resnet_1, h, silu_emb)
+        h = self._attention(middle.attention, h, context)
+        h = self._resnet(middle.resnet_2, h, silu_emb)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
+        for level in unet.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._resnet(resnet, torch.cat([h, skips.pop()], dim=1), silu_emb)
+                if len(level.attentions):
+                    h = self._attention(level.attentions[j], h, context)
+            if level.upsampler is not None:
+                h = self._sampler(level.upsampler, h, silu_emb)
+        h = self._group_norm(h, unet.out[0], act="silu")
+        return self._conv(h, unet.out[2].conv).contiguous()
+
+    def _check_ranks(self, x, context, class_labels):
+        """Every rank's input checked, and the verdict shared (one small all-gather): either every rank raises
+        the same ValueError or none does — a rank raising alone would leave the others waiting in a collective.
+        Each rank's x must be its slab, the other sizes the same everywhere."""
+        problem = None
+        if not isinstance(x, torch.Tensor) or x.ndim > 7:
+            problem = f"x must be a B×C×D×H×W tensor, got {type(x).__name__}"
+        else:
+            try:
+                self.unet._check_input(x, context, class_labels)
+            except (TypeError, ValueError) as error:
+                problem = str(error)
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        sizes = tuple(x.shape) if problem is None else ()
+        info = torch.tensor([problem is not None, len(sizes), *sizes, *[0] * (7 - len(sizes))], dtype=torch.int64)
+        if self.world_size > 1:
+            pieces = [torch.empty_like(info, device=device) for _ in range(self.world_size)]
+            dist.all_gather(pieces, info.to(device), group=self.group)
+            table = torch.stack(pieces).cpu().tolist()
+        else:
+            table = [info.tolist()]
+        if problem is not None:
+            raise ValueError(f"rank {self.rank}: {problem}")
+        failed = [r for r, row in enumerate(table) if row[0]]
+        if failed:
+            raise ValueError(f"rank(s) {failed} rejected their input (see their errors)")
+        shapes = [tuple(row[2:2 + row[1]]) for row in table]
+        expected = [(*sizes[:2], stop - start, *sizes[3:]) for start, stop in self.bounds]
+        if shapes != expected:
+            raise ValueError(f"the ranks' inputs have shapes {shapes}; the depth-{self.depth} volume cut by "
+                             f"{self.bounds} needs {expected} (rank r holds x[:, :, start_r:stop_r])")
+
+    # -- blocks -----------------------------------------------------------------------------------------------
+    def _resnet(self, block, x, silu_emb):
+        """models.unet.resnet_forward with distributed GroupNorm and halo convolutions."""
+        h = self._group_norm(x, block.norm1, act="silu")
+        if block.up:
+            x = upsample_nearest(x)
+            h = self._upsample_conv(h, block.conv1.conv)
+        else:
+            if block.down:
+                x, h = avg_pool_2x(x), avg_pool_2x(h)
+            h = self._conv(h, block.conv1.conv)
+        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
+        h = self._group_norm(h, block.norm2, act="silu", bias_nc=temb)
+        skip = block.skip_connection
+        residual = x if isinstance(skip, nn.Identity) else self._conv(x, skip.conv)
+        return self._conv(h, block.conv2.conv, add=residual)
+
+    def _sampler(self, block, h, silu_emb):
+        if isinstance(block, Downsample):
+            return self._conv(h, block.op.conv)
+        if isinstance(block, Upsample):
+            return self._upsample_conv(h, block.postconv.conv)
+        return self._resnet(block, h, silu_emb)  # resblock_updown
+
+    def _attention(self, block, x, context):
+        if isinstance(block, SpatialTransformer):
+            return self._transformer(block, x, context)
+        if not isinstance(block, SpatialAttentionBlock):
+            raise TypeError(f"unsupported attention block {type(block).__name__}")
+        return self._self_attention_block(block, x)
+
+    def _self_attention_block(self, block, x):
+        """SpatialAttentionBlock.forward_volume with all-gathered keys and values."""
+        b, c = x.shape[:2]
+        n = math.prod(x.shape[2:])
+        attn = block.attn
+        h = self._group_norm(x, block.norm, token_major=True)
+        weight, bias = attn.fused_qkv(h.dtype, h.device)
+        qkv = linear(h, weight, bias).view(b, n, 3, attn.num_heads, attn.dim_head)
+        kv = self._gather_tokens(qkv[:, :, 1:].reshape(b, n, 2 * c), x.shape[2])
+        kv = kv.view(b, kv.shape[1], 2, attn.num_heads, attn.dim_head)
+        q, k, v = qkv[:, :, 0], kv[:, :, 0], kv[:, :, 1]
+        if attn.attention_dtype is not None and attn.attention_dtype != h.dtype:
+            q, k, v = (t.to(attn.attention_dtype) for t in (q, k, v))
+        out = ops.attention(q, k, v, scale=attn.scale, layout="bnhd").view(b * n, c).to(h.dtype)
+        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
+        y_tokens = y.movedim(1, -1).view(b, n, c)
+        x_tokens = x.movedim(1, -1).reshape(b, n, c)
+        if attn.include_fc:
+            torch.add(x_tokens, attn.out_proj.bias.to(y.dtype), out=y_tokens)
+            add_linear_(y_tokens.view(b * n, c), out, attn.out_proj.weight.to(y.dtype), b)
+        else:
+            torch.add(x_tokens, out.view(b, n, c), out=y_tokens)
+        return y
+
+    def _transformer(self, block, x, context):
+        """SpatialTransformer.forward with all-gathered self-attention keys and values."""
+        b, c = x.shape[:2]
+        rows = x.shape[2]
+        tokens = self._group_norm(x, block.norm, token_major=True)
+        w_in = block.proj_in.conv.weight
+        tokens = linear(tokens, w_in.reshape(w_in.shape[0], -1), block.proj_in.conv.bias)
+        for layer in block.transformer_blocks:
+            attn1, attn2 = layer.attn1, layer.attn2
+            h = layer.norm1(tokens)
+            q, k, v = linear(h, attn1.fused_weight()).chunk(3, dim=-1)
+            k, v = self._gather_tokens(torch.cat([k, v], dim=-1), rows).chunk(2, dim=-1)
+            tokens = _add_projected(tokens, _attend(q, k, v, attn1.num_heads, attn1.scale, attn1.upcast),
+                                    attn1.out_proj)
+            h = layer.norm2(tokens)
+            if context is None:  # MONAI's cross-attention without a context attends over the tokens themselves
+                kv = linear(self._gather_tokens(h, rows), torch.cat([attn2.to_k.weight, attn2.to_v.weight]))
+                k, v = kv.chunk(2, dim=-1)
+                cross = _attend(linear(h, attn2.to_q.weight), k, v, attn2.num_heads, attn2.scale, attn2.upcast)
+            else:
+                cross = attn2(h, context)
+            tokens = _add_projected(tokens, cross, attn2.out_proj)
+            tokens = tokens + layer.ff(layer.norm3(tokens))
+        n, inner = tokens.shape[1], tokens.shape[2]
+        w_out = block.proj_out.conv.weight.reshape(c, inner)
+        x_tokens = x.movedim(1, -1).reshape(b * n, c)
+        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
+        y_tokens = y.movedim(1, -1).view(b * n, c)
+        torch.add(x_tokens, block.proj_out.conv.bias, out=y_tokens)
+        add_linear_(y_tokens, tokens.reshape(b * n, inner), w_out, b)
+        return y
+
+    # -- distributed pieces -----------------------------------------------------------------------------------
+    def _level_rows(self, rows: int) -> list[int]:
+        """Every rank's slab depth at the level where this rank's slab has `rows` rows."""
+        return [(stop - start) * rows // self.rows for start, stop in self.bounds]
+
+    def _gather_tokens(self, tokens: torch.Tensor, rows: int) -> torch.Tensor:
+        """B×n×F token rows of this rank's slab (`rows` depth rows at this level) → B×N×F of the whole volume,
+        in token (depth-major) order, on every rank."""
+        comm = self._comm
+        if comm.world_size == 1:
+            return tokens
+        b, n, f = tokens.shape
+        per_row = n // rows
+        counts = [r * per_row for r in self._level_rows(rows)]
+        most = max(counts)
+        send = tokens.contiguous()
+        if n != most:  # all_gather moves equal sizes: pad, then drop the padding
+            send = tokens.new_zeros((b, most, f))
+            send[:, :n] = tokens
+        pieces = [torch.empty_like(send) for _ in range(comm.world_size)]
+        dist.all_gather(pieces, send, group=comm.group)
+        return torch.cat([piece[:, :count] for piece, count in zip(pieces, counts)], dim=1)
+
+    def _group_norm(self, x, norm, act=None, bias_nc=None, token_major=False):
+        """act(GroupNorm(x + bias_nc)·γ + β) with the whole volume's statistics: this slab's per-(sample, group)
+        count, mean and centred second moment (fp64) are all-gathered and merged in rank order, identically on
+        every rank; the apply phase is partition.GroupNormApply (fp32). token_major: B×n×C output."""
+        n, c = x.shape[:2]
+        groups, per_group = norm.num_groups, c // norm.num_groups
+        channels = x.movedim(1, -1)
+        if channels.dtype not in (torch.float32, torch.float64):
+            channels = channels.float()
+        var, mean = torch.var_mean(channels, dim=tuple(range(1, channels.ndim - 1)), correction=0)
+        count = math.prod(x.shape[2:])
+        mean = mean.double()
+        if bias_nc is not None:
+            mean = mean + bias_nc.double()
+        mean = mean.view(n, groups, per_group)
+        m2 = var.double().view(n, groups, per_group) * count
+        group_mean = mean.mean(-1)
+        group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
+        local = torch.stack([group_mean, group_m2], dim=-1)
+        stats = GroupStats(groups)
+        if self._comm.world_size == 1:
+            pieces, counts = [local], [count * per_group]
+        else:
+            pieces = [torch.empty_like(local) for _ in range(self._comm.world_size)]
+            dist.all_gather(pieces, local, group=self._comm.group)
+            plane = count // x.shape[2]
+            counts = [rows * plane * per_group for rows in self._level_rows(x.shape[2])]
+        for piece, elements in zip(pieces, counts):  # rank order: the same merge, the same numbers on every rank
+            stats.merge(elements, piece[..., 0], piece[..., 1])
+        rstd = (stats.m2 / stats.count + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
+        shift_mean = stats.mean.repeat_interleave(per_group, dim=1)
+        if bias_nc is not None:  # (x + b − μ)·s = (x − (μ − b))·s
+            shift_mean = shift_mean - bias_nc.double()
+        scale = rstd * norm.weight.detach().double() if norm.weight is not None else rstd
+        shift = (norm.bias.detach().double() if norm.bias is not None else torch.zeros(c, dtype=torch.float64,
+                                                                                         device=x.device))
+        apply = GroupNormApply(shift_mean.float(), scale.float(), shift.expand(n, c).float().contiguous(),
+                               act or None)
+        if token_major:
+            out = torch.empty((n, *x.shape[2:], c), dtype=x.dtype, device=x.device)
+            apply(x, out.movedim(-1, 1))
+            return out.view(n, count, c)
+        out = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
+        apply(x, out)
+        return out
+
+    def _conv(self, x, conv, add=None):
+        """conv(x) (+ add) of the whole volume, this slab's rows: halo rows from the neighbours, exchanged while
+        the rows that need none convolve."""
+        kernel, stride, padding = conv.kernel_size, conv.stride, conv.padding
+        if (isinstance(padding, str) or len(set(kernel)) != 1 or len(set(stride)) != 1 or len(set(padding)) != 1
+                or set(conv.dilation) != {1} or conv.groups != 1):
+            raise ValueError(f"spatial parallelism handles convolutions with one kernel size, stride and padding on "
+                             f"every axis, no dilation or groups; got {conv}")
+        k, s, p = kernel[0], stride[0], padding[0]
+        before, after = p, k - s - p
+        if after < 0 or x.shape[2] % s:
+            raise ValueError(f"cannot cut {conv} by depth slabs of {x.shape[2]} rows")
+        pads = [0] + [p] * (x.ndim - 3)
+
+        def compute(piece, add_piece):
+            return conv_module(piece, conv, add=add_piece, padding=pads)
+
+        if before == 0 and after == 0:
+            return compute(x, add)
+        return self._windowed(x, before, after, k, s, 1, compute, add)
+
+    def _upsample_conv(self, x, conv):
+        """conv(nearest_upsample_×2(x)) (layers.upsample_conv) of the whole volume, this slab's rows: low-res row
+        i gives output rows 2i, 2i + 1 from rows i − 1 … i + 1."""
+        pads = [0] + [1] * (x.ndim - 3)
+        return self._windowed(x, 1, 1, 3, 1, 2, lambda piece, _: upsample_conv(piece, conv, padding=pads), None)
+
+    def _windowed(self, x, before, after, kernel, stride, scale, compute, add):
+        """compute() over P = [`before` halo rows, x, `after` halo rows] without depth padding: output position j
+        reads P[j·stride : j·stride + kernel] and gives `scale` output rows. The positions that read only x are
+        computed while the halo is in flight, the others once it has arrived."""
+        if self._comm.world_size > 1 and any(r < max(before, after) for r in self._level_rows(x.shape[2])):
+            raise ValueError("a slab is thinner than a convolution's halo")
+        halo = _Halo(self._comm, x, before, after)
+        d = x.shape[2]
+        positions = (before + d + after - kernel) // stride + 1
+        lo = -(-before // stride)  # the first position reading no halo row
+        hi = (before + d - kernel) // stride  # the last one
+
+        def rows_of(a, b):
+            return None if add is None else add[:, :, a * scale:b * scale]
+
+        if lo > hi:  # every position reads a halo row
+            prev, nxt = halo.wait()
+            return compute(_cat_rows([prev, x, nxt]), add)
+        interior = compute(x[:, :, lo * stride - before:hi * stride + kernel - before], rows_of(lo, hi + 1))
+        prev, nxt = halo.wait()
+        front = back = None
+        if lo > 0:
+            front = compute(_cat_rows([prev, x[:, :, :(lo - 1) * stride + kernel - before]]), rows_of(0, lo))
+        if hi + 1 < positions:
+            back = compute(_cat_rows([x[:, :, (hi + 1) * stride - before:], nxt]), rows_of(hi + 1, positions))
+        return _cat_rows([front, interior, back])
+
+
+def gather_slabs(slab: torch.Tensor, bounds, comm: _Group | None = None) -> torch.Tensor:
+    """The whole volume (depth: dimension 2) from every rank's slab (rank r holds rows bounds[r]), on every rank."""
+    comm = comm if comm is not None else _Group(None)
+    rows = [stop - start for start, stop in bounds]
+    if slab.shape[2] != rows[comm.rank]:
+        raise ValueError(f"rank {comm.rank}'s slab has {slab.shape[2]} rows, expected {rows[comm.rank]}")
+    most = max(rows)
+    send = slab.contiguous()
+    if slab.shape[2] != most:
+        send = slab.new_zeros((*slab.shape[:2], most, *slab.shape[3:]))
+        send[:, :, :slab.shape[2]] = slab
+    pieces = [torch.empty_like(send) for _ in range(comm.world_size)]
+    dist.all_gather(pieces, send, group=comm.group)
+    return torch.cat([piece[:, :, :r] for piece, r in zip(pieces, rows)], dim=2)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------
+
+def _agree(problem, comm: _Group):
+    """Every rank's problem (an exception or None) shared: raise on every rank when any rank has one (a rank
+    raising alone would leave the others waiting in the next collective)."""
+    if comm.world_size == 1:
+        if problem is not None:
+            raise problem
+        return
+    gathered = [None] * comm.world_size
+    dist.all_gather_object(gathered, None if problem is None else (type(problem), str(problem)), group=comm.group)
+    if problem is not None:
+        raise problem
+    for rank, entry in enumerate(gathered):
+        if entry is not None:
+            kind, message = entry
+            try:
+                error = kind(f"rank {rank}: {message}")
+            except Exception:
+                error = RuntimeError(f"rank {rank}: {kind.__name__}: {message}")
+            raise error
+
+
+def _check_volume_input(name, t, shape):
+    """A whole-volume input (mask, known, init, x_T) checked on every rank alike: it must broadcast to the
+    volume's shape and be finite (a mask within [0, 1])."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    try:
+        ok = torch.broadcast_shapes(tuple(t.shape), shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to the volume's {shape}")
+    if t.is_floating_point():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} has NaN/Inf values")
+        if name == "mask" and bool(((t < 0) | (t > 1)).any()):
+            raise ValueError("mask has values outside [0, 1] (1 where `known` is kept, 0 where new content is "
+                             "sampled)")
+
+
+class SpatialSampler:
+    """A `Sampler` of whole volumes (B, C, D, H, W) whose every rank holds and samples one depth slab: the model
+    runs as `SpatialParallelUNet`, the solver state is the slab, the noise is the whole volume's (the engine's
+    `slab=`). Every rank of `group` constructs it and calls it together, with the same arguments; the result
+    equals one process's sampling of the volume (up to fp32 rounding).
+
+    model: a UNet3D (wrapped here) or a SpatialParallelUNet for depth D. solver, num_steps, schedule, dtype,
+    state_dtype, guidance_scale, strength, nan_check, batch_invariant and solver options: as for `Sampler`.
+    Refused: CUDA graphs (halo exchanges and all-gathers run eagerly), posterior sampling (measurement=),
+    solvers whose updates need whole-volume numbers per sample (dynamic thresholding, Langevin correctors).
+    check_memory: the engine's estimate for this rank's slab (of the bare UNet), agreed across ranks."""
+
+    def __init__(self, model, solver, shape, *, group=None, check_memory=True, **options):
+        from .engine import Sampler, _check_shape
+
+        shape = _check_shape(shape)
+        if len(shape) < 4:
+            raise ValueError(f"shape must be (B, C, D, ...) with the depth D split across ranks, got {shape}")
+        if options.get("cuda_graph"):
+            raise ValueError("spatial parallelism runs eagerly: halo exchanges and all-gathers are not captured in "
+                             "CUDA graphs (pass cuda_graph=False or leave it out)")
+        options["cuda_graph"] = False
+        if isinstance(model, SpatialParallelUNet):
+            if model.depth != shape[2]:
+                raise ValueError(f"the SpatialParallelUNet was built for depth {model.depth}, the shape has depth "
+                                 f"{shape[2]}")
+        else:
+            model = SpatialParallelUNet(model, shape[2], group)
+        self.model, self.shape = model, shape
+        self._comm = model._comm
+        local = (shape[0], shape[1], model.rows, *shape[3:])
+        self.sampler = Sampler(model, solver, local, slab=(model.start, shape[2]), check_memory=False, **options)
+        if check_memory:
+            problem = None
+            try:
+                self.sampler.memory_estimate = self.sampler._check_memory(model.unet)
+            except Exception as error:  # noqa: BLE001 - shared with every rank, then raised
+                problem = error
+            _agree(problem, self._comm)
+
+    @property
+    def bounds(self):
+        return self.model.bounds
+
+    def _slab_of(self, name, t):
+        if t is None:
+            return None
+        _check_volume_input(name, t, self.shape)
+        return torch.broadcast_to(t, self.shape)[:, :, self.model.start:self.model.stop]
+
+    def __call__(self, seed=0, *, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None,
+                 callback=None, progress=False, gather=True):
+        """Sample one batch of whole volumes: as `Sampler.__call__`, with mask, known, init and x_T given as whole
+        volumes (each rank takes its slab) and callback(step, x0 slab) seeing this rank's slab. Returns the
+        whole volumes on every rank (gather=True) or this rank's slab [:, :, start:stop] (gather=False)."""
+        problem = None
+        try:
+            mask, known, init, x_T = (self._slab_of(name, t) for name, t in
+                                      (("mask", mask), ("known", known), ("init", init), ("x_T", x_T)))
+        except (TypeError, ValueError) as error:
+            problem = error
+        _agree(problem, self._comm)
+        out = self.sampler.launch(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T,
+                                  callback=callback, progress=progress and self._comm.rank == 0)
+        problem = None
+        try:
+            self.sampler.raise_if_nonfinite()
+        except (ValueError, FloatingPointError) as error:
+            problem = error
+        _agree(problem, self._comm)
+        return gather_slabs(out, self.bounds, self._comm) if gather else out
+
+
+def spatial_sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=0, *, group=None,
+                   gather=True, cond=None, uncond=None, mask=None, known=None, init=None, x_T=None, callback=None,
+                   progress=False, **options):
+    """`pydiffmed.sample` of whole volumes `shape` = (B, C, D, H, W) by depth slabs across the ranks of `group`
+    (every rank calls it with the same arguments): see `SpatialSampler`. Returns the volumes on every rank, or
+    this rank's slab with gather=False."""
+    sampler = SpatialSampler(model, solver, shape, num_steps=num_steps, schedule=schedule, group=group, **options)
+    return sampler(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T, callback=callback,
+                   progress=progress, gather=gather)
+
+
+__all__ = ["SpatialParallelUNet", "SpatialSampler", "gather_slabs", "slab_bounds", "spatial_sample"]
