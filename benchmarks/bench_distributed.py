@@ -1,11 +1,15 @@
 """Many processes (issue 16): data parallel and spatial parallel sampling against one process on the same cores.
 
 Configurations (CPU): 1 process × 1 thread, 1 process × W threads ("single": the same cores in one process) and
-W processes × 1 thread (W = --world-size, default 2), each a fresh run of this script as a worker: one process
-started directly, W processes by torchrun (`python -m torch.distributed.run --standalone --nproc-per-node W`,
-gloo over loopback), with OMP_NUM_THREADS / MKL_NUM_THREADS and torch.set_num_threads set to the threads of the
-configuration, bounded in time (--timeout per run); rank 0 gathers every rank's numbers and writes one JSON file.
-Each mode runs in processes of its own (--one-launch, the --smoke default: both modes in the same processes).
+W processes × 1 thread (W = --world-size, default 2), each in fresh processes running this script as a worker: one
+process started directly, W processes by torchrun (`python -m torch.distributed.run --standalone --nproc-per-node
+W`, gloo over loopback), with OMP_NUM_THREADS / MKL_NUM_THREADS and torch.set_num_threads set to the threads of
+the configuration. The configurations of a mode start together, then run in turn, never together: the launcher
+signals one configuration at a time (files in a temporary directory) to run its warm-up, then round by round one
+timed round each (so every configuration meets the load of the same minutes: other jobs on the machine hit them
+alike), then its memory measurement; bounded in time (--timeout per mode: the processes are stopped, the rows
+say why). Rank 0 gathers every rank's numbers and writes one JSON file per configuration. Each mode runs in
+processes of its own (--one-launch, the --smoke default: both modes in the same processes).
 --device cuda (the default where torch sees a GPU; the GPU suite's form): 1 process on 1 GPU ("single") against W
 processes on W GPUs (W = the visible GPUs, NCCL; data parallel with CUDA graphs, spatial parallel and its
 single-process Sampler eagerly; defaults: 16 volumes × 10 steps with --quick, else 32 × 20; spatial 64³ with
@@ -43,10 +47,11 @@ largest rank's.
 
 Ratios: time_vs_1x1 / time_vs_single = ms / ms of 1 process × 1 thread / of single; efficiency = throughput /
 (cores × throughput of 1 × 1) for the data-parallel run (ms of 1 × 1 / (cores × ms) for the spatial calls), cores
-= processes × threads (CPU) or GPUs; memory_vs_single = peak_MB / single's. max_abs_diff_vs_1x1: the sampled
-volumes (data parallel), the forward and the step's volume (spatial) against 1 process × 1 thread's. Targets of
-issue 16: data-parallel efficiency >= 0.9 (CPU); spatial per-rank peak memory <= 0.6 × single and step time
-<= 0.7 × single at 2 ranks and 64³ (the target column: memory against single, step time against single and
+= processes × threads (CPU) or GPUs; memory_vs_single / memory_vs_1x1 = peak_MB / single's / 1 × 1's; cpu_vs_1x1 =
+cpu_s / 1 × 1's (the CPU work of the configuration: 1 = none added; less sensitive to other jobs than wall time).
+max_abs_diff_vs_1x1: the sampled volumes (data parallel), the forward and the step's volume (spatial) against
+1 process × 1 thread's. Targets of issue 16: data-parallel efficiency >= 0.9 (CPU); spatial per-rank peak memory
+<= 0.6 × single and step time <= 0.7 × single at 2 ranks and 64³ (the target column judges both against single and
 against 1 × 1 thread). --smoke: tiny sizes for the tests.
 
     python benchmarks/bench_distributed.py [--quick] [--modes data,spatial] [--world-size W] [--repeats N]
@@ -199,30 +204,28 @@ def _peak(fn, world, device):
     return peak - base, peak, method + (", malloc mmap threshold 64 KiB" if exact else "")
 
 
-def _rounds(calls: dict, repeats, world, device, timer, warmup=True):
-    """Every call of `calls` (name → fn) once as a warm-up (unless warmup=False), then `repeats` rounds timing each
-    in turn. Returns {name: {"wall": [...], "cpu": [...], "comm": [...]}} and {name: the last result}."""
-    results = {name: fn() for name, fn in calls.items()} if warmup else {}
-    _sync(device)
-    timer.enabled = not timer.sync  # CUDA: the timed rounds run without the synchronising timers
-    times = {name: {"wall": [], "cpu": [], "comm": []} for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            results[name], wall, cpu, comm = _timed_call(fn, world, device, timer)
-            times[name]["wall"].append(wall)
-            times[name]["cpu"].append(cpu)
-            times[name]["comm"].append(comm)
-    if timer.sync and world.distributed:  # CUDA: comm time in rounds of their own, the device synchronised
-        timer.enabled = True
-        for name in calls:
-            times[name]["comm"], times[name]["comm_wall"] = [], []
-        for _ in range(repeats):
-            for name, fn in calls.items():
-                _, wall, _, comm = _timed_call(fn, world, device, timer)
-                times[name]["comm"].append(comm)
-                times[name]["comm_wall"].append(wall)
-    timer.enabled = True
-    return times, results
+class Phases:
+    """The launcher's go-signals. Phase P of this configuration begins when the file <control>.P.go exists (every
+    rank polls for it) and ends with every rank at a barrier and rank 0 writing <control>.P.done; the launcher
+    starts one configuration's phase at a time, so the configurations run in turn, never together. Without a
+    control path (a worker started by hand) every phase begins at once."""
+
+    def __init__(self, control, world, device, deadline):
+        self.control, self.world, self.device, self.deadline = control, world, device, deadline
+
+    def begin(self, phase):
+        if not self.control:
+            return
+        path = f"{self.control}.{phase}.go"
+        while not os.path.exists(path):
+            if time.time() > self.deadline:
+                raise TimeoutError(f"no go-signal for phase {phase} before the deadline")
+            time.sleep(0.02)
+
+    def end(self, phase):
+        _barrier(self.world, self.device)
+        if self.control and self.world.rank == 0:
+            open(f"{self.control}.{phase}.done", "w").close()
 
 
 def _load(args, device):
@@ -236,25 +239,7 @@ def _load(args, device):
     if info.clip_sample is not None:  # as `pydiffmed sample` runs it: the model's clipping, in the plan's form
         options["clip"] = info.clip_sample
         options.update(SOLVERS["ddim"].plan_clip_options)
-    return unet, options, info, dtype
-
-
-def measure_data_parallel(args, world, device, timer):
-    import pydiffmed
-
-    unet, options, info, _ = _load(args, device)
-    shape = (args.batch, unet.conv_in.conv.in_channels, *[args.size] * 3)
-    options.update(progress=False, distributed=world.distributed)
-
-    def run(steps):
-        return pydiffmed.sample(unet, shape, "ddim", num_steps=steps, seed=0, **options)
-
-    run(1)  # warm-up: every kernel and primitive of this batch, once (CUDA: also a whole run, its graphs captured)
-    cuda = device.type == "cuda"
-    times, results = _rounds({"run": lambda: run(args.steps)}, args.repeats, world, device, timer, warmup=cuda)
-    peak, hwm, method = _peak(lambda: run(memory_steps(args)), world, device)
-    return {"times": times, "peak": {"run": peak}, "hwm": {"run": hwm}, "memory_method": method,
-            "shape": list(shape)}, {"run": results["run"]}
+    return unet, options, dtype
 
 
 def memory_steps(args):
@@ -263,45 +248,100 @@ def memory_steps(args):
     return args.steps if args.device == "cuda" else min(2, args.steps)
 
 
-def measure_spatial(args, world, device, timer):
+def setup_data_parallel(args, world, device):
+    """(warm-up, timed calls, memory calls, outputs of the last results, extra info) of the data-parallel mode."""
+    import pydiffmed
+
+    unet, options, _ = _load(args, device)
+    shape = (args.batch, unet.conv_in.conv.in_channels, *[args.size] * 3)
+    options.update(progress=False, distributed=world.distributed)
+
+    def run(steps):
+        return pydiffmed.sample(unet, shape, "ddim", num_steps=steps, seed=0, **options)
+
+    def warmup():  # every kernel and primitive of this batch, once (CUDA: also a whole run, its graphs captured)
+        run(1)
+        if device.type == "cuda":
+            run(args.steps)
+
+    return (warmup, {"run": lambda: run(args.steps)}, {"run": lambda: run(memory_steps(args))}, lambda r: r,
+            {"shape": list(shape)})
+
+
+def setup_spatial(args, world, device):
+    """(warm-up, timed calls, memory calls, outputs of the last results, extra info) of the spatial mode."""
     import pydiffmed
     from pydiffmed.spatial_parallel import SpatialParallelUNet, SpatialSampler
 
-    unet, options, info, dtype = _load(args, device)
+    unet, options, dtype = _load(args, device)
     shape = (1, unet.conv_in.conv.in_channels, *[args.spatial_size] * 3)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     t = torch.full((1,), 500.0, device=device)
+    extra = {"shape": list(shape)}
     if world.distributed:
         model = SpatialParallelUNet(unet, shape[2])
         slab = model.slab(x).contiguous()
-
-        def forward():
-            return model(slab, t)
-
         sampler = SpatialSampler(model, "ddim", shape, num_steps=1, **options)
+        calls = {"forward": lambda: model(slab, t), "step": lambda: sampler(seed=0, gather=False)}
 
-        def step():
-            return sampler(seed=0, gather=False)
-        extra = {"bounds": model.bounds}
+        def outputs(results):  # the whole volumes, for the comparison with one process (not timed)
+            return {"forward": model.gather(results["forward"]), "step": sampler(seed=0, gather=True)}
+        extra["bounds"] = model.bounds
     else:
         def forward():
             with torch.no_grad():
                 return unet(x, t)
 
         sampler = pydiffmed.Sampler(unet, "ddim", shape, num_steps=1, cuda_graph=False, **options)
+        calls = {"forward": forward, "step": lambda: sampler(seed=0)}
 
-        def step():
-            return sampler(seed=0)
-        extra = {}
-    calls = {"forward": forward, "step": step}
-    times, results = _rounds(calls, args.repeats, world, device, timer)
-    if world.distributed:  # the whole volumes, for the comparison with one process (not timed)
-        results = {"forward": model.gather(results["forward"]), "step": sampler(seed=0, gather=True)}
+        def outputs(results):
+            return results
+
+    def warmup():
+        for fn in calls.values():
+            fn()
+
+    return warmup, calls, calls, outputs, extra
+
+
+def measure(mode, args, world, device, timer, phases):
+    """One mode on this rank, phase by phase: warm-up, `repeats` rounds (every call of the mode timed once, in
+    turn), then the outputs and the memory of one more call each. Returns (this rank's numbers, outputs)."""
+    setup = setup_data_parallel if mode == "data" else setup_spatial
+    warmup, calls, memory_calls, outputs_of, extra = setup(args, world, device)
+    phases.begin(f"{mode}.warmup")
+    warmup()
+    _sync(device)
+    phases.end(f"{mode}.warmup")
+    times = {name: {"wall": [], "cpu": [], "comm": []} for name in calls}
+    instrumented = timer.sync and world.distributed  # CUDA: comm time in calls of their own, synchronised
+    results = {}
+    for i in range(args.repeats):
+        phases.begin(f"{mode}.round{i}")
+        for name, fn in calls.items():
+            timer.enabled = not timer.sync
+            results[name], wall, cpu, comm = _timed_call(fn, world, device, timer)
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
+            if instrumented:
+                timer.enabled = True
+                _, wall, _, comm = _timed_call(fn, world, device, timer)
+                times[name].setdefault("comm_wall", []).append(wall)
+            times[name]["comm"].append(comm)
+        timer.enabled = True
+        phases.end(f"{mode}.round{i}")
+    phases.begin(f"{mode}.memory")
+    outputs = outputs_of(results)
     peaks, hwms, method = {}, {}, None
-    for name, fn in calls.items():
+    for name, fn in memory_calls.items():
         peaks[name], hwms[name], method = _peak(fn, world, device)
-    return {"times": times, "peak": peaks, "hwm": hwms, "memory_method": method, "shape": list(shape),
-            **extra}, results
+    phases.end(f"{mode}.memory")
+    return {"times": times, "peak": peaks, "hwm": hwms, "memory_method": method, **extra}, outputs
+
+
+def phase_names(mode, repeats):
+    return [f"{mode}.{p}" for p in ("warmup", *(f"round{i}" for i in range(repeats)), "memory")]
 
 
 def worker(args):
@@ -316,13 +356,14 @@ def worker(args):
     device = distributed.device_for(world, torch.device(args.device))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    distributed.init_process_group(world, device, timeout_s=args.timeout)
+    deadline = args.deadline or time.time() + args.timeout
+    distributed.init_process_group(world, device, timeout_s=max(60.0, deadline - time.time()))
     timer = CommTimer(device)
     timer.install()
+    phases = Phases(args.control, world, device, deadline)
     report = {}
     for mode in args.worker.split(","):
-        measure = measure_data_parallel if mode == "data" else measure_spatial
-        mine, outputs = measure(args, world, device, timer)
+        mine, outputs = measure(mode, args, world, device, timer, phases)
         mine.update(rank=world.rank, threads=torch.get_num_threads(), device=str(device))
         gathered = [mine]
         if world.distributed:
@@ -355,41 +396,77 @@ def _stop(proc):
             continue
 
 
-def launch(modes, processes, threads, args, workdir) -> dict:
-    """One configuration of `modes` in fresh processes (their own session, stopped whole on a timeout). Returns
-    {mode: rank 0's numbers of it, with "outputs" (the path of its tensors) or {"error": why}}."""
-    name = f"{'+'.join(modes)}_{processes}x{threads}"
-    out = os.path.join(workdir, name + ".json")
-    script = [os.path.abspath(__file__), "--worker", ",".join(modes), "--out", out, "--threads", str(threads),
-              "--device", args.device, "--model", args.model, "--dtype", args.dtype, "--repeats", str(args.repeats),
-              "--batch", str(args.batch), "--steps", str(args.steps), "--size", str(args.size),
-              "--spatial-size", str(args.spatial_size), "--timeout", str(args.timeout)]
-    if processes == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               *script]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    log_path = os.path.join(workdir, name + ".log")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc)
-            return {mode: {"error": f"timed out after {args.timeout:.0f} s"} for mode in modes}
-        except KeyboardInterrupt:
-            _stop(proc)
-            raise
-    if rc != 0 or not os.path.exists(out):
-        with open(log_path) as f:
-            lines = [line.strip() for line in f if line.strip()]
-        errors = [line for line in lines if "Error" in line and "ChildFailedError" not in line]
-        tail = errors[-1] if errors else lines[-1] if lines else "no output"
-        return {mode: {"error": f"exit {rc}: {tail[:300]}"} for mode in modes}
-    with open(out) as f:
-        return json.load(f)
+def _failure(rc, log_path):
+    with open(log_path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if "Error" in line and "ChildFailedError" not in line]
+    tail = errors[-1] if errors else lines[-1] if lines else "no output"
+    return f"exit {rc}: {tail[:300]}"
+
+
+def launch(modes, args, workdir) -> dict:
+    """Every configuration of `modes`, started together in fresh processes (each in a session of its own, stopped
+    whole on a failure or the time limit), then driven phase by phase: warm-up, the timed rounds and the memory
+    phase, one configuration at a time, so that every round of every configuration meets the machine's load of
+    the same minutes. Returns {config label: {mode: rank 0's numbers, with "outputs" (the path of its tensors),
+    or {"error": why}}}."""
+    start = time.time()
+    deadline = start + args.timeout * len(modes)
+    running = {}
+    for label, processes, threads in configurations(args):
+        name = f"{'+'.join(modes)}_{processes}x{threads}"
+        control = os.path.join(workdir, name)
+        script = [os.path.abspath(__file__), "--worker", ",".join(modes), "--out", control + ".json",
+                  "--control", control, "--deadline", str(deadline), "--threads", str(threads),
+                  "--device", args.device, "--model", args.model, "--dtype", args.dtype, "--repeats",
+                  str(args.repeats), "--batch", str(args.batch), "--steps", str(args.steps), "--size",
+                  str(args.size), "--spatial-size", str(args.spatial_size), "--timeout", str(args.timeout)]
+        if processes > 1:
+            script = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *script]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        with open(control + ".log", "w") as log:
+            proc = subprocess.Popen([sys.executable, *script], cwd=ROOT, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        running[label] = (proc, control)
+    errors = {}
+    try:
+        for phase in (p for mode in modes for p in phase_names(mode, args.repeats)):
+            phase_start = time.time()
+            for label, (proc, control) in running.items():
+                if label in errors:
+                    continue
+                open(f"{control}.{phase}.go", "w").close()
+                while not os.path.exists(f"{control}.{phase}.done"):
+                    if proc.poll() is not None:
+                        errors[label] = _failure(proc.returncode, control + ".log")
+                        break
+                    if time.time() > deadline:
+                        errors[label] = f"timed out after {time.time() - start:.0f} s (in phase {phase})"
+                        _stop(proc)
+                        break
+                    time.sleep(0.02)
+            print(f"  {phase:16s} {time.time() - phase_start:7.1f} s (every configuration)", flush=True)
+        for label, (proc, control) in running.items():
+            try:
+                rc = proc.wait(timeout=max(60.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                errors.setdefault(label, f"timed out after {time.time() - start:.0f} s (at the end)")
+                continue
+            if label not in errors and (rc != 0 or not os.path.exists(control + ".json")):
+                errors[label] = _failure(rc, control + ".log")
+    finally:
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                _stop(proc)
+    results = {}
+    for label, (_, control) in running.items():
+        if label in errors:
+            results[label] = {mode: {"error": errors[label]} for mode in modes}
+        else:
+            with open(control + ".json") as f:
+                results[label] = json.load(f)
+    return results
 
 
 def summarize(result, what):
@@ -451,6 +528,8 @@ def rows_of(mode, results, args):
                 row["throughput_vol_s"] = args.batch / (row["ms"] / 1e3)
             if base:
                 row["time_vs_1x1"] = row["ms"] / base["ms"]
+                row["cpu_vs_1x1"] = row["cpu_s"] / base["cpu_s"] if base["cpu_s"] > 0 else None
+                row["memory_vs_1x1"] = row["peak_MB"] / base["peak_MB"] if base["peak_MB"] > 0 else None
                 if cores > 1:
                     row["efficiency"] = base["ms"] / (cores * row["ms"])
             if single:
@@ -483,6 +562,8 @@ def target_text(mode, what, row, args):
     if what == "forward" and row.get("memory_vs_single") is not None:
         parts.append(f"peak memory {row['memory_vs_single']:.2f}× {single} (target <= {MEMORY_TARGET}): "
                      f"{verdict(row['memory_vs_single'] <= MEMORY_TARGET)}")
+        if cpu and row.get("memory_vs_1x1") is not None:
+            parts.append(f"{row['memory_vs_1x1']:.2f}× 1 × 1 thread: {verdict(row['memory_vs_1x1'] <= MEMORY_TARGET)}")
     if what == "step" and row.get("time_vs_single") is not None:
         parts.append(f"step time {row['time_vs_single']:.2f}× {single} (target <= {STEP_TARGET}): "
                      f"{verdict(row['time_vs_single'] <= STEP_TARGET)}")
@@ -491,9 +572,9 @@ def target_text(mode, what, row, args):
     return "; ".join(parts) + scale if parts else None
 
 
-COLUMNS = ["mode", "measure", "config", "volume", "batch", "ms", "runs", "throughput_vol_s", "cpu_s", "comm_share",
-           "peak_MB", "rss_peak_MB", "time_vs_1x1", "time_vs_single", "efficiency", "memory_vs_single",
-           "max_abs_diff_vs_1x1", "target", "note"]
+COLUMNS = ["mode", "measure", "config", "volume", "batch", "ms", "runs", "throughput_vol_s", "cpu_s", "cpu_vs_1x1",
+           "comm_share", "peak_MB", "rss_peak_MB", "time_vs_1x1", "time_vs_single", "efficiency", "memory_vs_single",
+           "memory_vs_1x1", "max_abs_diff_vs_1x1", "target", "note"]
 
 
 def write(rows, args, load_start, partial=""):
@@ -510,7 +591,8 @@ def write(rows, args, load_start, partial=""):
              f"several processes), each call started after a barrier. single = {single}; efficiency = "
              f"throughput / (cores × throughput of 1 × 1). comm_share = time inside torch.distributed calls "
              f"(all_gather, all_gather_object, batch_isend_irecv and its waits, ...) / wall time, mean over ranks; "
-             f"cpu_s = process CPU time summed over ranks. peak_MB = the largest rank's memory increment of one more "
+             f"cpu_s = process CPU time summed over ranks, cpu_vs_1x1 = cpu_s / 1 × 1's (the CPU work, less sensitive "
+             f"than wall time to other jobs on the cores). peak_MB = the largest rank's memory increment of one more "
              f"call (data parallel: a run of {memory_steps(args)} steps of the same batch), measured by {method}; "
              f"rss_peak_MB = that rank's whole resident peak. 1-min load average at the start "
              f"{load_start[0]:.2f}, at the end {load[0]:.2f} (5-min {load[1]:.2f}, {os.cpu_count()} CPUs): other jobs "
@@ -536,11 +618,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per configuration")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the network's dtype")
     parser.add_argument("--model", default="demo", help="pydiffmed model name or path (default: demo)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per configuration run")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds for one mode, all its configurations (default 1800; --quick 900)")
     parser.add_argument("--one-launch", action="store_true",
                         help="run both modes in the same processes per configuration (faster; --smoke's default)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "data", "spatial" or "data,spatial"
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--control", default=None, help=argparse.SUPPRESS)  # the launcher's go-signal files
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # time.time() to give up
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device is None:
@@ -586,25 +671,29 @@ def main(argv=None):
     print(f"bench_distributed: {args.device}, world size {args.world_size}, 1-min load average {load_start[0]:.2f} "
           f"({os.cpu_count()} CPUs), started {datetime.datetime.now():%H:%M:%S}", flush=True)
 
-    # one launch per mode and configuration (each measured in processes of its own), or all modes in one launch
+    # the configurations of a mode run in turn, round by round; each mode in processes of its own (--one-launch:
+    # both modes in the same processes)
     groups = [tuple(modes)] if args.one_launch else [(mode,) for mode in modes]
-    rows, todo = [], [(group, config) for group in groups for config in configurations(args)]
-    results = {mode: {} for mode in modes}
+    rows, results = [], {mode: {} for mode in modes}
     with tempfile.TemporaryDirectory(prefix="bench_distributed_") as workdir:
-        for k, (group, (label, processes, threads)) in enumerate(todo):
+        for k, group in enumerate(groups):
             start = time.perf_counter()
-            for mode, result in launch(group, processes, threads, args, workdir).items():
-                results[mode][label] = result
-            outcome = "; ".join(sorted({results[mode][label].get("error", "ok") for mode in group}))
-            print(f"{'+'.join(group):12s} {label:28s} {outcome} in {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"{'+'.join(group)}: {', '.join(label for label, _, _ in configurations(args))}, started together, "
+                  "run in turn", flush=True)
+            for label, by_mode in launch(group, args, workdir).items():
+                for mode in group:
+                    results[mode][label] = by_mode[mode]
+            print(f"{'+'.join(group)}: done in {time.perf_counter() - start:.0f} s", flush=True)
             rows = [row for m in modes if results[m] for row in rows_of(m, results[m], args)]
             for row in rows:
-                if row["config"] == label and row["mode"].split()[0] in group and "ms" in row:
-                    print(f"    {row['measure']:13s} {row['ms']:10.1f} ms, peak {row['peak_MB']:8.1f} MiB/rank"
-                          + (f", comm {row['comm_share']:.1%}" if row.get("comm_share") is not None else ""),
+                if row["mode"].split()[0] in group:
+                    print(f"    {row['measure']:13s} {row['config']:26s} " + (
+                          row["note"] if "note" in row else
+                          f"{row['ms']:10.1f} ms, peak {row['peak_MB']:8.1f} MiB/rank"
+                          + (f", comm {row['comm_share']:.1%}" if row.get("comm_share") is not None else "")),
                           flush=True)
-            if k + 1 < len(todo):
-                write(rows, args, load_start, partial=f"PARTIAL: {k + 1} of {len(todo)} runs done. ")
+            if k + 1 < len(groups):
+                write(rows, args, load_start, partial=f"PARTIAL: {k + 1} of {len(groups)} modes done. ")
     print(write(rows, args, load_start))
     for row in rows:
         if row.get("target"):

@@ -40,14 +40,20 @@ import numbers
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .models.attention_block import SpatialAttentionBlock
-from .models.layers import (add_linear_, avg_pool_2x, channels_last_format, conv_module, linear, per_sample,
-                            to_channels_last, upsample_conv, upsample_nearest)
+from .models.autoencoder import AutoencoderKL, DeconvUpsample
+from .models.autoencoder import Downsample as AEDownsample
+from .models.autoencoder import ResBlock as AEResBlock
+from .models.autoencoder import Upsample as AEUpsample
+from .models.layers import (Conv, add_linear_, avg_pool_2x, channels_last_format, conv_module, linear,
+                            per_sample, to_channels_last, upsample_conv, upsample_nearest)
 from .models.transformer import SpatialTransformer, _add_projected, _attend
 from .models.unet import Downsample, Upsample, UNet3D, _timesteps, silu_time_embedding
+from .nn import GroupNorm3d
 from .partition import GroupNormApply, GroupStats
 
 _TAG_DOWN, _TAG_UP = 17, 18  # halo rows travelling to the next rank (deeper) / to the previous rank
@@ -148,31 +154,11 @@ def _cat_rows(pieces):
 
 # --- the model -----------------------------------------------------------------------------------------------
 
-class SpatialParallelUNet(nn.Module):
-    """A `UNet3D` run by depth slabs across the ranks of `group` (default: the default process group): called on
-    this rank's slab x[:, :, start:stop] of the model input, it returns the same slab of unet(x, ...) (up to fp32
-    rounding). Every rank of the group must call it together with the same timesteps and conditioning.
-
-    depth: the depth (first spatial size) of the whole volume. Its slab cut is `slab_bounds(depth, world_size,
-    2^(levels-1))`; `bounds`, `start`, `stop` and `rows` describe it. `slab(volume)` cuts this rank's slab out of
-    a whole volume, `gather(slab)` puts the whole volume together on every rank.
-
-    forward(x, timesteps, context=None, class_labels=None, down_block_additional_residuals=None,
-    mid_block_additional_residual=None): as UNet3D.forward, with x and the ControlNet residuals (if given) this
-    rank's slabs. Inference only."""
-
-    def __init__(self, unet: UNet3D, depth: int, group=None):
-        super().__init__()
-        if not isinstance(unet, UNet3D):
-            raise TypeError(f"SpatialParallelUNet runs a pydiffmed UNet3D (UNet3D.from_monai converts MONAI's "
-                            f"DiffusionModelUNet), got {type(unet).__name__}")
-        self.unet = unet
-        self._comm = _Group(group)
-        self.unit = 2 ** (len(unet.block_out_channels) - 1)
-        self.bounds = slab_bounds(depth, self._comm.world_size, self.unit)
-        self.depth = int(depth)
-        self.start, self.stop = self.bounds[self._comm.rank]
-        self.rows = self.stop - self.start
+class _SlabModule(nn.Module):
+    """What every spatial-parallel network shares: this rank's place in the group (`_comm`), the slab cut at the
+    network's input (`bounds`, `rows`: this rank's rows there) and the layers by slabs — halo convolutions,
+    GroupNorm with all-gathered statistics, self-attention with all-gathered keys and values. A level's slab
+    depth is proportional to the input's (`_level_rows`): ×½ per downsampling, ×2 per upsampling."""
 
     @property
     def group(self):
@@ -195,70 +181,17 @@ class SpatialParallelUNet(nn.Module):
             object.__setattr__(new, name, copy.deepcopy(value, memo))
         return new
 
-    # -- volumes ----------------------------------------------------------------------------------------------
-    def slab(self, volume: torch.Tensor) -> torch.Tensor:
-        """This rank's slab (a view) of a whole volume B×C×D×... (depth: dimension 2)."""
-        if volume.ndim < 3 or volume.shape[2] != self.depth:
-            raise ValueError(f"expected a volume of depth {self.depth} (dimension 2), got shape {tuple(volume.shape)}")
-        return volume[:, :, self.start:self.stop]
-
-    def gather(self, slab: torch.Tensor) -> torch.Tensor:
-        """The whole volume from every rank's slab, on every rank (a collective)."""
-        return gather_slabs(slab, self.bounds, self._comm)
-
-    # -- forward ----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
-                class_labels: torch.Tensor | None = None, down_block_additional_residuals=None,
-                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
-        unet = self.unet
-        self._check_ranks(x, context, class_labels)
-        weight = unet.conv_in.conv.weight
-        batch = x.shape[0]
-        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=channels_last_format(x.ndim))
-        silu_emb = per_sample(lambda t, labels: silu_time_embedding(unet, t, labels),
-                              _timesteps(timesteps, batch, weight.device),
-                              class_labels if unet.num_class_embeds is not None else None)
-        h = self._conv(h, unet.conv_in.conv)
-        skips = [h]
-        for level in unet.down_blocks:
-            for j, resnet in enumerate(level.resnets):
-                h = self._resnet(resnet, h, silu_emb)
-                if len(level.attentions):
-                    h = self._attention(level.attentions[j], h, context)
-                skips.append(h)
-            if level.downsampler is not None:
-                h = self._sampler(level.downsampler, h, silu_emb)
-                skips.append(h)
-        if down_block_additional_residuals is not None:
-            for i, residual in enumerate(down_block_additional_residuals[:len(skips)]):
-                skips[i] = skips[i] + residual
-        middle = unet.middle_block
-        h = self._resnet(middle.resnet_1, h, silu_emb)
-        h = self._attention(middle.attention, h, context)
-        h = self._resnet(middle.resnet_2, h, silu_emb)
-        if mid_block_additional_residual is not None:
-            h = h + mid_block_additional_residual
-        for level in unet.up_blocks:
-            for j, resnet in enumerate(level.resnets):
-                h = self._resnet(resnet, torch.cat([h, skips.pop()], dim=1), silu_emb)
-                if len(level.attentions):
-                    h = self._attention(level.attentions[j], h, context)
-            if level.upsampler is not None:
-                h = self._sampler(level.upsampler, h, silu_emb)
-        h = self._group_norm(h, unet.out[0], act="silu")
-        return self._conv(h, unet.out[2].conv).contiguous()
-
-    def _check_ranks(self, x, context, class_labels):
-        """Every rank's input checked, and the verdict shared (one small all-gather): either every rank raises
-        the same ValueError or none does — a rank raising alone would leave the others waiting in a collective.
-        Each rank's x must be its slab, the other sizes the same everywhere."""
+    def _check_slab_input(self, x, check, bounds, depth):
+        """Every rank's input checked (check(x) raises TypeError/ValueError on a bad one), and the verdict shared
+        (one small all-gather): either every rank raises the same ValueError or none does — a rank raising alone
+        would leave the others waiting in a collective. Rank r's x must be rows bounds[r] of a depth-`depth`
+        volume, the other sizes the same everywhere."""
         problem = None
         if not isinstance(x, torch.Tensor) or x.ndim > 7:
             problem = f"x must be a B×C×D×H×W tensor, got {type(x).__name__}"
         else:
             try:
-                self.unet._check_input(x, context, class_labels)
+                check(x)
             except (TypeError, ValueError) as error:
                 problem = str(error)
         device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -276,42 +209,23 @@ class SpatialParallelUNet(nn.Module):
         if failed:
             raise ValueError(f"rank(s) {failed} rejected their input (see their errors)")
         shapes = [tuple(row[2:2 + row[1]]) for row in table]
-        expected = [(*sizes[:2], stop - start, *sizes[3:]) for start, stop in self.bounds]
+        expected = [(*sizes[:2], stop - start, *sizes[3:]) for start, stop in bounds]
         if shapes != expected:
-            raise ValueError(f"the ranks' inputs have shapes {shapes}; the depth-{self.depth} volume cut by "
-                             f"{self.bounds} needs {expected} (rank r holds x[:, :, start_r:stop_r])")
+            raise ValueError(f"the ranks' inputs have shapes {shapes}; the depth-{depth} volume cut by "
+                             f"{bounds} needs {expected} (rank r holds x[:, :, start_r:stop_r])")
 
-    # -- blocks -----------------------------------------------------------------------------------------------
-    def _resnet(self, block, x, silu_emb):
-        """models.unet.resnet_forward with distributed GroupNorm and halo convolutions."""
-        h = self._group_norm(x, block.norm1, act="silu")
-        if block.up:
-            x = upsample_nearest(x)
-            h = self._upsample_conv(h, block.conv1.conv)
-        else:
-            if block.down:
-                x, h = avg_pool_2x(x), avg_pool_2x(h)
-            h = self._conv(h, block.conv1.conv)
-        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
-        h = self._group_norm(h, block.norm2, act="silu", bias_nc=temb)
-        skip = block.skip_connection
-        residual = x if isinstance(skip, nn.Identity) else self._conv(x, skip.conv)
-        return self._conv(h, block.conv2.conv, add=residual)
+    # -- volumes ----------------------------------------------------------------------------------------------
+    def slab(self, volume: torch.Tensor) -> torch.Tensor:
+        """This rank's slab (a view) of a whole volume B×C×D×... (depth: dimension 2)."""
+        if volume.ndim < 3 or volume.shape[2] != self.depth:
+            raise ValueError(f"expected a volume of depth {self.depth} (dimension 2), got shape {tuple(volume.shape)}")
+        return volume[:, :, self.start:self.stop]
 
-    def _sampler(self, block, h, silu_emb):
-        if isinstance(block, Downsample):
-            return self._conv(h, block.op.conv)
-        if isinstance(block, Upsample):
-            return self._upsample_conv(h, block.postconv.conv)
-        return self._resnet(block, h, silu_emb)  # resblock_updown
+    def gather(self, slab: torch.Tensor) -> torch.Tensor:
+        """The whole volume from every rank's slab, on every rank (a collective)."""
+        return gather_slabs(slab, self.bounds, self._comm)
 
-    def _attention(self, block, x, context):
-        if isinstance(block, SpatialTransformer):
-            return self._transformer(block, x, context)
-        if not isinstance(block, SpatialAttentionBlock):
-            raise TypeError(f"unsupported attention block {type(block).__name__}")
-        return self._self_attention_block(block, x)
-
+    # -- distributed pieces -----------------------------------------------------------------------------------
     def _self_attention_block(self, block, x):
         """SpatialAttentionBlock.forward_volume with all-gathered keys and values."""
         b, c = x.shape[:2]
@@ -336,39 +250,6 @@ class SpatialParallelUNet(nn.Module):
             torch.add(x_tokens, out.view(b, n, c), out=y_tokens)
         return y
 
-    def _transformer(self, block, x, context):
-        """SpatialTransformer.forward with all-gathered self-attention keys and values."""
-        b, c = x.shape[:2]
-        rows = x.shape[2]
-        tokens = self._group_norm(x, block.norm, token_major=True)
-        w_in = block.proj_in.conv.weight
-        tokens = linear(tokens, w_in.reshape(w_in.shape[0], -1), block.proj_in.conv.bias)
-        for layer in block.transformer_blocks:
-            attn1, attn2 = layer.attn1, layer.attn2
-            h = layer.norm1(tokens)
-            q, k, v = linear(h, attn1.fused_weight()).chunk(3, dim=-1)
-            k, v = self._gather_tokens(torch.cat([k, v], dim=-1), rows).chunk(2, dim=-1)
-            tokens = _add_projected(tokens, _attend(q, k, v, attn1.num_heads, attn1.scale, attn1.upcast),
-                                    attn1.out_proj)
-            h = layer.norm2(tokens)
-            if context is None:  # MONAI's cross-attention without a context attends over the tokens themselves
-                kv = linear(self._gather_tokens(h, rows), torch.cat([attn2.to_k.weight, attn2.to_v.weight]))
-                k, v = kv.chunk(2, dim=-1)
-                cross = _attend(linear(h, attn2.to_q.weight), k, v, attn2.num_heads, attn2.scale, attn2.upcast)
-            else:
-                cross = attn2(h, context)
-            tokens = _add_projected(tokens, cross, attn2.out_proj)
-            tokens = tokens + layer.ff(layer.norm3(tokens))
-        n, inner = tokens.shape[1], tokens.shape[2]
-        w_out = block.proj_out.conv.weight.reshape(c, inner)
-        x_tokens = x.movedim(1, -1).reshape(b * n, c)
-        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
-        y_tokens = y.movedim(1, -1).view(b * n, c)
-        torch.add(x_tokens, block.proj_out.conv.bias, out=y_tokens)
-        add_linear_(y_tokens, tokens.reshape(b * n, inner), w_out, b)
-        return y
-
-    # -- distributed pieces -----------------------------------------------------------------------------------
     def _level_rows(self, rows: int) -> list[int]:
         """Every rank's slab depth at the level where this rank's slab has `rows` rows."""
         return [(stop - start) * rows // self.rows for start, stop in self.bounds]
@@ -490,6 +371,245 @@ class SpatialParallelUNet(nn.Module):
         if hi + 1 < positions:
             back = compute(_cat_rows([x[:, :, (hi + 1) * stride - before:], nxt]), rows_of(hi + 1, positions))
         return _cat_rows([front, interior, back])
+
+
+class SpatialParallelUNet(_SlabModule):
+    """A `UNet3D` run by depth slabs across the ranks of `group` (default: the default process group): called on
+    this rank's slab x[:, :, start:stop] of the model input, it returns the same slab of unet(x, ...) (up to fp32
+    rounding). Every rank of the group must call it together with the same timesteps and conditioning.
+
+    depth: the depth (first spatial size) of the whole volume. Its slab cut is `slab_bounds(depth, world_size,
+    2^(levels-1))`; `bounds`, `start`, `stop` and `rows` describe it. `slab(volume)` cuts this rank's slab out of
+    a whole volume, `gather(slab)` puts the whole volume together on every rank.
+
+    forward(x, timesteps, context=None, class_labels=None, down_block_additional_residuals=None,
+    mid_block_additional_residual=None): as UNet3D.forward, with x and the ControlNet residuals (if given) this
+    rank's slabs. Inference only."""
+
+    def __init__(self, unet: UNet3D, depth: int, group=None):
+        super().__init__()
+        if not isinstance(unet, UNet3D):
+            raise TypeError(f"SpatialParallelUNet runs a pydiffmed UNet3D (UNet3D.from_monai converts MONAI's "
+                            f"DiffusionModelUNet), got {type(unet).__name__}")
+        self.unet = unet
+        self._comm = _Group(group)
+        self.unit = 2 ** (len(unet.block_out_channels) - 1)
+        self.bounds = slab_bounds(depth, self._comm.world_size, self.unit)
+        self.depth = int(depth)
+        self.start, self.stop = self.bounds[self._comm.rank]
+        self.rows = self.stop - self.start
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, down_block_additional_residuals=None,
+                mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
+        unet = self.unet
+        self._check_ranks(x, context, class_labels)
+        weight = unet.conv_in.conv.weight
+        batch = x.shape[0]
+        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=channels_last_format(x.ndim))
+        silu_emb = per_sample(lambda t, labels: silu_time_embedding(unet, t, labels),
+                              _timesteps(timesteps, batch, weight.device),
+                              class_labels if unet.num_class_embeds is not None else None)
+        h = self._conv(h, unet.conv_in.conv)
+        skips = [h]
+        for level in unet.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._resnet(resnet, h, silu_emb)
+                if len(level.attentions):
+                    h = self._attention(level.attentions[j], h, context)
+                skips.append(h)
+            if level.downsampler is not None:
+                h = self._sampler(level.downsampler, h, silu_emb)
+                skips.append(h)
+        if down_block_additional_residuals is not None:
+            for i, residual in enumerate(down_block_additional_residuals[:len(skips)]):
+                skips[i] = skips[i] + residual
+        middle = unet.middle_block
+        h = self._resnet(middle.resnet_1, h, silu_emb)
+        h = self._attention(middle.attention, h, context)
+        h = self._resnet(middle.resnet_2, h, silu_emb)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
+        for level in unet.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                h = self._resnet(resnet, torch.cat([h, skips.pop()], dim=1), silu_emb)
+                if len(level.attentions):
+                    h = self._attention(level.attentions[j], h, context)
+            if level.upsampler is not None:
+                h = self._sampler(level.upsampler, h, silu_emb)
+        h = self._group_norm(h, unet.out[0], act="silu")
+        return self._conv(h, unet.out[2].conv).contiguous()
+
+    def _check_ranks(self, x, context, class_labels):
+        """Every rank's input checked, and the verdict shared (one small all-gather): either every rank raises
+        the same ValueError or none does — a rank raising alone would leave the others waiting in a collective.
+        Each rank's x must be its slab, the other sizes the same everywhere."""
+        self._check_slab_input(x, lambda t: self.unet._check_input(t, context, class_labels), self.bounds,
+                               self.depth)
+
+    # -- blocks -----------------------------------------------------------------------------------------------
+    def _resnet(self, block, x, silu_emb):
+        """models.unet.resnet_forward with distributed GroupNorm and halo convolutions."""
+        h = self._group_norm(x, block.norm1, act="silu")
+        if block.up:
+            x = upsample_nearest(x)
+            h = self._upsample_conv(h, block.conv1.conv)
+        else:
+            if block.down:
+                x, h = avg_pool_2x(x), avg_pool_2x(h)
+            h = self._conv(h, block.conv1.conv)
+        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
+        h = self._group_norm(h, block.norm2, act="silu", bias_nc=temb)
+        skip = block.skip_connection
+        residual = x if isinstance(skip, nn.Identity) else self._conv(x, skip.conv)
+        return self._conv(h, block.conv2.conv, add=residual)
+
+    def _sampler(self, block, h, silu_emb):
+        if isinstance(block, Downsample):
+            return self._conv(h, block.op.conv)
+        if isinstance(block, Upsample):
+            return self._upsample_conv(h, block.postconv.conv)
+        return self._resnet(block, h, silu_emb)  # resblock_updown
+
+    def _attention(self, block, x, context):
+        if isinstance(block, SpatialTransformer):
+            return self._transformer(block, x, context)
+        if not isinstance(block, SpatialAttentionBlock):
+            raise TypeError(f"unsupported attention block {type(block).__name__}")
+        return self._self_attention_block(block, x)
+
+    def _transformer(self, block, x, context):
+        """SpatialTransformer.forward with all-gathered self-attention keys and values."""
+        b, c = x.shape[:2]
+        rows = x.shape[2]
+        tokens = self._group_norm(x, block.norm, token_major=True)
+        w_in = block.proj_in.conv.weight
+        tokens = linear(tokens, w_in.reshape(w_in.shape[0], -1), block.proj_in.conv.bias)
+        for layer in block.transformer_blocks:
+            attn1, attn2 = layer.attn1, layer.attn2
+            h = layer.norm1(tokens)
+            q, k, v = linear(h, attn1.fused_weight()).chunk(3, dim=-1)
+            k, v = self._gather_tokens(torch.cat([k, v], dim=-1), rows).chunk(2, dim=-1)
+            tokens = _add_projected(tokens, _attend(q, k, v, attn1.num_heads, attn1.scale, attn1.upcast),
+                                    attn1.out_proj)
+            h = layer.norm2(tokens)
+            if context is None:  # MONAI's cross-attention without a context attends over the tokens themselves
+                kv = linear(self._gather_tokens(h, rows), torch.cat([attn2.to_k.weight, attn2.to_v.weight]))
+                k, v = kv.chunk(2, dim=-1)
+                cross = _attend(linear(h, attn2.to_q.weight), k, v, attn2.num_heads, attn2.scale, attn2.upcast)
+            else:
+                cross = attn2(h, context)
+            tokens = _add_projected(tokens, cross, attn2.out_proj)
+            tokens = tokens + layer.ff(layer.norm3(tokens))
+        n, inner = tokens.shape[1], tokens.shape[2]
+        w_out = block.proj_out.conv.weight.reshape(c, inner)
+        x_tokens = x.movedim(1, -1).reshape(b * n, c)
+        y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
+        y_tokens = y.movedim(1, -1).view(b * n, c)
+        torch.add(x_tokens, block.proj_out.conv.bias, out=y_tokens)
+        add_linear_(y_tokens, tokens.reshape(b * n, inner), w_out, b)
+        return y
+
+
+class SpatialParallelAutoencoder(_SlabModule):
+    """An `AutoencoderKL`'s decoder (and encoder) run by depth slabs across the ranks of `group` (default: the
+    default process group): every rank holds a slab of the latent and of every activation, convolutions exchange
+    halo rows, GroupNorm statistics are all-gathered and merged, attention blocks (attention_levels, the non-local
+    option) gather keys and values — the same numbers as one process's `decode` / `encode` (up to fp32 rounding).
+    Every rank of the group builds it with the same arguments and calls it together.
+
+    latent_depth: the latent's depth (first spatial size), cut `slab_bounds(latent_depth, world_size)`: `bounds`,
+    `start`, `stop`, `rows` (latent rows). The image is 2^(levels-1) (`factor`) times deeper, and rank r holds
+    image rows `image_bounds[r]` = factor × bounds[r] (each upsampling doubles a slab, each downsampling halves
+    it). `slab(z)` / `image_slab(x)` cut this rank's slab out of a whole latent / image; `gather(z_slab)` and
+    `gather_image(x_slab)` put the whole one together on every rank.
+
+    decode(z_slab) → this rank's image slab; encode(x_slab) → this rank's (z_mu, z_sigma) slabs. Inference only."""
+
+    def __init__(self, autoencoder: AutoencoderKL, latent_depth: int, group=None):
+        super().__init__()
+        self.factor = _latent_factor(autoencoder)
+        self.autoencoder = autoencoder
+        self._comm = _Group(group)
+        self.bounds = slab_bounds(latent_depth, self._comm.world_size)
+        self.depth = int(latent_depth)
+        self.start, self.stop = self.bounds[self._comm.rank]
+        self.rows = self.stop - self.start
+        self.image_depth = self.depth * self.factor
+        self.image_bounds = [(a * self.factor, b * self.factor) for a, b in self.bounds]
+        self.image_start, self.image_stop = self.image_bounds[self._comm.rank]
+
+    def image_slab(self, image: torch.Tensor) -> torch.Tensor:
+        """This rank's slab (a view) of a whole image batch B×C×D×... (depth: dimension 2, factor × latent's)."""
+        if image.ndim < 3 or image.shape[2] != self.image_depth:
+            raise ValueError(f"expected an image of depth {self.image_depth} ({self.factor} × the latent's "
+                             f"{self.depth}), got shape {tuple(image.shape)}")
+        return image[:, :, self.image_start:self.image_stop]
+
+    def gather_image(self, slab: torch.Tensor) -> torch.Tensor:
+        """The whole image from every rank's image slab, on every rank (a collective)."""
+        return gather_slabs(slab, self.image_bounds, self._comm)
+
+    def _input(self, x, channels, what, bounds, depth):
+        ae = self.autoencoder
+
+        def check(t):
+            if t.ndim != ae.spatial_dims + 2 or t.shape[1] != channels:
+                raise ValueError(f"{what} must be B×{channels}×(spatial: {ae.spatial_dims} axes), got shape "
+                                 f"{tuple(t.shape)}")
+
+        self._check_slab_input(x, check, bounds, depth)
+        return ae._input(x)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """This rank's slab image[:, :, image_start:image_stop] of autoencoder.decode(z), from its latent slab
+        z[:, :, start:stop]."""
+        ae = self.autoencoder
+        h = self._input(z, ae.latent_channels, "the latent slab", self.bounds, self.depth)
+        h = self._conv(h, ae.post_quant_conv.conv)
+        return self._blocks(ae.decoder.blocks, h).contiguous()
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slabs [:, :, start:stop] of autoencoder.encode(x) = (z_mu, z_sigma), from its image slab
+        x[:, :, image_start:image_stop]."""
+        ae = self.autoencoder
+        h = self._input(x, ae.config["in_channels"], "the image slab", self.image_bounds, self.image_depth)
+        h = self._blocks(ae.encoder.blocks, h)
+        z_mu = self._conv(h, ae.quant_conv_mu.conv)
+        z_log_var = torch.clamp(self._conv(h, ae.quant_conv_log_sigma.conv), -30.0, 20.0)
+        return z_mu.contiguous(), torch.exp(z_log_var / 2).contiguous()
+
+    def _blocks(self, blocks, h):
+        """An Encoder's or Decoder's blocks on this rank's slab (models/autoencoder.py, block for block)."""
+        for block in blocks:
+            if isinstance(block, Conv):
+                h = self._conv(h, block.conv)
+            elif isinstance(block, AEResBlock):
+                r = self._conv(self._group_norm(h, block.norm1, act="silu"), block.conv1.conv)
+                r = self._group_norm(r, block.norm2, act="silu")
+                skip = block.nin_shortcut
+                residual = h if isinstance(skip, nn.Identity) else self._conv(h, skip.conv)
+                h = self._conv(r, block.conv2.conv, add=residual)
+            elif isinstance(block, SpatialAttentionBlock):
+                h = self._self_attention_block(block, h)
+            elif isinstance(block, AEUpsample):
+                h = self._upsample_conv(h, block.postconv.conv)
+            elif isinstance(block, DeconvUpsample):  # kernel 2, stride 2: each row makes two, no halo
+                h = block(h)
+            elif isinstance(block, AEDownsample):  # one zero row after the volume's end: one halo row after
+                pad = (0, 1) * (h.ndim - 3) + (0, 0)
+                h = self._windowed(h, 0, 1, 3, 2, 1, lambda piece, _: conv_module(F.pad(piece, pad), block.conv.conv),
+                                   None)
+            elif isinstance(block, GroupNorm3d):
+                h = self._group_norm(h, block, act=block.act)
+            else:
+                raise TypeError(f"SpatialParallelAutoencoder does not know {type(block).__name__}")
+        return h
+
 
 
 def gather_slabs(slab: torch.Tensor, bounds, comm: _Group | None = None) -> torch.Tensor:
@@ -634,4 +754,43 @@ def spatial_sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=Non
                    progress=progress, gather=gather)
 
 
-__all__ = ["SpatialParallelUNet", "SpatialSampler", "gather_slabs", "slab_bounds", "spatial_sample"]
+def spatial_decode(autoencoder, z: torch.Tensor, *, group=None, gather: bool = True) -> torch.Tensor:
+    """`autoencoder.decode(z)` by depth slabs across the ranks of `group` (every rank calls it with the same whole
+    latent z): see `SpatialParallelAutoencoder`. Returns the whole image on every rank, or this rank's image slab
+    with gather=False."""
+    model = SpatialParallelAutoencoder(autoencoder, _depth_of(z, "z"), group)
+    out = model.decode(model.slab(z))
+    return model.gather_image(out) if gather else out
+
+
+def spatial_encode(autoencoder, x: torch.Tensor, *, group=None, gather: bool = True):
+    """`autoencoder.encode(x)` = (z_mu, z_sigma) by depth slabs across the ranks of `group` (every rank calls it
+    with the same whole image x, whose depth must be a multiple of 2^(levels-1)): see `SpatialParallelAutoencoder`.
+    Returns the whole latents on every rank, or this rank's latent slabs with gather=False."""
+    depth = _depth_of(x, "x")
+    factor = _latent_factor(autoencoder)
+    if depth % factor:
+        raise ValueError(f"the image's depth {depth} is not a multiple of {factor}: the encoder halves it "
+                         f"{factor.bit_length() - 1} times and slabs are cut in whole latent rows")
+    model = SpatialParallelAutoencoder(autoencoder, depth // factor, group)
+    z_mu, z_sigma = model.encode(model.image_slab(x))
+    return (model.gather(z_mu), model.gather(z_sigma)) if gather else (z_mu, z_sigma)
+
+
+def _latent_factor(autoencoder) -> int:
+    """How many times deeper an autoencoder's image is than its latent: 2^(levels-1)."""
+    if not isinstance(autoencoder, AutoencoderKL):
+        raise TypeError(f"SpatialParallelAutoencoder runs a pydiffmed AutoencoderKL (AutoencoderKL.from_monai "
+                        f"converts MONAI's), got {type(autoencoder).__name__}")
+    return 2 ** (len(autoencoder.config["channels"]) - 1)
+
+
+def _depth_of(t, name):
+    if not isinstance(t, torch.Tensor) or t.ndim < 4:
+        raise ValueError(f"{name} must be a B×C×D×... tensor (depth: dimension 2), got "
+                         f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return t.shape[2]
+
+
+__all__ = ["SpatialParallelAutoencoder", "SpatialParallelUNet", "SpatialSampler", "gather_slabs", "slab_bounds",
+           "spatial_decode", "spatial_encode", "spatial_sample"]

@@ -288,6 +288,8 @@ def test_distributed_rows_and_headline(tmp_path):
         assert parallel["time_vs_single"] == pytest.approx(parallel["ms"] / single["ms"])
         assert parallel["efficiency"] == pytest.approx(one["ms"] / (2 * parallel["ms"]))
         assert parallel["memory_vs_single"] == pytest.approx(parallel["peak_MB"] / single["peak_MB"])
+        assert parallel["memory_vs_1x1"] == pytest.approx(parallel["peak_MB"] / one["peak_MB"])
+        assert parallel["cpu_vs_1x1"] == pytest.approx(parallel["cpu_s"] / one["cpu_s"])
         assert 0 <= parallel["comm_share"] <= 1 and len(parallel["comm_share_per_rank"]) == 2
         assert re.search(r"\(target [<>]= [0-9.]+\): (met|NOT met)", parallel["target"]), parallel["target"]
         # the same volumes as one process (data parallel: bit for bit on the CPU)

@@ -186,10 +186,10 @@ def test_multicoil_mri_with_a_coils_file(tmp_path, capsys):
 
 
 def test_anomaly_map_is_brighter_in_the_lesion(tmp_path, capsys):
-    """With demo_healthy (lesion-free fine-tune) when installed, else demo. The map's mean over the lesion voxels
-    against its mean over the rest of the brain mask: measured 3.7× (demo_healthy) and 2.8× (demo) for this
-    phantom (gaussian, level 0.5 of 10 steps, smoothing 1); asserted > 1.5×."""
-    model = "demo_healthy" if "demo_healthy" in modelfile.bundled_models() else "demo"
+    """With the bundled demo_healthy (the demo fine-tuned on lesion-free phantoms). The map's mean over the lesion
+    voxels against its mean over the rest of the brain mask: measured 3.9× (demo_healthy; 2.8× with the
+    lesion-trained demo) for this phantom (gaussian, level 0.5 of 10 steps, smoothing 1); asserted > 3×."""
+    model = "demo_healthy"
     volume, labels = data.head_phantom(1, 1, DEMO_SHAPE, return_labels=True)
     lesion = labels == data.TISSUE_CLASSES.index("lesion")
     brain = labels >= data.TISSUE_CLASSES.index("brain")  # brain, lesions, ventricles
@@ -210,7 +210,7 @@ def test_anomaly_map_is_brighter_in_the_lesion(tmp_path, capsys):
     np.testing.assert_allclose(map_affine, affine, atol=1e-5)
     assert np.all(amap[~brain.numpy()] == 0)  # restricted to the mask
     inside, outside = amap[lesion.numpy()].mean(), amap[(brain & ~lesion).numpy()].mean()
-    assert inside > 1.5 * outside, (model, inside, outside)
+    assert inside > 3.0 * outside, (model, inside, outside)
     score = float(anomaly_score(torch.from_numpy(amap)[None, None], mask=brain[None, None]))
     assert sidecar["score"] == pytest.approx(score, rel=1e-5)
     found, _ = nifti(out / "anomaly_anomalies.nii.gz")

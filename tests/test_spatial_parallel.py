@@ -5,8 +5,9 @@ method spawn) and bounded in time: one job per world size computes every case, t
 with one process's. UNet3D forward (attention, resblock up/down, the conditioned transformer, a single level)
 and whole DDIM (eta = 1: the noise matters, also inpainting) and DPM-Solver++(2M) runs equal the single-process
 result within 1e-5 (fp32), with unequal slabs, depths not divisible by the world size and an odd depth. Bad
-cases raise on every rank (none is left waiting). The slab noise (fused_step's noise_index) is checked on every
-backend against the whole volume's noise, bit for bit."""
+cases raise on every rank (none is left waiting). AutoencoderKL decode and encode by slabs (without and with
+attention, transposed-convolution upsampling, 2-D, odd latent depths) equal one process's likewise. The slab
+noise (fused_step's noise_index) is checked on every backend against the whole volume's noise, bit for bit."""
 import copy
 import datetime
 import importlib
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 
 import pydiffmed
 from pydiffmed import _cuda, backends, ops
-from pydiffmed.models import UNet3D
+from pydiffmed.models import AutoencoderKL, UNet3D
 from pydiffmed.spatial_parallel import slab_bounds
 
 from helpers import CAN_EMULATE_CUDA, build_cuda_emulation, launch_emulated, randomize_, runnable_backends
@@ -57,6 +58,31 @@ SAMPLE_CASES = {
     "dpmpp_2m": dict(solver="dpmpp_2m"),
     "ddim_inpaint": dict(solver="ddim", eta=1.0, inpaint=True),
 }
+
+
+AE_CONFIGS = {
+    "plain": dict(spatial_dims=3, attention_levels=(False, False), with_encoder_nonlocal_attn=False,
+                  with_decoder_nonlocal_attn=False),
+    "attention_deconv": dict(spatial_dims=3, attention_levels=(False, True), use_convtranspose=True),
+    "two_d": dict(spatial_dims=2, attention_levels=(False, False), with_encoder_nonlocal_attn=False,
+                  with_decoder_nonlocal_attn=False),
+}
+# (config, latent depth): 13 rows = 7|6 and 5|4|4 (odd, unequal), 12 = 6|6 and 4|4|4, 2-D: 7 = 4|3 and 3|2|2
+AE_CASES = [("plain", 13), ("attention_deconv", 12), ("two_d", 7)]
+AE_PLANE = (6, 5)
+
+
+def make_autoencoder(name):
+    return randomize_(AutoencoderKL(in_channels=1, out_channels=1, num_res_blocks=1, channels=(8, 8),
+                                    latent_channels=4, norm_num_groups=4, **AE_CONFIGS[name]).eval(), 1)
+
+
+def ae_inputs(name, depth):
+    """(latent, image) batches; the image is twice as deep as the latent (two levels)."""
+    plane = AE_PLANE[:AE_CONFIGS[name]["spatial_dims"] - 1]
+    gen = torch.Generator().manual_seed(6)
+    return (torch.randn(2, 4, depth, *plane, generator=gen),
+            torch.randn(2, 1, 2 * depth, *(2 * n for n in plane), generator=gen))
 
 
 def make_model(name):
@@ -98,7 +124,8 @@ def _errors(fn):
 
 
 def _job(rank, world):
-    from pydiffmed.spatial_parallel import SpatialParallelUNet, SpatialSampler, spatial_sample
+    from pydiffmed.spatial_parallel import (SpatialParallelAutoencoder, SpatialParallelUNet, SpatialSampler,
+                                            spatial_decode, spatial_encode, spatial_sample)
 
     results, timings = {}, {}
     for name, depth in FORWARD_CASES:
@@ -112,6 +139,17 @@ def _job(rank, world):
             duplicate = copy.deepcopy(wrapped)
             assert duplicate.unet is not wrapped.unet and duplicate.group is wrapped.group
             results[("copy", name, depth)] = duplicate.gather(duplicate(duplicate.slab(x), t))
+    for name, depth in AE_CASES:
+        autoencoder = make_autoencoder(name)
+        z, image = ae_inputs(name, depth)
+        start = time.perf_counter()
+        results[("decode", name, depth)] = spatial_decode(autoencoder, z)
+        timings[("decode", name, depth)] = time.perf_counter() - start
+        start = time.perf_counter()
+        results[("encode", name, depth)] = spatial_encode(autoencoder, image)
+        timings[("encode", name, depth)] = time.perf_counter() - start
+    results[("decode_slab", "plain", 13)] = spatial_decode(make_autoencoder("plain"), ae_inputs("plain", 13)[0],
+                                                           gather=False)
     model = make_model("attention")
     for case in SAMPLE_CASES:
         solver, options, extra = sample_arguments(case)
@@ -125,7 +163,16 @@ def _job(rank, world):
     wrapped = SpatialParallelUNet(model, 20)
     x = torch.randn(1, 2, 20, *PLANE)
     wrong = x[:, :, :wrapped.rows + 4] if rank == world - 1 else wrapped.slab(x)  # the last rank: 4 rows too many
+    autoencoder = make_autoencoder("plain")
+    z = ae_inputs("plain", 13)[0]
+    decoder = SpatialParallelAutoencoder(autoencoder, 13)
+    wrong_z = z[:, :, :decoder.rows + 1] if rank == 0 else decoder.slab(z)  # rank 0: one row too many
+    bad_channels = decoder.slab(z)[:, :3] if rank == world - 1 else decoder.slab(z)
     errors = {
+        "ae_too_shallow": _errors(lambda: spatial_decode(autoencoder, z[:, :, :world - 1])),
+        "ae_image_depth": _errors(lambda: spatial_encode(autoencoder, torch.randn(1, 1, 25, 12, 10))),
+        "ae_wrong_slab": _errors(lambda: decoder.decode(wrong_z)),
+        "ae_channels": _errors(lambda: decoder.decode(bad_channels)),
         "depth_not_unit": _errors(lambda: SpatialParallelUNet(model, 22)),
         "too_few_units": _errors(lambda: SpatialParallelUNet(model, 4 * (world - 1))),
         "wrong_slab": _errors(lambda: wrapped(wrong, torch.tensor([1]))),
@@ -192,6 +239,11 @@ def references():
         for name, depth in FORWARD_CASES:
             x, t, context = forward_inputs(name, depth)
             out[("forward", name, depth)] = make_model(name)(x, t, context=context)
+        for name, depth in AE_CASES:
+            autoencoder = make_autoencoder(name)
+            z, image = ae_inputs(name, depth)
+            out[("decode", name, depth)] = autoencoder.decode(z)
+            out[("encode", name, depth)] = autoencoder.encode(image)
     model = make_model("attention")
     for case in SAMPLE_CASES:
         solver, options, extra = sample_arguments(case)
@@ -233,6 +285,24 @@ def test_sampling_equals_one_process(job, references, case):
         _assert_close(result["results"][key], references[key], f"{world} ranks, rank {rank}, {case}")
 
 
+@pytest.mark.parametrize("case", AE_CASES, ids=[f"{n}-latent{d}" for n, d in AE_CASES])
+def test_autoencoder_equals_one_process(job, references, case):
+    world, ranks = job
+    decoded, (z_mu, z_sigma) = references[("decode", *case)], references[("encode", *case)]
+    assert decoded.abs().max() > 0.1 and z_mu.abs().max() > 0.1
+    for rank, result in enumerate(ranks):
+        what = f"{world} ranks, rank {rank}, {case}"
+        _assert_close(result["results"][("decode", *case)], decoded, f"decode, {what}")
+        got_mu, got_sigma = result["results"][("encode", *case)]
+        _assert_close(got_mu, z_mu, f"encode z_mu, {what}")
+        _assert_close(got_sigma, z_sigma, f"encode z_sigma, {what}")
+    if case == ("plain", 13):  # gather=False: this rank's image slab, 2 × its latent rows
+        for rank, result in enumerate(ranks):
+            start, stop = slab_bounds(13, world)[rank]
+            _assert_close(result["results"][("decode_slab", *case)], decoded[:, :, 2 * start:2 * stop],
+                          f"rank {rank}'s image slab")
+
+
 def test_slabs_and_per_sample_seeds(job, references):
     world, ranks = job
     want = references[("slab", "ddim")]
@@ -252,6 +322,10 @@ def test_bad_cases_raise_on_every_rank(job):
         assert "the ranks' inputs have shapes" in errors["wrong_slab"]
         assert "whole volume" in errors["dynamic_threshold"]
         assert "known has NaN/Inf" in errors["nan_known"]
+        assert f"for {world} ranks" in errors["ae_too_shallow"]
+        assert "depth 25 is not a multiple of 2" in errors["ae_image_depth"]
+        assert "the ranks' inputs have shapes" in errors["ae_wrong_slab"]
+        assert ("the latent slab must be B×4" if rank == world - 1 else "rejected their input") in errors["ae_channels"]
 
 
 # --- slabs ---------------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ def _norm2(op, shape, device, dtype, iters=30, seed=0) -> float:
 
 def tv_reconstruction(op, y: torch.Tensor, lam=None, iters: int | None = None, *, bounds=None,
                       x0: torch.Tensor | None = None, operator_norm2: float | None = None,
-                      shape=None) -> torch.Tensor:
+                      step_ratio: float | None = None, shape=None) -> torch.Tensor:
     """Isotropic 3-D total-variation reconstruction (module docstring): argmin_x ½‖A x - y‖²/‖A‖² + lam·TV(x)
     subject to bounds[0] ≤ x ≤ bounds[1] (bounds=None: unconstrained), by `iters` Chambolle–Pock iterations
     started at x0 (default zeros). Returns a real (B, C, D, H, W) tensor of the image domain.
@@ -171,6 +171,7 @@ def tv_reconstruction(op, y: torch.Tensor, lam=None, iters: int | None = None, *
         lam = task["lam"]
         iters = task["iters"] if iters is None else iters
         bounds = task.get("bounds") if bounds is None else bounds
+        step_ratio = task.get("step_ratio") if step_ratio is None else step_ratio
     if lam is None or isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) \
             or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0 or a TV_DEFAULTS task name, got {lam!r}")
@@ -198,19 +199,23 @@ def tv_reconstruction(op, y: torch.Tensor, lam=None, iters: int | None = None, *
             raise ValueError(f"the operator norm² must be > 0, got {norm2}")
         scale = 1.0 / math.sqrt(norm2)
         ys = y * scale
-        step = 1.0 / math.sqrt(1.0 + 12.0)  # τ = σ = 1/‖K‖, ‖K‖² ≤ ‖A'‖² + ‖∇‖² ≤ 1 + 12
+        ratio = 1.0 if step_ratio is None else float(step_ratio)
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"step_ratio must be a positive number, got {step_ratio!r}")
+        # τ·σ·‖K‖² = 1 with ‖K‖² ≤ ‖A'‖² + ‖∇‖² ≤ 1 + 12; τ/σ = ratio² (a larger primal step for ill-conditioned A)
+        tau, sig = ratio / math.sqrt(13.0), 1.0 / (ratio * math.sqrt(13.0))
         x = back.new_zeros(shape) if x0 is None else x0.to(back.dtype).clone()
         xbar = x.clone()
         p = torch.zeros_like(ys)
         q = x.new_zeros(*shape[:2], 3, *shape[2:])
         for _ in range(iters):
-            p = (p + step * (op.forward(xbar) * scale - ys)) / (1.0 + step)
-            q = q + step * gradient(xbar)
+            p = (p + sig * (op.forward(xbar) * scale - ys)) / (1.0 + sig)
+            q = q + sig * gradient(xbar)
             if lam > 0:
                 q = q / (q.pow(2).sum(2, keepdim=True).sqrt() / lam).clamp_min(1.0)
             else:
                 q = torch.zeros_like(q)
-            x_new = x - step * (op.adjoint(p) * scale - divergence(q))
+            x_new = x - tau * (op.adjoint(p) * scale - divergence(q))
             if bounds is not None:
                 x_new = x_new.clamp(lo, hi)
             xbar = 2.0 * x_new - x
