@@ -6,6 +6,7 @@ slab.
     model = SpatialParallelUNet(unet, depth=D)            # every rank, same weights
     y = model(x[:, :, model.start:model.stop], t)         # this rank's slab of unet(x, t)
     volume = spatial_sample(unet, (B, C, D, H, W), "ddim", num_steps=50, seed=0)   # the whole volume, every rank
+    image = spatial_decode(autoencoder, z)                # AutoencoderKL decode by latent slabs (also encode)
 
 Why it is exact (the same numbers as one process, up to fp32 rounding):
 * Slabs are cut in units of 2^(levels-1) rows (`slab_bounds`), so every level of the UNet has slab boundaries on
@@ -21,6 +22,10 @@ Why it is exact (the same numbers as one process, up to fp32 rounding):
   applies the normalisation to its slab (partition.GroupNormApply).
 * Attention is over all D·H·W tokens; a depth slab is a contiguous token range, so each rank keeps its queries
   and all-gathers keys and values (SpatialAttentionBlock, and the self-attention of SpatialTransformer).
+* An AutoencoderKL (SpatialParallelAutoencoder) is cut in whole latent rows; each of its upsamplings (nearest
+  ×2 + convolution, or the 2×2×2 transposed convolution, which needs no halo) doubles every slab, each
+  downsampling of the encoder (one zero row after the volume's end, a stride-2 convolution: one halo row after
+  the slab) halves it. Its attention blocks gather keys and values as the UNet's do.
 * The time embedding, class and cross-attention conditioning are per sample: replicated on every rank.
 * The solver update (`ops.fused_step`) is elementwise and its Philox noise is indexed by the voxel of the whole
   volume (`noise_index`, passed by the engine's `slab=`), so a slab draws exactly the noise one process draws
@@ -44,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .engine import _broadcast_to
 from .models.attention_block import SpatialAttentionBlock
 from .models.autoencoder import AutoencoderKL, DeconvUpsample
 from .models.autoencoder import Downsample as AEDownsample
@@ -654,14 +660,7 @@ def _agree(problem, comm: _Group):
 def _check_volume_input(name, t, shape):
     """A whole-volume input (mask, known, init, x_T) checked on every rank alike: it must broadcast to the
     volume's shape and be finite (a mask within [0, 1])."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    try:
-        ok = torch.broadcast_shapes(tuple(t.shape), shape) == torch.Size(shape)
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, which does not broadcast to the volume's {shape}")
+    _broadcast_to(name, t, shape)
     if t.is_floating_point():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} has NaN/Inf values")

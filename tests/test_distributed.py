@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import randomised
 
 from pydiffmed import distributed
 
@@ -124,13 +125,8 @@ def tiny(tmp_path_factory):
     from pydiffmed import modelfile
     from pydiffmed.models import UNet3D
 
-    model = UNet3D(**TINY_UNET)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     path = tmp_path_factory.mktemp("models") / "tiny"
-    modelfile.save_model(path, model.eval(), CONFIG)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET)), CONFIG)
     return path
 
 

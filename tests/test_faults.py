@@ -21,6 +21,7 @@ import uuid
 import nibabel as nib
 import pytest
 import torch
+from helpers import randomised
 from PIL import Image
 
 from pydiffmed import io, modelfile
@@ -41,13 +42,8 @@ TIMEOUT = 120  # seconds for any one subprocess
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = UNet3D(**TINY_UNET)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     path = tmp_path_factory.mktemp("models") / "tiny"
-    modelfile.save_model(path, model.eval(), CONFIG)
+    modelfile.save_model(path, randomised(UNet3D(**TINY_UNET)), CONFIG)
     return path
 
 
