@@ -445,7 +445,10 @@ def launch(modes, args, workdir) -> dict:
                         _stop(proc)
                         break
                     time.sleep(0.02)
-            print(f"  {phase:16s} {time.time() - phase_start:7.1f} s (every configuration)", flush=True)
+            if hasattr(os, "getloadavg"):
+                LOADS.append(os.getloadavg()[0])
+            print(f"  {phase:16s} {time.time() - phase_start:7.1f} s (every configuration), 1-min load average "
+                  f"{LOADS[-1] if LOADS else float('nan'):.2f}", flush=True)
         for label, (proc, control) in running.items():
             try:
                 rc = proc.wait(timeout=max(60.0, deadline - time.time()))
@@ -577,6 +580,13 @@ COLUMNS = ["mode", "measure", "config", "volume", "batch", "ms", "runs", "throug
            "memory_vs_1x1", "max_abs_diff_vs_1x1", "target", "note"]
 
 
+LOADS = []  # the 1-min load average after every phase of the run (launch)
+
+
+def _load_range():
+    return f"{min(LOADS):.2f} to {max(LOADS):.2f}" if LOADS else "not recorded"
+
+
 def write(rows, args, load_start, partial=""):
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     method = next((r["memory_method"] for r in rows if "memory_method" in r), "none")
@@ -587,15 +597,17 @@ def write(rows, args, load_start, partial=""):
              f"steps (ms: one whole run, the slowest rank's; throughput = volumes/s); spatial parallel: one "
              f"{args.spatial_size}³ volume, SpatialParallelUNet forward at t = 500 and a 1-step SpatialSampler run "
              f"(gather=False) vs the UNet3D and pydiffmed.Sampler in one process. Median of {args.repeats} rounds "
-             f"after a warm-up, every configuration a fresh run (torchrun, {backend}, for "
-             f"several processes), each call started after a barrier. single = {single}; efficiency = "
+             f"after a warm-up, every configuration in fresh processes (torchrun, {backend}, for several), the "
+             f"configurations of a mode started together and run in turn, round by round, each call started after a "
+             f"barrier. single = {single}; efficiency = "
              f"throughput / (cores × throughput of 1 × 1). comm_share = time inside torch.distributed calls "
              f"(all_gather, all_gather_object, batch_isend_irecv and its waits, ...) / wall time, mean over ranks; "
              f"cpu_s = process CPU time summed over ranks, cpu_vs_1x1 = cpu_s / 1 × 1's (the CPU work, less sensitive "
              f"than wall time to other jobs on the cores). peak_MB = the largest rank's memory increment of one more "
              f"call (data parallel: a run of {memory_steps(args)} steps of the same batch), measured by {method}; "
              f"rss_peak_MB = that rank's whole resident peak. 1-min load average at the start "
-             f"{load_start[0]:.2f}, at the end {load[0]:.2f} (5-min {load[1]:.2f}, {os.cpu_count()} CPUs): other jobs "
+             f"{load_start[0]:.2f}, after each phase {_load_range()}, at the end {load[0]:.2f} (5-min {load[1]:.2f}, "
+             f"{os.cpu_count()} CPUs): other jobs "
              f"on the machine share the cores.")
     return save("bench_distributed", rows, COLUMNS, notes)
 

@@ -49,15 +49,15 @@ else
     exit 2
 fi
 
-# Per-benchmark time limits in seconds (sum 590 s with the three kernel benchmarks of today: the GPU benchmarks
-# must finish within about 9 minutes). The kernel benchmarks are bench_<op> for every op in pydiffmed's backend
+# Per-benchmark time limits in seconds (sum 650 s with the three kernel benchmarks of today: the GPU benchmarks
+# must finish within about 11 minutes). The kernel benchmarks are bench_<op> for every op in pydiffmed's backend
 # registry that has a script (benchmarks/common.py op_benchmarks), OP_BENCH_LIMIT seconds each.
 # bench_end_to_end and bench_scaling rewrite their results after every model / point, so one stopped by its limit
 # still leaves the rows measured so far (marked PARTIAL).
 OP_BENCH_LIMIT=60
 OP_BENCHMARKS_CMD='import sys; sys.path.insert(0, "benchmarks"); import common; print(" ".join(common.op_benchmarks()))'
 BENCHMARKS=(bench_unet:110 bench_sampling:120 bench_end_to_end:50 bench_scaling:30 bench_determinism:30
-            bench_decode:40 bench_inferer:30)
+            bench_decode:40 bench_inferer:30 bench_inverse:60)
 TESTS_TIMEOUT=900
 # bench_distributed's N-GPU form (after the loop above; not counted in its 9 minutes: on a machine with one GPU it
 # skips at once, on W >= 2 GPUs it runs 1 GPU against W with both modes in one launch per configuration).

@@ -48,23 +48,32 @@ class GroupStats:
         self.mean = None  # N×G fp64
         self.m2 = None  # N×G fp64
 
-    def update(self, tile: torch.Tensor) -> None:
-        """Add a tile N×C×(spatial...) of the activation (any layout, any float dtype). Per channel, torch's
-        Welford `var_mean` (one pass, no temporaries for fp32; fp64 accumulators on CPU); channels then merge
-        into groups with the same formula as tiles do."""
+    def update(self, tile: torch.Tensor, bias_nc: torch.Tensor | None = None) -> None:
+        """Add a tile N×C×(spatial...) of the activation (any layout, any float dtype), plus a per-(sample,
+        channel) bias_nc if given."""
+        self.merge(*self.tile_statistics(tile, self.num_groups, bias_nc))
+
+    @staticmethod
+    def tile_statistics(tile: torch.Tensor, num_groups: int, bias_nc: torch.Tensor | None = None):
+        """(elements per group, N×G mean, N×G centred second moment) of tile + bias_nc, fp64. Per channel, torch's
+        Welford `var_mean` (one pass, no temporaries for fp32; fp64 accumulators on CPU); channels then merge into
+        groups with the same formula as tiles do (a per-channel bias shifts only the channel means)."""
         n, c = tile.shape[:2]
-        per_group = c // self.num_groups
+        per_group = c // num_groups
         # channels innermost, as channels_last activations lie in memory: the reduction reads them in order
         last = tile.detach().movedim(1, -1)
         if last.dtype != torch.float32 and last.dtype != torch.float64:
             last = last.float()
         var, mean = torch.var_mean(last, dim=tuple(range(1, last.ndim - 1)), correction=0)
         count = math.prod(tile.shape[2:])
-        mean = mean.double().view(n, self.num_groups, per_group)
-        m2 = var.double().view(n, self.num_groups, per_group) * count
+        mean = mean.double()
+        if bias_nc is not None:
+            mean = mean + bias_nc.detach().double()
+        mean = mean.view(n, num_groups, per_group)
+        m2 = var.double().view(n, num_groups, per_group) * count
         group_mean = mean.mean(-1)
         group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
-        self.merge(count * per_group, group_mean, group_m2)
+        return count * per_group, group_mean, group_m2
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan, Golub & LeVeque's pairwise update: exact in exact arithmetic, and free of the cancellation of

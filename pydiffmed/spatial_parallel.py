@@ -284,22 +284,12 @@ class _SlabModule(nn.Module):
         every rank; the apply phase is partition.GroupNormApply (fp32). token_major: B×n×C output."""
         n, c = x.shape[:2]
         groups, per_group = norm.num_groups, c // norm.num_groups
-        channels = x.movedim(1, -1)
-        if channels.dtype not in (torch.float32, torch.float64):
-            channels = channels.float()
-        var, mean = torch.var_mean(channels, dim=tuple(range(1, channels.ndim - 1)), correction=0)
+        elements, group_mean, group_m2 = GroupStats.tile_statistics(x, groups, bias_nc)
         count = math.prod(x.shape[2:])
-        mean = mean.double()
-        if bias_nc is not None:
-            mean = mean + bias_nc.double()
-        mean = mean.view(n, groups, per_group)
-        m2 = var.double().view(n, groups, per_group) * count
-        group_mean = mean.mean(-1)
-        group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
         local = torch.stack([group_mean, group_m2], dim=-1)
         stats = GroupStats(groups)
         if self._comm.world_size == 1:
-            pieces, counts = [local], [count * per_group]
+            pieces, counts = [local], [elements]
         else:
             pieces = [torch.empty_like(local) for _ in range(self._comm.world_size)]
             dist.all_gather(pieces, local, group=self._comm.group)

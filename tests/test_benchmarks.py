@@ -216,7 +216,7 @@ def test_results_md_renders_tables_plots_and_readme_block(results, tmp_path):
 
 def test_the_tests_never_wrote_into_benchmarks_results():
     for name in ("bench_end_to_end", "bench_scaling", "bench_solvers", "bench_decode", "bench_inferer",
-                 "bench_distributed"):
+                 "bench_distributed", "bench_inverse"):
         path = os.path.join(BENCH, "results", f"{name}_cpu.json")
         if os.path.exists(path):
             with open(path) as f:
@@ -303,6 +303,43 @@ def test_distributed_rows_and_headline(tmp_path):
     [(subject, line)] = results_md.headline_distributed(rows)
     assert "2 processes × 1 thread" in subject and "1 process × 2 threads" in subject
     assert "scaling efficiency" in line and "per-rank peak memory" in line and "one DDIM step" in line
+
+
+def test_inverse_rows_and_headline(tmp_path):
+    """bench_inverse --smoke: every section's rows, the speed ratios those of the rows' own times, pydiffmed and the
+    plain diffusers + MONAI loop computing the same reconstruction in fp32, and the two headlines."""
+    run_script("bench_inverse.py", ["--smoke", "--threads", "1"], tmp_path)
+    result = load(tmp_path, "bench_inverse")
+    rows = result["rows"]
+    assert "--smoke" in result["command"] and "load average" in result["notes"]
+    exact = [r for r in rows if r["section"] == "exact posterior"]
+    assert len(exact) == 2 * 4  # per problem: the exact draws and the 3 posteriors (one solver, one NFE)
+    assert {r["method"] for r in exact} == {"exact draws (Monte-Carlo floor)", "projection", "dds", "dps"}
+    assert all(math.isfinite(r["mean_err"]) and math.isfinite(r["var_err"]) and r["weight_err"] >= 0 for r in exact)
+    recon = [r for r in rows if r["section"] == "reconstruction"]
+    assert {r["method"].split(" ")[0] for r in recon} == {"zero-filled", "FBP", "TV", "diffusion"}
+    assert all(r["psnr_dB"] > 10 and 0 < r["ssim"] <= 1 and r["s_per_volume"] > 0 for r in recon)
+    [anomaly] = [r for r in rows if r["section"] == "anomaly"]
+    assert 0.5 < anomaly["auroc"] <= 1 and anomaly["nfe"] == 2
+    speed = [r for r in rows if r["section"] == "speed"]
+    assert [r["dtype"] for r in speed] == ["fp32", "fp32", "bf16", "bf16"]
+    fp32_loop = speed[1]["ms"]
+    for ours, loop in (speed[:2], speed[2:]):
+        assert ours["method"].startswith("pydiffmed") and loop["method"].startswith("plain loop")
+        assert ours["speedup"] == pytest.approx(loop["ms"] / ours["ms"]) and loop["speedup"] == 1.0
+        assert ours["speedup_vs_fp32_loop"] == pytest.approx(fp32_loop / ours["ms"])
+        assert abs(ours["psnr_dB"] - loop["psnr_dB"]) < 0.5
+    # the same algorithm: fp32 differences are rounding, amplified by DDS's exact solve at tiny rho (~1e-3)
+    assert speed[0]["max_abs_diff"] < 1e-2
+    sys.path.insert(0, BENCH)
+    try:
+        results_md = importlib.import_module("results_md")
+    finally:
+        sys.path.remove(BENCH)
+    lines = dict(results_md.headline_inverse(rows))
+    assert len(lines) == 2
+    assert any("mri_8x NFE 2 fp32" in line for line in lines.values())
+    assert any("mri_4x:" in line and "ct_30:" in line and "FBP" in line for line in lines.values())
 
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
