@@ -3,21 +3,24 @@ baselines, anomaly AUROC, and pydiffmed's posterior sampling against the same al
 
 Sections (the rows' `section` column):
 * exact posterior: the Gaussian-mixture set-up of tests/test_inverse_samplers.py (volumes 2×2×2, d = 8, the exact
-  mixture denoiser as the model, linear schedule, epsilon prediction, N samples): y = A x0 + 0.25·n, A = Masking
-  of 3 of the 8 voxels. Problem "gaussian": prior N(μ, 0.5·I) (data_variance 0.5), where every data step is the
-  exact E[x0 | x_t, y], so the errors are the solver's discretisation plus Monte-Carlo noise; problem "mixture": 3
-  components, y at the midpoint of two, where no data step is exact. Errors against the closed-form posterior
-  (GaussianMixture.posterior): mean_err = max |m̂ - m| / s (s: the exact posterior standard deviation), var_err =
-  max |v̂ / s² - 1|, weight_err = max |ŵ_k - w_k| (samples assigned to components by the prior's `assign`), per
-  component of weight > 0.05. For each posterior (projection, dds, dps) and solver (ddim, dpmpp_2m, edm_heun) at
-  NFE 20 / 50 / 100 (edm_heun: 2·steps - 1 evaluations, so 19 / 49 / 99); the "exact draws" rows are N draws from
-  the exact posterior (the Monte-Carlo floor of the same statistics).
+  mixture denoiser as the model, linear schedule, epsilon prediction, N samples), y = A x0 + 0.25·n. Problems:
+  "gaussian, Masking 3 of 8": prior N(μ, 0.5·I) (data_variance 0.5), A keeps 3 of the 8 voxels; every data step
+  is then the exact E[x0 | x_t, y] (A Aᵀ = I), so the three posteriors give the same samples and the errors are
+  the solver's discretisation plus Monte-Carlo noise. "gaussian, skewed dense 3×8": a dense A with A Aᵀ
+  eigenvalues 0.99 / 2.1 / 6.3: DDS stays exact, projection is close, DPS (‖A‖²-normalised step) under-corrects.
+  "mixture, Masking 3 of 8": 3 components, y at the midpoint of two: no data step is exact. Errors against the
+  closed-form posterior (GaussianMixture.posterior): mean_err = max |m̂ - m| / s (s: the exact posterior standard
+  deviation), var_err = max |v̂ / s² - 1|, weight_err = max |ŵ_k - w_k| (samples assigned to components by the
+  prior's `assign`), per component of weight > 0.05. For each posterior (projection, dds, dps) and solver (ddim,
+  dpmpp_2m, edm_heun) at NFE 20 / 50 / 100 (edm_heun: 2·steps - 1 evaluations, so 19 / 49 / 99); the "exact draws"
+  rows are N draws from the exact posterior (the Monte-Carlo floor of the same statistics).
 * reconstruction: unseen head phantoms (pydiffmed.data family 1, the demo model trained on family 0, TV tuned on
   family 2) from the tasks of pydiffmed.inverse.baselines.TASKS (3-D Cartesian MRI with Poisson-disc masks at 4× and
   8×, one coil and four; 30-view parallel-beam CT, run as its per-slice matrix `SliceMatrix`: the same linear map),
   by zero-filled (MRI) / FBP (CT), TV (TV_DEFAULTS) and the demo model (dpmpp_2m, DDS data step, half-precision
-  network, fp32 state) at each NFE. Mean PSNR (dB) and SSIM over the phantoms, everything clipped to [-1, 1];
-  s_per_volume: the wall time of one batched run divided by the number of phantoms.
+  network, fp32 state) at each NFE (--full adds the mean of 4 samples per phantom at the lowest NFE: a posterior-
+  mean estimate, which PSNR favours over single samples). Mean PSNR (dB) and SSIM over the phantoms, everything
+  clipped to [-1, 1]; s_per_volume: the wall time of one batched run divided by the number of phantoms.
 * anomaly: voxel-level AUROC of lesions inside the brain (anomaly_map with the brain mask, smoothing 1 voxel) on
   family-1 phantoms with lesions, for reconstruct_healthy's methods at two noise levels (num_steps 20: level 0.3
   is 6 model evaluations, 0.5 is 10), with the model trained on healthy phantoms (demo_healthy) and, for contrast,
@@ -58,7 +61,8 @@ from common import command_line, interleaved_medians, save  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed import data  # noqa: E402
 from pydiffmed.gmm import GaussianMixture  # noqa: E402
-from pydiffmed.inverse import Masking, Measurement, ParallelBeamCT, anomaly_map, auroc, reconstruct_healthy  # noqa: E402
+from pydiffmed.inverse import (Masking, Measurement, ParallelBeamCT, anomaly_map, as_operator, auroc,  # noqa: E402
+                               reconstruct_healthy)
 from pydiffmed.inverse.baselines import (TV_DEFAULTS, SliceMatrix, measure, psnr, ssim, task_operator,  # noqa: E402
                                          tv_reconstruction, zero_filled)
 from pydiffmed.schedules import NoiseSchedule  # noqa: E402
@@ -83,19 +87,32 @@ D, SIGMA_Y, V = 8, 0.25, 0.5
 MASK = torch.zeros(2, 2, 2, dtype=torch.bool)
 MASK.view(-1)[[0, 3, 5]] = True
 A_MASK = torch.eye(D, dtype=torch.float64)[MASK.view(-1)].numpy()
+A_SKEW = np.random.default_rng(3).normal(size=(3, D)) / math.sqrt(D) * 1.5  # A Aᵀ eigenvalues 0.99, 2.1, 6.3
 LINEAR = NoiseSchedule.discrete("linear")
 
 
+def dense_operator(a):
+    """A (3, 8) matrix as an operator on N×1×2×2×2 volumes."""
+    a = torch.tensor(a, dtype=torch.float32)
+    return as_operator((lambda x: x.reshape(x.shape[0], -1) @ a.T.to(x.dtype),
+                        lambda y: (y @ a.to(y.dtype)).reshape(y.shape[0], 1, 2, 2, 2)))
+
+
 def gmm_problems():
-    """{name: (prior, y, (weights, means, covs) of the exact posterior, posterior options)}."""
+    """{label: (prior, measurement, (weights, means, covs) of the exact posterior, posterior options)}."""
     gauss = GaussianMixture([1.0], [np.linspace(-1.0, 1.0, D)], [V * np.eye(D)])
     mixture = GaussianMixture.random(D, 3, seed=0)
     out = {}
-    for name, prior, point, options in (
-            ("gaussian", gauss, gauss.means[0] + 0.7, {"data_variance": V}),
-            ("mixture", mixture, 0.5 * (mixture.means[1] + mixture.means[2]), {})):
-        y = A_MASK @ point
-        out[name] = (prior, y, prior.posterior(A_MASK, y, SIGMA_Y), options)
+    for name, prior, a, point, options in (
+            ("gaussian, Masking 3 of 8", gauss, A_MASK, gauss.means[0] + 0.7, {"data_variance": V}),
+            ("gaussian, skewed dense 3×8", gauss, A_SKEW, gauss.means[0] + 0.7, {"data_variance": V}),
+            ("mixture, Masking 3 of 8", mixture, A_MASK, 0.5 * (mixture.means[1] + mixture.means[2]), {})):
+        y = a @ point
+        if a is A_MASK:
+            m = Measurement(Masking(MASK), torch.tensor(y, dtype=torch.float32).reshape(1, 1, -1), SIGMA_Y)
+        else:
+            m = Measurement(dense_operator(a), torch.tensor(y, dtype=torch.float32).reshape(1, -1), SIGMA_Y)
+        out[name] = (prior, m, prior.posterior(a, y, SIGMA_Y), options)
     return out
 
 
@@ -121,12 +138,11 @@ def gmm_errors(prior, x, weights, means, covs):
 def exact_posterior_rows(nfes, samples, device, solvers=GMM_SOLVERS):
     rows = []
     shape = (samples, 1, 2, 2, 2)
-    for name, (prior, y, (weights, means, covs), options) in gmm_problems().items():
-        base = {"section": "exact posterior", "problem": f"{name}, Masking 3 of 8, sigma_y {SIGMA_Y}, N {samples}"}
+    for name, (prior, measurement, (weights, means, covs), options) in gmm_problems().items():
+        base = {"section": "exact posterior", "problem": f"{name}, sigma_y {SIGMA_Y}, N {samples}"}
         draws, _ = GaussianMixture(weights, means, covs).sample(samples, seed=1)
         w, m, v = gmm_errors(prior, draws.numpy(), weights, means, covs)
         rows.append(dict(base, method="exact draws (Monte-Carlo floor)", weight_err=w, mean_err=m, var_err=v))
-        measurement = Measurement(Masking(MASK), torch.tensor(y, dtype=torch.float32).reshape(1, 1, -1), SIGMA_Y)
         model = prior.model(LINEAR, "epsilon")
         for posterior in POSTERIORS:
             for solver in solvers:
@@ -139,7 +155,7 @@ def exact_posterior_rows(nfes, samples, device, solvers=GMM_SOLVERS):
                     w, m, v = gmm_errors(prior, x, weights, means, covs)
                     rows.append(dict(base, method=posterior, solver=solver, nfe=sampler.num_model_evals,
                                      weight_err=w, mean_err=m, var_err=v))
-                    print(f"exact posterior {name:8s} {posterior:10s} {solver:8s} NFE {sampler.num_model_evals:3d}: "
+                    print(f"exact posterior {name:26s} {posterior:10s} {solver:8s} NFE {sampler.num_model_evals:3d}: "
                           f"weight {w:.3f} mean {m:.3f} var {v:.3f}", flush=True)
     return rows
 
@@ -168,7 +184,7 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def reconstruction_rows(model, schedule, info, tasks, n, nfes, device, tv_iters=None):
+def reconstruction_rows(model, schedule, info, tasks, n, nfes, device, tv_iters=None, averages=()):
     x = data.phantoms(n, seed=1, shape=tuple(info.volume_shape)).to(device)
     rows = []
     half = half_dtype(device)
@@ -189,14 +205,15 @@ def reconstruction_rows(model, schedule, info, tasks, n, nfes, device, tv_iters=
         iters = tv_iters or tv["iters"]
         add(f"TV (lam {tv['lam']:g}, {iters} iterations)", *timed(lambda: tv_reconstruction(op, y, task, iters),
                                                                    device))
-        measurement = Measurement(op, y, sigma_y)
-        for nfe in nfes:
-            def run():
-                return pydiffmed.sample(model, tuple(x.shape), "dpmpp_2m", nfe, schedule, seed=0, dtype=half,
-                                        progress=False, prediction_type=info.prediction_type, clip=info.clip_sample,
-                                        measurement=measurement, posterior="dds")
-            add("diffusion (demo, dpmpp_2m + dds)", *timed(run, device), solver="dpmpp_2m", nfe=nfe,
-                dtype=dtype_name(half))
+        for nfe, k in [(nfe, 1) for nfe in nfes] + [(nfes[0], k) for k in averages]:
+            def run():  # k samples per phantom (seeds differ), averaged: an estimate of the posterior mean
+                out = pydiffmed.sample(model, (n * k, *x.shape[1:]), "dpmpp_2m", nfe, schedule, seed=0, dtype=half,
+                                       progress=False, prediction_type=info.prediction_type, clip=info.clip_sample,
+                                       measurement=Measurement(op, y.repeat_interleave(k, 0), sigma_y),
+                                       posterior="dds")
+                return out.reshape(n, k, *x.shape[1:]).mean(1)
+            label = "diffusion (demo, dpmpp_2m + dds)" if k == 1 else f"diffusion, mean of {k} samples"
+            add(label, *timed(run, device), solver="dpmpp_2m", nfe=nfe, dtype=dtype_name(half))
     return rows
 
 
@@ -334,13 +351,13 @@ SECTIONS = ("exact", "recon", "anomaly", "speed")
 def plan(args):
     if args.smoke:
         return dict(gmm_nfes=[4], gmm_samples=200, gmm_solvers=("ddim",), recon_tasks=("mri_4x", "ct_30"), n=1,
-                    recon_nfes=[2], tv_iters=20, anomaly_models=("demo",), anomaly_n=1,
+                    recon_nfes=[2], tv_iters=20, averages=(), anomaly_models=("demo",), anomaly_n=1,
                     anomaly_methods=("gaussian",), anomaly_levels=(0.5,), anomaly_steps=4, speed_tasks=("mri_8x",),
                     speed_nfes=[2], repeats=args.repeats or 1)
     full = args.full
     return dict(gmm_nfes=[20, 50, 100], gmm_samples=2000, gmm_solvers=GMM_SOLVERS,
                 recon_tasks=("mri_4x", "mri_8x", "mri_8x_4coils", "ct_30"), n=6 if full else 3,
-                recon_nfes=[20, 50, 100] if full else [20, 50], tv_iters=None,
+                recon_nfes=[20, 50, 100] if full else [20, 50], tv_iters=None, averages=(4,) if full else (),
                 anomaly_models=("demo_healthy", "demo") if full else ("demo_healthy",), anomaly_n=6 if full else 3,
                 anomaly_methods=("gaussian", "simplex", "ddim_inversion") if full else ("gaussian", "simplex"),
                 anomaly_levels=(0.3, 0.5), anomaly_steps=20,
@@ -387,7 +404,7 @@ def main(argv=None):
             rows += exact_posterior_rows(p["gmm_nfes"], p["gmm_samples"], "cpu", p["gmm_solvers"])
         elif section == "recon":
             rows += reconstruction_rows(model, schedule, info, p["recon_tasks"], p["n"], p["recon_nfes"], device,
-                                        p["tv_iters"])
+                                        p["tv_iters"], p["averages"])
         elif section == "anomaly":
             rows += anomaly_rows(p["anomaly_models"], p["anomaly_n"], p["anomaly_methods"], p["anomaly_levels"],
                                  p["anomaly_steps"], device)

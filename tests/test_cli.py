@@ -485,7 +485,7 @@ def test_models_lists_bundled_models_and_samples_them_by_name(tmp_path, tiny, ca
     assert code == 0
     row = [line for line in stdout.splitlines() if line.startswith("demo ")]
     assert row and "1×8×8×8" in row[0] and "tiny test model" in row[0]
-    assert "not installed" not in stdout
+    assert "demo: not installed" not in stdout and "demo_healthy: not installed" in stdout
 
     monkeypatch.chdir(tmp_path)
     code, _, err = sample(capsys, "demo", tmp_path / "s", "--num", 1)

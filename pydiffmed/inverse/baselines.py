@@ -193,9 +193,10 @@ def tv_reconstruction(op, y: torch.Tensor, lam=None, iters: int | None = None, *
     subject to bounds[0] ≤ x ≤ bounds[1] (bounds=None: unconstrained), by `iters` Chambolle–Pock iterations
     started at x0 (default zeros). Returns a real (B, C, D, H, W) tensor of the image domain.
 
-    lam: a number ≥ 0, or the name of a task in TV_DEFAULTS, which then also gives iters and bounds unless given.
+    lam: a number ≥ 0, or the name of a task in TV_DEFAULTS, which then also gives iters, bounds and step_ratio
+    unless they are given. iters: default 200 (a number lam). step_ratio: r in τ = r/√13, σ = 1/(r√13) (default 1).
     operator_norm2: ‖A‖² (default: 30 power iterations on the image shape). shape: the image shape (default: the
-    shape of Aᴴ y)."""
+    shape of Aᴴ y). y is checked for NaN/Inf once; the operator's own per-call check is off during the loop."""
     op = as_operator(op)
     if isinstance(lam, str):
         if lam not in TV_DEFAULTS:
