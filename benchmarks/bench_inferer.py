@@ -7,7 +7,8 @@ the default; --full adds bench_unet's "large" configuration at 32³ and "small" 
 * MONAI's default DDIMScheduler (clip_sample=True): MONAI keeps the noise estimate of the unclipped x0, which the
   drop-in runs step by step (accelerated model, two-pass update; no fused loop);
 * DDIMScheduler(clip_sample=False): the drop-in runs pydiffmed's engine (fused loop; CUDA graphs on a GPU).
-Rows per case: MONAI fp32 (the baseline of every ratio), the drop-in fp32 (dtype=None: the model's), and the drop-in
+Rows per case: MONAI fp32 (the baseline of every ratio), MONAI under torch.autocast at half precision (the
+equal-precision baseline of the half rows), the drop-in fp32 (dtype=None: the model's), and the drop-in
 with a half-precision network (CPU: dtype=torch.bfloat16; GPU: torch.float16), solver state fp32. The drop-in
 accelerates its own copy of the model in place (pydiffmed.accelerate); MONAI runs the untouched original.
 
@@ -71,14 +72,17 @@ def run_model(config_name, size, device, steps, repeats, warmup):
             s.set_timesteps(steps)
             return s
 
+        monai_half = f"MONAI {half_name} (torch.autocast)"
         inferers = {MONAI_LABEL: (MonaiInferer(scheduler()), "fp32"),
+                    monai_half: (MonaiInferer(scheduler()), half_name),
                     "pydiffmed drop-in fp32": (DiffusionInferer(scheduler()), "fp32"),
                     f"pydiffmed drop-in {half_name} network": (DiffusionInferer(scheduler(), dtype=half), half_name)}
         last, runs = {}, {}
 
         def call(label, inferer):
-            model = monai_model if label == MONAI_LABEL else ours_model
-            last[label] = inferer.sample(x, model, verbose=False)
+            model = monai_model if label.startswith("MONAI") else ours_model
+            with torch.autocast(device, dtype=half, enabled=label == monai_half):
+                last[label] = inferer.sample(x, model, verbose=False)
             runs[label] = getattr(inferer, "last_run", "MONAI's loop")
 
         with torch.no_grad():
@@ -86,10 +90,12 @@ def run_model(config_name, size, device, steps, repeats, warmup):
             medians = interleaved_medians(fns, device, repeats, warmup=warmup)
         reference = last[MONAI_LABEL].float()
         monai_ms, monai_cpu = (v * 1e3 for v in medians[MONAI_LABEL])
+        same_precision = {"fp32": monai_ms, half_name: medians[monai_half][0] * 1e3}
         for label, (_, dtype_name) in inferers.items():
             ms, cpu_ms = (v * 1e3 for v in medians[label])
             row = {"model": config_name, "volume": f"{size}³", "case": case, "variant": label, "dtype": dtype_name,
                    "steps": steps, "ms": ms, "ms_per_step": ms / steps, "speedup_vs_MONAI": monai_ms / ms,
+                   "speedup_vs_MONAI_same_dtype": same_precision[dtype_name] / ms,
                    "cpu_ms": cpu_ms, "cpu_speedup_vs_MONAI": monai_cpu / cpu_ms,
                    "max_abs_diff_vs_MONAI": float((last[label].float() - reference).abs().max()),
                    "MONAI_max_abs": float(reference.abs().max()), "path": runs[label]}
@@ -127,7 +133,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"`{command_line()}`: MONAI DiffusionModelUNet (bench_unet configs, random weights), batch 1, DDIM "
              f"{steps} steps from the same input_noise. ms: median of {repeats} interleaved rounds after "
-             f"{warmup} warm-up round(s); speedup_vs_MONAI against MONAI fp32 of the same case in the same rounds; "
+             f"{warmup} warm-up round(s); speedup_vs_MONAI against MONAI fp32 of the same case in the same rounds, "
+             "speedup_vs_MONAI_same_dtype against MONAI at the row's precision (half: under torch.autocast); "
              "cpu_ms / cpu_speedup_vs_MONAI: the same with this process's CPU time (all its threads), less "
              "sensitive to other processes on the cores; "
              f"max_abs_diff_vs_MONAI of the final volumes (MONAI_max_abs: their scale). path: how the drop-in ran "
@@ -137,6 +144,7 @@ def main(argv=None):
         notes += (f" fp32 convolutions: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} "
                   "(torch's default).")
     columns = ["model", "volume", "case", "variant", "dtype", "steps", "ms", "ms_per_step", "speedup_vs_MONAI",
+               "speedup_vs_MONAI_same_dtype",
                "cpu_ms", "cpu_speedup_vs_MONAI", "max_abs_diff_vs_MONAI", "MONAI_max_abs", "path"]
     print(save("bench_inferer", rows, columns, notes))
 

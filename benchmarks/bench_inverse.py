@@ -419,17 +419,18 @@ def main(argv=None):
 def write(args, device, p, rows, partial=""):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"{partial}`{command_line()}`: device {device}, torch threads {torch.get_num_threads()}, 1-min load "
-             f"average at the end {load:.2f}. Sections: exact posterior (Gaussian-mixture prior with its exact "
-             f"denoiser, Masking 3 of 8 voxels, sigma_y {SIGMA_Y}, {p['gmm_samples']} samples; errors against the "
-             "closed-form posterior in posterior standard deviations, 'exact draws' = the Monte-Carlo floor); "
-             f"reconstruction ({p['n']} unseen phantoms, family 1; PSNR/SSIM means, everything clipped to [-1, 1]; "
-             "CT operator as its per-slice matrix; TV with TV_DEFAULTS (lam tuned on family 2); diffusion: "
-             "model "
+             f"average at the end {load:.2f}. Sections: exact posterior (Gaussian / Gaussian-mixture prior with its "
+             f"exact denoiser, Masking 3 of 8 voxels or a skewed dense 3×8 A, sigma_y {SIGMA_Y}, "
+             f"{p['gmm_samples']} samples; errors against the closed-form posterior in posterior standard "
+             "deviations, 'exact draws' = the Monte-Carlo floor); reconstruction "
+             f"({p['n']} unseen phantoms, family 1; PSNR/SSIM means, everything clipped to [-1, 1]; CT operator as "
+             "its per-slice matrix; TV with TV_DEFAULTS (lam tuned on family 2); diffusion: model "
              f"{args.model!r}, dpmpp_2m + dds, {dtype_name(half_dtype(device))} network, fp32 state, seed 0; "
-             "s_per_volume = one batched run / phantoms); anomaly (voxel AUROC of lesions inside the brain); speed "
-             "(DDIM + DDS, one volume: pydiffmed's Sampler vs a plain loop over diffusers' DDIMScheduler.step with "
-             "MONAI's DiffusionModelUNet and the same weights, equal NFE; speedup at equal precision, "
-             f"{p['repeats']} interleaved rounds after a warm-up; max_abs_diff between the two final volumes).")
+             "s_per_volume = one batched run / phantoms, on a GPU including that run's CUDA-graph capture); "
+             "anomaly (voxel AUROC of lesions inside the brain); speed (DDIM + DDS, one volume: pydiffmed's "
+             "Sampler vs a plain loop over diffusers' DDIMScheduler.step with MONAI's DiffusionModelUNet and the "
+             f"same weights, equal NFE; speedup at equal precision, {p['repeats']} interleaved rounds after a "
+             "warm-up; max_abs_diff between the two final volumes).")
     return save("bench_inverse", rows, COLUMNS, notes)
 
 

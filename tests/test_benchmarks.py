@@ -245,14 +245,18 @@ def test_decode_rows(tmp_path):
 def test_inferer_rows_and_headline(tmp_path):
     run_script("bench_inferer.py", ["--smoke", "--threads", "1"], tmp_path)
     rows = load(tmp_path, "bench_inferer")["rows"]
-    assert len(rows) == 6 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
+    assert len(rows) == 8 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
                                                            "DDIM, clip_sample=False"}
     for case in {r["case"] for r in rows}:
         by_variant = {r["variant"]: r for r in rows if r["case"] == case}
         monai = by_variant.pop("MONAI fp32 (monai.inferers.DiffusionInferer)")
         assert monai["speedup_vs_MONAI"] == 1.0 and monai["max_abs_diff_vs_MONAI"] == 0.0
+        monai_bf16 = by_variant.pop("MONAI bf16 (torch.autocast)")
+        assert monai_bf16["speedup_vs_MONAI_same_dtype"] == 1.0
         assert set(by_variant) == {"pydiffmed drop-in fp32", "pydiffmed drop-in bf16 network"}
         for r in by_variant.values():
+            same = monai if r["dtype"] == "fp32" else monai_bf16
+            assert r["speedup_vs_MONAI_same_dtype"] == pytest.approx(same["ms"] / r["ms"])
             assert r["ms"] > 0 and r["speedup_vs_MONAI"] == pytest.approx(monai["ms"] / r["ms"])
             assert r["cpu_ms"] > 0 and r["cpu_speedup_vs_MONAI"] == pytest.approx(monai["cpu_ms"] / r["cpu_ms"])
             assert r["path"] == ("step by step" if "default" in case else "engine")
