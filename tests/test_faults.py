@@ -410,7 +410,7 @@ def _wait_for_lock(out, process):
     deadline = time.monotonic() + TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            if (out / LOCK).read_text().strip() == str(process.pid):
+            if (out / LOCK).read_text().split()[:1] == [str(process.pid)]:  # "<pid> <command>"
                 return
         time.sleep(0.005)
     pytest.fail(f"the first run never held the lock (exit status {process.poll()})")
