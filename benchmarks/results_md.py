@@ -186,13 +186,16 @@ def headline_inferer(rows):
         fp32 = next((r for r in ours if r["dtype"] == "fp32"), None)
         speeds = " / ".join(f"{_x(r.get('speedup_vs_MONAI_same_dtype', r['speedup_vs_MONAI']))} {r['dtype']}"
                             for r in ours)
+        same_precision = all("speedup_vs_MONAI_same_dtype" in r for r in ours)
         agree = (f", fp32 max |Δ| {fp32['max_abs_diff_vs_MONAI']:.1g} of {fp32['MONAI_max_abs']:.3g}"
                  if fp32 else "")
         parts.append(f"{model} {volume}, {case}: {speeds}{agree}")
     if not parts:
         return []
-    return [(f"Drop-in MONAI DiffusionInferer (pydiffmed.integrations.monai) vs MONAI's at the same precision "
-             f"(half: MONAI under torch.autocast), DDIM {steps} steps, same MONAI model", "; ".join(parts))]
+    against = ("MONAI's at the same precision (half: MONAI under torch.autocast)" if same_precision
+               else "MONAI's fp32")
+    return [(f"Drop-in MONAI DiffusionInferer (pydiffmed.integrations.monai) vs {against}, DDIM {steps} steps, "
+             "same MONAI model", "; ".join(parts))]
 
 
 def headline_distributed(rows):
