@@ -64,7 +64,6 @@ import argparse
 import datetime
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -77,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_scaling import _malloc_returns_memory, _reset_peak_rss, _status_kib  # noqa: E402
-from common import ROOT, command_line, save  # noqa: E402
+from common import ROOT, command_line, save, stop_process_group  # noqa: E402
 
 MIB = 2.0 ** 20
 MODES = ("data", "spatial")
@@ -383,19 +382,6 @@ def worker(args):
 
 # --- the launcher --------------------------------------------------------------------------------------------
 
-def _stop(proc):
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _failure(rc, log_path):
     with open(log_path) as f:
         lines = [line.strip() for line in f if line.strip()]
@@ -442,7 +428,7 @@ def launch(modes, args, workdir) -> dict:
                         break
                     if time.time() > deadline:
                         errors[label] = f"timed out after {time.time() - start:.0f} s (in phase {phase})"
-                        _stop(proc)
+                        stop_process_group(proc)
                         break
                     time.sleep(0.02)
             if hasattr(os, "getloadavg"):
@@ -453,7 +439,7 @@ def launch(modes, args, workdir) -> dict:
             try:
                 rc = proc.wait(timeout=max(60.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                _stop(proc)
+                stop_process_group(proc)
                 errors.setdefault(label, f"timed out after {time.time() - start:.0f} s (at the end)")
                 continue
             if label not in errors and (rc != 0 or not os.path.exists(control + ".json")):
@@ -461,7 +447,7 @@ def launch(modes, args, workdir) -> dict:
     finally:
         for proc, _ in running.values():
             if proc.poll() is None:
-                _stop(proc)
+                stop_process_group(proc)
     results = {}
     for label, (_, control) in running.items():
         if label in errors:

@@ -77,6 +77,22 @@ def run_worker(cmd: list, timeout_s: float) -> dict:
     return json.loads(lines[-1])
 
 
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL, the process group of `proc` (started with start_new_session=True), 10 s grace each."""
+    import signal
+
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def copy_bandwidth(nbytes: int, device="cpu") -> float:
     """Same-run memory bandwidth (bytes/s) of torch.clone on a buffer of nbytes: read + write counted."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()

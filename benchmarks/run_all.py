@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import signal
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from common import stop_process_group  # noqa: E402
+
 QUICK_TIMEOUT_S = 1200
 FULL_TIMEOUT_S = 3600
 
@@ -65,27 +67,14 @@ def run_one(name: str, quick: bool, timeout_s: float) -> tuple[str, float]:
         rc = proc.wait(timeout=timeout_s)
         status = "ok" if rc == 0 else f"failed (exit {rc})"
     except subprocess.TimeoutExpired:
-        _stop_group(proc)
+        stop_process_group(proc)
         status = f"timed out after {timeout_s:.0f} s"
     except KeyboardInterrupt:
-        _stop_group(proc)
+        stop_process_group(proc)
         raise
     wall = time.perf_counter() - start
     print(f"=== {name}: {status} in {wall:.1f} s", flush=True)
     return status, wall
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def regenerate_results_md() -> str:
