@@ -210,6 +210,54 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of x86 CPUs that compute in bf16 natively
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_feature() -> str | None:
+    """The flag that makes bf16 native on this CPU (amx_bf16 or avx512_bf16: oneDNN then runs bf16 convolutions
+    and matmuls ~3× faster than fp32), or None: no such flag, or a system without /proc/cpuinfo (bf16 is then
+    emulated, slower than fp32, or of unknown speed)."""
+    return bf16_flag_in("/proc/cpuinfo")
+
+
+def bf16_flag_in(cpuinfo_path) -> str | None:
+    """The first of _BF16_CPU_FLAGS on the "flags" lines of a /proc/cpuinfo-style file, None if none or unreadable."""
+    flags = set()
+    try:
+        with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags.update(line.partition(":")[2].split())
+    except OSError:
+        return None
+    return next((flag for flag in _BF16_CPU_FLAGS if flag in flags), None)
+
+
+CPU_BF16_ENV = "PYDIFFMED_CPU_BF16"  # "0" / "1": what auto_dtype assumes of this CPU, whatever its flags say
+
+
+def auto_dtype(device) -> tuple[torch.dtype, str]:
+    """The model precision `--dtype auto` picks on `device`, and why: float16 on CUDA; on the CPU bfloat16 where
+    the CPU has native bf16 (cpu_bf16_feature), float32 elsewhere. The solver state stays float32 either way.
+    PYDIFFMED_CPU_BF16=0 (or 1) overrides the CPU's answer: e.g. to get float32 everywhere on a cluster of mixed
+    CPUs, where bf16 on some and float32 on others would give different bits for the same seed."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.float16, "auto: float16 on CUDA"
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"{CPU_BF16_ENV}={forced!r}: expected 0 or 1 (or unset: ask the CPU)")
+    if forced == "1":
+        return torch.bfloat16, f"auto: bfloat16, {CPU_BF16_ENV}=1"
+    if forced == "0":
+        return torch.float32, f"auto: float32, {CPU_BF16_ENV}=0"
+    feature = cpu_bf16_feature()
+    if feature is not None:
+        return torch.bfloat16, f"auto: bfloat16, this CPU computes bf16 natively ({feature})"
+    return torch.float32, f"auto: float32, this CPU has no native bf16 (none of {', '.join(_BF16_CPU_FLAGS)})"
+
+
 def _device_reasons(impl: OpImpl, devices, forced: bool) -> list[str]:
     b = _BACKENDS[impl.backend]
     allowed = impl.devices if impl.devices is not None else b.devices

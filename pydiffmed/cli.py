@@ -122,11 +122,16 @@ def _device(text):
 
 
 def _dtype(text, device):
-    """auto: float16 on a CUDA device, float32 on the CPU."""
+    """auto: backends.auto_dtype (float16 on CUDA; bfloat16 on a CPU with native bf16, else float32)."""
     import torch
 
+    from . import backends
+
     if text == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            return backends.auto_dtype(device)[0]
+        except ValueError as exc:
+            raise UsageError(f"--dtype auto: {exc}") from None
     return getattr(torch, _DTYPES[text])
 
 
@@ -727,7 +732,7 @@ def _provenance(job, k):
         "solver_options": job.solver_options,
         "steps": args.steps,
         "num_model_evals": job.solver.num_model_evals,
-        **_runtime_fields(job.device, job.dtype, job.backend, job.backends),
+        **_runtime_fields(job.device, job.dtype, job.backend, job.backends, args.dtype),
         "cuda_graph": job.device.type == "cuda" and not args.eager and not args.spatial_parallel,
         "batch_invariant": args.batch_invariant,
         "world_size": job.world.world_size,
@@ -1074,10 +1079,13 @@ def _model_fields(info) -> dict:
     return {"model": info.name, "model_sha256": info.sha256, "model_path": os.path.abspath(info.path)}
 
 
-def _runtime_fields(device, dtype, backend, chosen) -> dict:
-    """The sidecar entries naming where and how the model ran."""
-    return {"dtype": dtype_name(dtype), "state_dtype": "float32", "device": str(device), "backend": backend,
-            "backends": chosen}
+def _runtime_fields(device, dtype, backend, chosen, requested_dtype) -> dict:
+    """The sidecar entries naming where and how the model ran (requested_dtype: the --dtype given)."""
+    from . import backends
+
+    why = backends.auto_dtype(device)[1] if requested_dtype == "auto" else f"--dtype {requested_dtype}"
+    return {"dtype": dtype_name(dtype), "dtype_choice": why, "state_dtype": "float32", "device": str(device),
+            "backend": backend, "backends": chosen}
 
 
 def _input_file_fields(files) -> dict:
@@ -1269,7 +1277,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="volume k uses seed + k (default 0; 64-bit seeds: 0 <= seed + k < 2**63)")
     s.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     s.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
-                   help="model precision (auto: float16 on CUDA, float32 on CPU); the solver state stays float32")
+                   help="model precision (auto: float16 on CUDA; on the CPU bfloat16 where it has native bf16 (AMX or "
+                        "AVX512-BF16), else float32); the solver state stays float32")
     s.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (class-conditional models; "
                                                         "needs --class-label and --uncond-class-label)")
     s.add_argument("--class-label", type=int, help="class to sample (class-conditional models)")

@@ -469,7 +469,7 @@ def _run_reconstruct(job):
         "seed": args.seed,
         "seeds": [args.seed + k for k in range(args.num)],
         "batch": args.batch,
-        **_runtime_fields(job.device, job.dtype, job.backend, job.backends),
+        **_runtime_fields(job.device, job.dtype, job.backend, job.backends, args.dtype),
         "cuda_graph": job.device.type == "cuda" and not args.eager,
         "shape": [1, *job.shape],
         "spacing": list(io.spacing_from_affine(job.affine)),
@@ -679,7 +679,7 @@ def _run_anomaly(job):
         "threshold": args.threshold,
         "anomalous_voxels": None if found is None else int(found.sum()),
         "map_units": "|input − healthy| in the input's units (after the model's intensity clip), smoothed",
-        **_runtime_fields(job.device, job.dtype, job.backend, job.backends),
+        **_runtime_fields(job.device, job.dtype, job.backend, job.backends, args.dtype),
         "shape": [info.channels, *job.shape],
         "spacing": list(io.spacing_from_affine(job.affine)),
         "orientation": io.orientation_from_affine(job.affine),
@@ -713,7 +713,8 @@ def _common_options(p, prefix):
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *_DTYPES],
-                   help="model precision (auto: float16 on CUDA, float32 on CPU); the solver state stays float32")
+                   help="model precision (auto: float16 on CUDA; on the CPU bfloat16 where it has native bf16, else "
+                        "float32); the solver state stays float32")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs of the same names")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -28,7 +28,7 @@ import weakref
 
 import torch
 
-from . import ops
+from . import backends, ops
 from .inverse import samplers
 from .memory import InsufficientMemoryError, MemoryEstimate, available_memory, estimate_memory
 from .ops._checks import dtype_name
@@ -242,8 +242,9 @@ class Sampler:
     solver: a solver name (pydiffmed.solvers.SOLVERS) with `num_steps` (default 20), `schedule` (a
       NoiseSchedule or a beta schedule name; default the DDPM/MONAI linear 1000-step schedule) and solver
       options (prediction_type, clip, eta, ...), or a Solver instance.
-    device, dtype: where and in which precision the model runs (default: the model's); the model is converted
-      (a copy; the caller's module is untouched) if its parameters differ. On CPU bfloat16 is the half type.
+    device, dtype: where and in which precision the model runs (default: the model's; "auto": what
+      `pydiffmed sample --dtype auto` picks, backends.auto_dtype); the model is converted (a copy; the caller's
+      module is untouched) if its parameters differ. On CPU bfloat16 is the half type.
     state_dtype: the solver state (default float32, whatever the model dtype).
     guidance_scale: classifier-free guidance w: one model call per step on a 2·B batch (unconditional half
       first), combined inside fused_step as m = m_uncond + w·(m_cond - m_uncond).
@@ -290,6 +291,8 @@ class Sampler:
         self.device = torch.device(device) if device is not None else _model_device(model)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if isinstance(dtype, str) and dtype == "auto":
+            dtype = backends.auto_dtype(self.device)[0]
         self.dtype = dtype or _model_dtype(model)
         if self.dtype not in _MODEL_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")

@@ -16,9 +16,8 @@ memory ("cpu") when the device is the scarce one. What the slabs bound is the *w
 the compute device: the gathered input slab with its halo, the output slab, the residual slab and the statistics
 temporaries — `SlabPlan` picks each layer's slab depth so that this estimate stays under `max_memory`. At most
 three full activations are alive at a time (a residual block's input, its first convolution's output and its
-result; the result overwrites the input in place when the block keeps its channel count). The GroupNorm apply is
-elementwise torch code here (two or three passes over the slab), not the fused kernel, which computes its own
-statistics.
+result; the result overwrites the input in place when the block keeps its channel count). Statistics and apply
+are the fused GroupNorm's two phases run separately (ops.group_norm_stats, ops.group_norm_apply).
 
 The pieces are model-agnostic: a network maps its blocks onto `ConvLayer`, `UpsampleConvLayer` and
 `DeconvLayer` and calls `run_layer` (see models/autoencoder.py). Slabs cut the first spatial axis (depth; height
@@ -29,9 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import ops
 from .models.layers import channels_last_format, conv_module, upsample_conv
 
 
@@ -55,25 +54,10 @@ class GroupStats:
 
     @staticmethod
     def tile_statistics(tile: torch.Tensor, num_groups: int, bias_nc: torch.Tensor | None = None):
-        """(elements per group, N×G mean, N×G centred second moment) of tile + bias_nc, fp64. Per channel, torch's
-        Welford `var_mean` (one pass, no temporaries for fp32; fp64 accumulators on CPU); channels then merge into
-        groups with the same formula as tiles do (a per-channel bias shifts only the channel means)."""
-        n, c = tile.shape[:2]
-        per_group = c // num_groups
-        # channels innermost, as channels_last activations lie in memory: the reduction reads them in order
-        last = tile.detach().movedim(1, -1)
-        if last.dtype != torch.float32 and last.dtype != torch.float64:
-            last = last.float()
-        var, mean = torch.var_mean(last, dim=tuple(range(1, last.ndim - 1)), correction=0)
-        count = math.prod(tile.shape[2:])
-        mean = mean.double()
-        if bias_nc is not None:
-            mean = mean + bias_nc.detach().double()
-        mean = mean.view(n, num_groups, per_group)
-        m2 = var.double().view(n, num_groups, per_group) * count
-        group_mean = mean.mean(-1)
-        group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
-        return count * per_group, group_mean, group_m2
+        """(elements per group, N×G mean, N×G centred second moment) of tile + bias_nc, fp64: the statistics
+        phase of the fused GroupNorm (ops.group_norm_stats)."""
+        return ops.group_norm_stats(tile.detach(), num_groups,
+                                    bias_nc=None if bias_nc is None else bias_nc.detach())
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Chan, Golub & LeVeque's pairwise update: exact in exact arithmetic, and free of the cancellation of
@@ -95,20 +79,19 @@ class GroupStats:
             raise ValueError(f"statistics were gathered for {self.num_groups} groups, the norm has "
                              f"{norm.num_groups}")
         per_group = norm.num_channels // self.num_groups
-        rstd = (self.m2 / self.count + norm.eps).rsqrt()
-        mean = self.mean.repeat_interleave(per_group, dim=1)
-        scale = rstd.repeat_interleave(per_group, dim=1)
-        shift = torch.zeros_like(scale)
+        scale = (self.m2 / self.count + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
         if norm.weight is not None:
-            scale = scale * norm.weight.detach().to(scale)
-        if norm.bias is not None:
-            shift = shift + norm.bias.detach().to(shift)
-        return GroupNormApply(mean.float(), scale.float(), shift.float(), act)
+            scale = scale * norm.weight.detach().double()
+        shift = (norm.bias.detach().double() if norm.bias is not None
+                 else torch.zeros(norm.num_channels, dtype=torch.float64, device=scale.device))
+        return GroupNormApply(self.mean.repeat_interleave(per_group, dim=1), scale,
+                              shift.expand_as(scale).contiguous(), act)
 
 
 class GroupNormApply:
     """y = act((x − mean)·scale + shift) per (sample, channel): GroupNorm's apply phase with given statistics
-    (scale = γ/√(var + eps), shift = β), computed in fp32 whatever the tensor dtype."""
+    (scale = γ/√(var + eps), shift = β; N×C each), computed in fp32 whatever the tensor dtype (ops.group_norm_apply).
+    """
 
     def __init__(self, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, act: str | None):
         if act not in (None, "silu"):
@@ -116,21 +99,8 @@ class GroupNormApply:
         self.mean, self.scale, self.shift, self.act = mean, scale, shift, act
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Writes the normalised src into dst (same shape; dst may be a view into a larger buffer). The math runs
-        on channels-innermost views: torch's broadcasting of an N×C×1×1×1 operand over a channels_last tensor
-        is ~10× slower than over the same memory seen as N×D×H×W×C."""
-        shape = (self.mean.shape[0], *(1,) * (src.ndim - 2), self.mean.shape[1])
-        mean, scale, shift = (t.view(shape) for t in (self.mean, self.scale, self.shift))
-        src_last, dst_last = src.movedim(1, -1), dst.movedim(1, -1)
-        if dst.dtype == torch.float32:
-            work = torch.sub(src_last, mean, out=dst_last)
-        else:
-            work = src_last.float().sub_(mean)
-        torch.addcmul(shift, work, scale, out=work)
-        if self.act == "silu":
-            F.silu(work, inplace=True)
-        if work is not dst_last:
-            dst_last.copy_(work)
+        """Writes the normalised src into dst (same shape; dst may be a view into a larger buffer)."""
+        ops.group_norm_apply(src, self.mean, self.scale, self.shift, act=self.act, out=dst)
 
 
 def sweep_stats(x: torch.Tensor, num_groups: int, rows: int, device=None) -> GroupStats:

@@ -60,7 +60,7 @@ from .models.layers import (Conv, add_linear_, avg_pool_2x, channels_last_format
 from .models.transformer import SpatialTransformer, _add_projected, _attend
 from .models.unet import Downsample, Upsample, UNet3D, _timesteps, silu_time_embedding
 from .nn import GroupNorm3d
-from .partition import GroupNormApply, GroupStats
+from .partition import GroupStats
 
 _TAG_DOWN, _TAG_UP = 17, 18  # halo rows travelling to the next rank (deeper) / to the previous rank
 
@@ -297,15 +297,9 @@ class _SlabModule(nn.Module):
             counts = [rows * plane * per_group for rows in self._level_rows(x.shape[2])]
         for piece, elements in zip(pieces, counts):  # rank order: the same merge, the same numbers on every rank
             stats.merge(elements, piece[..., 0], piece[..., 1])
-        rstd = (stats.m2 / stats.count + norm.eps).rsqrt().repeat_interleave(per_group, dim=1)
-        shift_mean = stats.mean.repeat_interleave(per_group, dim=1)
+        apply = stats.normalizer(norm, act or None)
         if bias_nc is not None:  # (x + b − μ)·s = (x − (μ − b))·s
-            shift_mean = shift_mean - bias_nc.double()
-        scale = rstd * norm.weight.detach().double() if norm.weight is not None else rstd
-        shift = (norm.bias.detach().double() if norm.bias is not None else torch.zeros(c, dtype=torch.float64,
-                                                                                         device=x.device))
-        apply = GroupNormApply(shift_mean.float(), scale.float(), shift.expand(n, c).float().contiguous(),
-                               act or None)
+            apply.mean = apply.mean - bias_nc.double()
         if token_major:
             out = torch.empty((n, *x.shape[2:], c), dtype=x.dtype, device=x.device)
             apply(x, out.movedim(-1, 1))

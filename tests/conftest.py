@@ -8,6 +8,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# `--dtype auto` means float32 on the CPU in every test, here and in the processes tests start, whether or not this
+# CPU has native bf16: results then do not depend on the machine. tests/test_auto_dtype.py covers both branches.
+os.environ["PYDIFFMED_CPU_BF16"] = "0"
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

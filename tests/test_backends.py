@@ -25,6 +25,8 @@ def _volume(dtype, layout):
 # needs an entry here (test_every_op_has_a_sample_input).
 SAMPLES = {
     "group_norm": lambda x: ((x, None, None, None), {"x": x, "num_groups": 2, "act": "silu"}),
+    "group_norm_stats": lambda x: ((x, None), {"x": x}),
+    "group_norm_apply": lambda x: ((x, torch.empty_like(x)), {"x": x, "out": torch.empty_like(x)}),
     "fused_step": lambda x: ((x, x), {"x": x}),
     "per_sample_norm": lambda x: ((x,), {"t": x}),
     "attention": lambda x: ((q := x.flatten(2)[:, :, :16].reshape(2, 2, 2, 16), q, q), {"q": q, "k": q, "v": q}),

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pydiffmed import backends, nn as pdm_nn
-from pydiffmed.ops import group_norm, reference
+from pydiffmed.ops import group_norm, group_norm_apply, group_norm_stats, reference
 from pydiffmed.ops._checks import channels_last_format
 
 from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, run_backend, runnable_backends
@@ -746,3 +746,117 @@ class TestGPU:
             group_norm(x.to(memory_format=channels_last_format(x.ndim)), g, w, b, bias_nc=bnc, backend=backend)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
+
+
+# --- the two phases alone: group_norm_stats and group_norm_apply --------------------------------------------------
+
+def _float64_group_stats(x, groups, bias_nc=None):
+    n, c = x.shape[:2]
+    xd = x.double()
+    if bias_nc is not None:
+        xd = xd + bias_nc.double().reshape(n, c, *(1,) * (x.ndim - 2))
+    grouped = xd.reshape(n, groups, -1)
+    mean = grouped.mean(-1)
+    return grouped.shape[-1], mean, (grouped - mean[..., None]).square().sum(-1)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stats_phase_matches_a_float64_oracle(variant, dtype, channels_last):
+    torch.manual_seed(3)
+    for n, c, spatial, groups in (*SHAPES, LARGE_SHAPE):
+        x = (torch.randn(n, c, *spatial) * 2 + 500).to(dtype)  # an offset far larger than the spread
+        if channels_last:
+            x = x.to(memory_format=channels_last_format(x.ndim))
+        bias_nc = torch.randn(n, c)
+        with backend_variant(variant) as backend:
+            count, mean, m2 = group_norm_stats(x, groups, bias_nc=bias_nc, backend=backend)
+        want_count, want_mean, want_m2 = _float64_group_stats(x, groups, bias_nc)
+        assert count == want_count and mean.dtype == m2.dtype == torch.float64
+        assert mean.shape == m2.shape == (n, groups)
+        torch.testing.assert_close(mean, want_mean, rtol=0, atol=1e-6 * 500)
+        torch.testing.assert_close(m2, want_m2, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layouts", [(False, False), (True, True), (False, True), (True, False)])
+def test_stats_then_apply_is_the_fused_op(variant, dtype, layouts):
+    """Statistics of two depth tiles merged, then each tile normalised by the apply phase into its rows of the
+    output: the fused op on the whole volume, within the dtype's rounding."""
+    from pydiffmed.partition import GroupStats
+
+    torch.manual_seed(4)
+    x_cl, y_cl = layouts
+    n, c, spatial, groups = 2, 24, (9, 5, 7), 3
+    x = (torch.randn(n, c, *spatial) + 30).to(dtype)
+    weight, bias, bias_nc = torch.randn(c), torch.randn(c), torch.randn(n, c)
+    if x_cl:
+        x = x.to(memory_format=torch.channels_last_3d)
+    want = group_norm(x, groups, weight, bias, 1e-5, act="silu", bias_nc=bias_nc)
+    norm = torch.nn.GroupNorm(groups, c, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+    stats = GroupStats(groups)
+    with backend_variant(variant) as backend:
+        for a, b in ((0, 4), (4, 9)):
+            stats.merge(*group_norm_stats(x[:, :, a:b].contiguous(memory_format=x_memory(x_cl)), groups,
+                                          bias_nc=bias_nc, backend=backend))
+        apply = stats.normalizer(norm, "silu")
+        out = torch.empty_like(x, memory_format=x_memory(y_cl))
+        for a, b in ((0, 4), (4, 9)):
+            tile = x[:, :, a:b].contiguous(memory_format=x_memory(x_cl))
+            rows = torch.empty_like(tile, memory_format=x_memory(y_cl))
+            group_norm_apply(tile, apply.mean - bias_nc.double(), apply.scale, apply.shift, act="silu", out=rows,
+                             backend=backend)
+            out[:, :, a:b] = rows
+    tolerance = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.float(), want.float(), rtol=tolerance, atol=tolerance)
+
+
+def x_memory(channels_last):
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_apply_keeps_a_float64_mean_exact_on_offset_data(variant):
+    """x ≈ 1e4 with unit spread: a mean rounded to fp32 (ulp 1e-3) would shift every output by ~1e-3; the apply
+    carries the fp64 mean in two fp32 parts."""
+    torch.manual_seed(5)
+    x = torch.randn(1, 4, 6, 6, 6, dtype=torch.float64) + 10000.123456
+    mean = x.mean(dim=(2, 3, 4))
+    scale = torch.ones(1, 4, dtype=torch.float64)
+    with backend_variant(variant) as backend:
+        out = group_norm_apply(x.float(), mean, scale, torch.zeros(1, 4), backend=backend)
+    want = x - mean[..., None, None, None]
+    assert (out.double() - want).abs().max() < 2e-3  # x itself is rounded to fp32 (ulp 1e-3) on the way in
+    if variant != "torch":
+        assert (out.double() - want).abs().max() < (x.float().double() - x).abs().max() + 1e-5
+
+
+def test_apply_into_a_strided_view_falls_back_and_says_why():
+    x = torch.randn(2, 4, 3, 3, 3)
+    big = torch.zeros(2, 4, 5, 3, 3)
+    view = big[:, :, 1:4]
+    mean, scale, shift = torch.zeros(2, 4), torch.ones(2, 4), torch.zeros(2, 4)
+    assert "out is neither contiguous nor channels-last" in " ".join(
+        backends.not_supported_reasons("group_norm_apply", "cpu", (x, view), x=x, out=view))
+    group_norm_apply(x, mean, scale, shift, out=view)
+    torch.testing.assert_close(big[:, :, 1:4], x)
+    assert big[:, :, 0].abs().max() == 0 and big[:, :, 4].abs().max() == 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda x: group_norm_stats(x, 3), "num_groups must be a positive int dividing the 4 channels"),
+    (lambda x: group_norm_stats(x, 2, bias_nc=torch.zeros(2, 3)), "bias_nc"),
+    (lambda x: group_norm_stats(x[0, 0], 2), "must be 4-D"),
+    (lambda x: group_norm_apply(x, torch.zeros(2, 3), torch.ones(2, 4), torch.zeros(2, 4)), "mean"),
+    (lambda x: group_norm_apply(x, torch.zeros(2, 4), torch.ones(2, 4), torch.zeros(2, 4), act="relu"), "act"),
+    (lambda x: group_norm_apply(x, torch.zeros(2, 4), torch.ones(2, 4), torch.zeros(2, 4),
+                                out=torch.empty(2, 4, 3, 3, 3, dtype=torch.float16)), "out must have x's shape"),
+])
+def test_phase_bad_input_names_the_problem(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(torch.randn(2, 4, 3, 3, 3))

@@ -807,11 +807,10 @@ void apply_phase(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T
     if (STREAM) K::fence();
 }
 
-// Per-(n, group) channel parameters from that group's `count` partials at group_partials[0], [stride], ...
-inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<double>* group_partials,
-                         int64_t count, int64_t stride, float* center, float* scale, float* shift) {
+// Per-(n, group) channel parameters from that group's merged statistics.
+inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<double>& group, float* center,
+                         float* scale, float* shift) {
     const int64_t C = p.C, Cg = C / p.G;
-    const MeanM2<double> group = pdm::mean_m2_combine<double>(group_partials, count, stride);
     const float rstd = pdm::gn_rstd((float)group.m2, (float)group.count, p.eps);
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
         const pdm::GNChannel chan =
@@ -821,6 +820,15 @@ inline void group_params(const Problem& p, int64_t n, int64_t g, const MeanM2<do
         scale[n * C + c] = chan.scale;
         shift[n * C + c] = chan.shift - chan.center_lo * chan.scale;
     }
+}
+
+// Group (n, g)'s statistics from the partials of the statistics phase (Chan's formula, in double). NCS: the
+// group's channels, hence their chunks, are consecutive; channels-last: one partial per row block.
+inline MeanM2<double> merged_group(const Problem& p, int64_t n, int64_t g, const MeanM2<double>* partials,
+                                   const Chunking& ncs, const Chunking& cl) {
+    const int64_t C = p.C, G = p.G, Cg = C / G;
+    if (p.x_cl) return pdm::mean_m2_combine<double>(&partials[n * cl.per_unit * G + g], cl.per_unit, G);
+    return pdm::mean_m2_combine<double>(&partials[(n * C + g * Cg) * ncs.per_unit], Cg * ncs.per_unit, 1);
 }
 
 // NCS in and out, small groups: one task per (n, group) does stats, parameters and apply back to back. While it
@@ -842,7 +850,8 @@ void run_group_resident(const Problem& p, const typename IO<D>::T* x, typename I
                                             &partials[first + k]);
                 if (p.bias_nc) pdm::gn_add_to_mean(partials[first + k], (double)p.bias_nc[nc]);
             }
-            group_params(p, n, g, &partials[first], Cg * ncs.per_unit, 1, center, scale, shift);
+            group_params(p, n, g, pdm::mean_m2_combine<double>(&partials[first], Cg * ncs.per_unit, 1), center,
+                         scale, shift);
             for (int64_t k = 0; k < Cg * ncs.per_unit; ++k) {
                 const int64_t nc = n * C + g * Cg + k / ncs.per_unit, start = (k % ncs.per_unit) * ncs.length;
                 const int64_t off = nc * S + start, len = std::min(ncs.length, S - start);
@@ -866,98 +875,142 @@ void with_apply_flags(bool silu, bool stream, F&& f) {
     }
 }
 
+// Phase 1, called by every thread of a parallel region: this thread's share of the partial statistics, one per
+// (n, c, chunk) for NCS, one per (n, chunk, group) for channels-last.
+template <class K, int D>
+void stats_phase(const Problem& p, const typename IO<D>::T* x, const Chunking& ncs, const Chunking& cl,
+                 MeanM2<double>* partials) {
+    const int64_t N = p.N, C = p.C, S = p.S, G = p.G, Cg = C / G;
+    if (!p.x_cl) {
+        const Share share = thread_share(N * C * ncs.per_unit);
+        for (int64_t task = share.begin; task < share.end; ++task) {
+            const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
+            const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
+            K::template span_mean_m2<D>(x + nc * S + start, len, &partials[task]);
+            if (p.bias_nc) pdm::gn_add_to_mean(partials[task], (double)p.bias_nc[nc]);
+        }
+        return;
+    }
+    std::vector<float> pivot(C), offset(C), m2(C);  // channel accumulators
+    std::vector<double> mean_c(C);
+    const Share share = thread_share(N * cl.per_unit);
+    for (int64_t task = share.begin; task < share.end; ++task) {
+        const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
+        const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
+        K::template rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
+        // group partials from channel partials of equal count (rows): mean_g = average of the channel means,
+        // m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2)
+        for (int64_t c = 0; c < C; ++c) mean_c[c] = (double)pivot[c] + (double)offset[c];
+        if (p.bias_nc)
+            for (int64_t c = 0; c < C; ++c) mean_c[c] += (double)p.bias_nc[n * C + c];
+        const double inv_cg = 1.0 / (double)Cg;
+        for (int64_t g = 0; g < G; ++g) {
+            const double* mc = &mean_c[g * Cg];
+            const float* sq = &m2[g * Cg];
+            double sum_means = 0.0;
+            for (int64_t k = 0; k < Cg; ++k) sum_means += mc[k];
+            const double mean_g = sum_means * inv_cg;
+            double m2_g = 0.0, spread = 0.0;
+            for (int64_t k = 0; k < Cg; ++k) {
+                m2_g += (double)sq[k];
+                spread += (mc[k] - mean_g) * (mc[k] - mean_g);
+            }
+            partials[task * G + g] = {(double)(rows * Cg), mean_g, m2_g + (double)rows * spread};
+        }
+    }
+}
+
+struct Plan {
+    Chunking ncs, cl;
+    int64_t num_partials;
+    int threads;
+};
+
+Plan plan_for(const Problem& p, int num_threads) {
+    const Chunking ncs = ncs_chunking(p.S), cl = cl_chunking(p.S, p.C);
+    const int64_t total = p.N * p.C * p.S;
+    return {ncs, cl, p.x_cl ? p.N * cl.per_unit * p.G : p.N * p.C * ncs.per_unit,
+            (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread))};
+}
+
+template <class K, int D>
+bool streams(const Problem& p, const void* y) {
+    return K::kStreams && p.N * p.C * p.S * (int64_t)sizeof(typename IO<D>::T) >= stream_min_bytes &&
+           stream_y_ok(p, y, sizeof(typename IO<D>::T));
+}
+
+// Phase 3 alone, called by every thread of a parallel region.
+template <class K, int D>
+void apply_all(const Problem& p, const typename IO<D>::T* x, typename IO<D>::T* y, const ChannelParams& ch,
+               const Plan& plan, bool stream) {
+    std::vector<float> tile((p.x_cl != p.y_cl) ? kTileC * kTileS : 0);  // one transpose tile
+    with_apply_flags(p.silu, stream, [&](auto silu, auto streaming) {
+        apply_phase<K, D, decltype(silu)::value, decltype(streaming)::value>(p, x, y, ch, plan.ncs, plan.cl,
+                                                                              tile.data());
+    });
+}
+
 template <class K, int D>
 void run(const Problem& p, const void* x_raw, void* y_raw, int num_threads) {
     typedef typename IO<D>::T T;
     const T* x = static_cast<const T*>(x_raw);
     T* y = static_cast<T*>(y_raw);
     const int64_t N = p.N, C = p.C, S = p.S, G = p.G, Cg = C / G;
-
-    const Chunking ncs = ncs_chunking(S);
-    const Chunking cl = cl_chunking(S, C);
-    // Partial statistics: NCS: one per (n, c, chunk); channels-last: one per (n, chunk, group).
-    const int64_t num_partials = p.x_cl ? N * cl.per_unit * G : N * C * ncs.per_unit;
-    std::vector<MeanM2<double>> partials(num_partials);
+    const Plan plan = plan_for(p, num_threads);
+    std::vector<MeanM2<double>> partials(plan.num_partials);
     std::vector<float> center(N * C), scale(N * C), shift(N * C);
     const ChannelParams ch{center.data(), scale.data(), shift.data()};
+    const bool stream = streams<K, D>(p, y);
 
-    const int64_t total = N * C * S;
-    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, total / kMinElemsPerThread));
-
-    const bool stream = K::kStreams && total * (int64_t)sizeof(T) >= stream_min_bytes && stream_y_ok(p, y, sizeof(T));
-
-    if (!p.x_cl && !p.y_cl && N * G >= threads && Cg * S * (int64_t)sizeof(T) <= kGroupResidentBytes) {
+    if (!p.x_cl && !p.y_cl && N * G >= plan.threads && Cg * S * (int64_t)sizeof(T) <= kGroupResidentBytes) {
         with_apply_flags(p.silu, stream, [&](auto silu, auto streaming) {
             run_group_resident<K, D, decltype(silu)::value, decltype(streaming)::value>(
-                p, x, y, ncs, partials.data(), center.data(), scale.data(), shift.data(), threads);
+                p, x, y, plan.ncs, partials.data(), center.data(), scale.data(), shift.data(), plan.threads);
         });
         return;
     }
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(plan.threads)
     {
-        // Per-thread scratch: channel accumulators (channels-last stats) and one transpose tile.
-        std::vector<float> pivot(p.x_cl ? C : 0), offset(p.x_cl ? C : 0), m2(p.x_cl ? C : 0);
-        std::vector<double> mean_c(p.x_cl ? C : 0);
-        std::vector<float> tile((p.x_cl != p.y_cl) ? kTileC * kTileS : 0);
-
-        // 1. partial statistics
-        if (!p.x_cl) {
-            const Share share = thread_share(N * C * ncs.per_unit);
-            for (int64_t task = share.begin; task < share.end; ++task) {
-                const int64_t nc = task / ncs.per_unit, j = task % ncs.per_unit;
-                const int64_t start = j * ncs.length, len = std::min(ncs.length, S - start);
-                K::template span_mean_m2<D>(x + nc * S + start, len, &partials[task]);
-                if (p.bias_nc) pdm::gn_add_to_mean(partials[task], (double)p.bias_nc[nc]);
-            }
-        } else {
-            const Share share = thread_share(N * cl.per_unit);
-            for (int64_t task = share.begin; task < share.end; ++task) {
-                const int64_t n = task / cl.per_unit, j = task % cl.per_unit;
-                const int64_t r0 = j * cl.length, rows = std::min(cl.length, S - r0);
-                K::template rows_mean_m2<D>(x + (n * S + r0) * C, rows, C, pivot.data(), offset.data(), m2.data());
-                // group partials from channel partials of equal count (rows): mean_g = average of the
-                // channel means, m2_g = sum(m2_c) + rows * sum((mean_c - mean_g)^2)
-                for (int64_t c = 0; c < C; ++c) mean_c[c] = (double)pivot[c] + (double)offset[c];
-                if (p.bias_nc)
-                    for (int64_t c = 0; c < C; ++c) mean_c[c] += (double)p.bias_nc[n * C + c];
-                const double inv_cg = 1.0 / (double)Cg;
-                for (int64_t g = 0; g < G; ++g) {
-                    const double* mc = &mean_c[g * Cg];
-                    const float* sq = &m2[g * Cg];
-                    double sum_means = 0.0;
-                    for (int64_t k = 0; k < Cg; ++k) sum_means += mc[k];
-                    const double mean_g = sum_means * inv_cg;
-                    double m2_g = 0.0, spread = 0.0;
-                    for (int64_t k = 0; k < Cg; ++k) {
-                        m2_g += (double)sq[k];
-                        spread += (mc[k] - mean_g) * (mc[k] - mean_g);
-                    }
-                    partials[task * G + g] = {(double)(rows * Cg), mean_g, m2_g + (double)rows * spread};
-                }
-            }
-        }
-
+        stats_phase<K, D>(p, x, plan.ncs, plan.cl, partials.data());
 #pragma omp barrier  // phase 2 reads every thread's partials
-
-        // 2. merge per (n, group); per-channel apply parameters
 #pragma omp for schedule(static)
-        for (int64_t ng = 0; ng < N * G; ++ng) {
-            const int64_t n = ng / G, g = ng % G;
-            // NCS: the group's channels, hence their chunks, are consecutive; channels-last: one per row block
-            if (p.x_cl)
-                group_params(p, n, g, &partials[n * cl.per_unit * G + g], cl.per_unit, G, center.data(),
-                             scale.data(), shift.data());
-            else
-                group_params(p, n, g, &partials[(n * C + g * Cg) * ncs.per_unit], Cg * ncs.per_unit, 1,
-                             center.data(), scale.data(), shift.data());
-        }
-
-        // 3. apply
-        with_apply_flags(p.silu, stream, [&](auto silu, auto streaming) {
-            apply_phase<K, D, decltype(silu)::value, decltype(streaming)::value>(p, x, y, ch, ncs, cl, tile.data());
-        });
+        for (int64_t ng = 0; ng < N * G; ++ng)
+            group_params(p, ng / G, ng % G, merged_group(p, ng / G, ng % G, partials.data(), plan.ncs, plan.cl),
+                         center.data(), scale.data(), shift.data());
+        apply_all<K, D>(p, x, y, ch, plan, stream);
     }
+}
+
+// Phases 1 and 2 alone: out[(n * G + g) * 3 + {0, 1, 2}] = count, mean, m2 of group (n, g) of x + bias_nc.
+template <class K, int D>
+void run_stats(const Problem& p, const void* x_raw, double* out, int num_threads) {
+    const auto* x = static_cast<const typename IO<D>::T*>(x_raw);
+    const Plan plan = plan_for(p, num_threads);
+    std::vector<MeanM2<double>> partials(plan.num_partials);
+#pragma omp parallel num_threads(plan.threads)
+    {
+        stats_phase<K, D>(p, x, plan.ncs, plan.cl, partials.data());
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t ng = 0; ng < p.N * p.G; ++ng) {
+            const MeanM2<double> group = merged_group(p, ng / p.G, ng % p.G, partials.data(), plan.ncs, plan.cl);
+            out[ng * 3] = group.count;
+            out[ng * 3 + 1] = group.mean;
+            out[ng * 3 + 2] = group.m2;
+        }
+    }
+}
+
+// Phase 3 alone, with the caller's per-(n, c) parameters: y = act((x - center) * scale + shift).
+template <class K, int D>
+void run_apply(const Problem& p, const void* x_raw, void* y_raw, const ChannelParams& ch, int num_threads) {
+    const auto* x = static_cast<const typename IO<D>::T*>(x_raw);
+    auto* y = static_cast<typename IO<D>::T*>(y_raw);
+    const Plan plan = plan_for(p, num_threads);
+    const bool stream = streams<K, D>(p, y);
+#pragma omp parallel num_threads(plan.threads)
+    apply_all<K, D>(p, x, y, ch, plan, stream);
 }
 
 // Which loops run: the AVX-512 ones where the CPU has them, unless switched off (tests cover both).
@@ -970,23 +1023,36 @@ bool init_isa() {
     return use_avx512;
 }
 
-template <int D>
-void run_best(const Problem& p, const void* x, void* y, int num_threads) {
+// f(kernel loops, dtype) for the loops in use and dtype_code, both as types (K{} and an integral_constant).
+template <class F>
+void with_loops(int dtype_code, F&& f) {
+    auto by_dtype = [&](auto loops) {
+        switch (dtype_code) {
+            case pdm::kFloat32: f(loops, std::integral_constant<int, pdm::kFloat32>{}); break;
+            case pdm::kFloat16: f(loops, std::integral_constant<int, pdm::kFloat16>{}); break;
+            default: f(loops, std::integral_constant<int, pdm::kBFloat16>{}); break;
+        }
+    };
 #if defined(PDM_HAVE_AVX512_PATH)
-    if (use_avx512) return run<Avx512, D>(p, x, y, num_threads);
+    if (use_avx512) return by_dtype(Avx512{});
 #endif
-    run<Generic, D>(p, x, y, num_threads);
+    by_dtype(Generic{});
+}
+
+void check_sizes(const char* what, int dtype_code, int64_t N, int64_t C, int64_t S, int64_t G) {
+    const std::string name(what);
+    if (N < 0 || C < 1 || S < 0 || G < 1)
+        throw std::invalid_argument(name + ": sizes must be N>=0, C>=1, S>=0, G>=1");
+    if (C % G) throw std::invalid_argument(name + ": num_groups must divide C");
+    if (dtype_code < pdm::kFloat32 || dtype_code > pdm::kBFloat16)
+        throw std::invalid_argument(name + ": dtype_code must be 0 (f32), 1 (f16) or 2 (bf16)");
 }
 
 void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int64_t N, int64_t C, int64_t S,
                 int64_t G, bool x_channels_last, bool y_channels_last, std::uintptr_t w_ptr, std::uintptr_t b_ptr,
                 std::uintptr_t bias_nc_ptr, double eps, bool silu, int num_threads) {
-    if (N < 0 || C < 1 || S < 0 || G < 1)
-        throw std::invalid_argument("group_norm: sizes must be N>=0, C>=1, S>=0, G>=1");
-    if (C % G) throw std::invalid_argument("group_norm: num_groups must divide C");
+    check_sizes("group_norm", dtype_code, N, C, S, G);
     if (!(eps > 0)) throw std::invalid_argument("group_norm: eps must be positive");
-    if (dtype_code < pdm::kFloat32 || dtype_code > pdm::kBFloat16)
-        throw std::invalid_argument("group_norm: dtype_code must be 0 (f32), 1 (f16) or 2 (bf16)");
     if (N * S == 0) return;
     if (!x_ptr || !y_ptr) throw std::invalid_argument("group_norm: x and y pointers must be non-null");
     Problem p{N, C, S, G, x_channels_last, y_channels_last,
@@ -996,11 +1062,44 @@ void group_norm(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int6
     void* y = reinterpret_cast<void*>(y_ptr);
     num_threads = std::max(1, num_threads);
     py::gil_scoped_release no_gil;
-    switch (dtype_code) {
-        case pdm::kFloat32: run_best<pdm::kFloat32>(p, x, y, num_threads); break;
-        case pdm::kFloat16: run_best<pdm::kFloat16>(p, x, y, num_threads); break;
-        default: run_best<pdm::kBFloat16>(p, x, y, num_threads); break;
-    }
+    with_loops(dtype_code, [&](auto loops, auto dtype) {
+        run<decltype(loops), decltype(dtype)::value>(p, x, y, num_threads);
+    });
+}
+
+void group_norm_stats(std::uintptr_t x_ptr, int dtype_code, int64_t N, int64_t C, int64_t S, int64_t G,
+                      bool x_channels_last, std::uintptr_t bias_nc_ptr, std::uintptr_t out_ptr, int num_threads) {
+    check_sizes("group_norm_stats", dtype_code, N, C, S, G);
+    if (N * S == 0) return;
+    if (!x_ptr || !out_ptr) throw std::invalid_argument("group_norm_stats: x and out pointers must be non-null");
+    Problem p{N, C, S, G, x_channels_last, x_channels_last, nullptr, nullptr,
+              reinterpret_cast<const float*>(bias_nc_ptr), 1.0f, false};
+    const void* x = reinterpret_cast<const void*>(x_ptr);
+    double* out = reinterpret_cast<double*>(out_ptr);
+    num_threads = std::max(1, num_threads);
+    py::gil_scoped_release no_gil;
+    with_loops(dtype_code, [&](auto loops, auto dtype) {
+        run_stats<decltype(loops), decltype(dtype)::value>(p, x, out, num_threads);
+    });
+}
+
+void group_norm_apply(std::uintptr_t x_ptr, std::uintptr_t y_ptr, int dtype_code, int64_t N, int64_t C, int64_t S,
+                      bool x_channels_last, bool y_channels_last, std::uintptr_t center_ptr, std::uintptr_t scale_ptr,
+                      std::uintptr_t shift_ptr, bool silu, int num_threads) {
+    check_sizes("group_norm_apply", dtype_code, N, C, S, 1);
+    if (N * S == 0) return;
+    if (!x_ptr || !y_ptr || !center_ptr || !scale_ptr || !shift_ptr)
+        throw std::invalid_argument("group_norm_apply: every pointer must be non-null");
+    Problem p{N, C, S, 1, x_channels_last, y_channels_last, nullptr, nullptr, nullptr, 1.0f, silu};
+    const ChannelParams ch{reinterpret_cast<const float*>(center_ptr), reinterpret_cast<const float*>(scale_ptr),
+                           reinterpret_cast<const float*>(shift_ptr)};
+    const void* x = reinterpret_cast<const void*>(x_ptr);
+    void* y = reinterpret_cast<void*>(y_ptr);
+    num_threads = std::max(1, num_threads);
+    py::gil_scoped_release no_gil;
+    with_loops(dtype_code, [&](auto loops, auto dtype) {
+        run_apply<decltype(loops), decltype(dtype)::value>(p, x, y, ch, num_threads);
+    });
 }
 
 // Sets the y size from which the AVX-512 apply uses streaming stores (0: always; -1: the default); returns the
@@ -1045,6 +1144,16 @@ void register_group_norm(py::module_& m) {
           py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dtype_code"), py::arg("N"), py::arg("C"), py::arg("S"),
           py::arg("G"), py::arg("x_channels_last"), py::arg("y_channels_last"), py::arg("w_ptr"), py::arg("b_ptr"),
           py::arg("bias_nc_ptr"), py::arg("eps"), py::arg("silu"), py::arg("num_threads"));
+    m.def("group_norm_stats", &pdm_gn_cpu::group_norm_stats,
+          "The statistics phases of group_norm alone: out (fp64, N x G x 3) = count, mean and centred second moment "
+          "sum((v - mean)^2) of each group of x + bias_nc (bias_nc_ptr 0 = none).",
+          py::arg("x_ptr"), py::arg("dtype_code"), py::arg("N"), py::arg("C"), py::arg("S"), py::arg("G"),
+          py::arg("x_channels_last"), py::arg("bias_nc_ptr"), py::arg("out_ptr"), py::arg("num_threads"));
+    m.def("group_norm_apply", &pdm_gn_cpu::group_norm_apply,
+          "The apply phase of group_norm alone: y = act((x - center) * scale + shift) with fp32 N x C parameters.",
+          py::arg("x_ptr"), py::arg("y_ptr"), py::arg("dtype_code"), py::arg("N"), py::arg("C"), py::arg("S"),
+          py::arg("x_channels_last"), py::arg("y_channels_last"), py::arg("center_ptr"), py::arg("scale_ptr"),
+          py::arg("shift_ptr"), py::arg("silu"), py::arg("num_threads"));
     m.def("group_norm_isa", &pdm_gn_cpu::isa, "The group_norm loops in use: 'avx512' or 'generic'.");
     m.def("group_norm_set_isa", &pdm_gn_cpu::set_isa, py::arg("name"),
           "Select the group_norm loops ('avx512' where supported, or 'generic'); returns the previous choice.");

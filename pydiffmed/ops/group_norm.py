@@ -57,6 +57,57 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bia
     return _group_norm_run(*args)  # eager: skip the custom-op layer's per-call overhead (~0.1 ms)
 
 
+def _check_input(x):
+    check_float_tensor("x", x)
+    if x.ndim not in (4, 5):
+        raise ValueError(f"x must be 4-D (N,C,H,W) or 5-D (N,C,D,H,W); got shape {tuple(x.shape)}")
+    return x.contiguous() if layout_of(x) == "strided" else x
+
+
+def group_norm_stats(x, num_groups, *, bias_nc=None, backend=None):
+    """GroupNorm's statistics phase alone: (elements per group, mean, m2) of x + bias_nc, the mean and the centred
+    second moment Σ(v − mean)² as N×G fp64 tensors — what `group_norm` normalises with. Statistics of tiles or
+    ranks of one volume merge exactly (Chan's formula: partition.GroupStats.merge); `group_norm_apply` then
+    normalises each piece with the merged ones. x: as for group_norm."""
+    x = _check_input(x)
+    n, c = x.shape[:2]
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the {c} channels of x, got {num_groups!r}")
+    if bias_nc is not None:
+        check_float_tensor("bias_nc", bias_nc)
+        check_shape("bias_nc", bias_nc, (n, c))
+        check_same_device("x", x, bias_nc=bias_nc)
+    name = backends.select("group_norm_stats", backend, (x, bias_nc), x=x)
+    return backends.implementation("group_norm_stats", name).run(x, num_groups, bias_nc)
+
+
+def group_norm_apply(x, mean, scale, shift, *, act=None, out=None, backend=None):
+    """GroupNorm's apply phase alone: out = act((x − mean)·scale + shift) per (sample, channel), computed in fp32.
+    mean, scale, shift: N×C (from merged group_norm_stats: mean per group, scale = γ/√(var + eps), shift = β);
+    an fp64 mean keeps ~48 bits (two fp32 parts), so data far from zero loses nothing to the subtraction. x: as for
+    group_norm; out: x's shape and dtype, contiguous or channels-last (default: like x). Returns out."""
+    x = _check_input(x)
+    n, c = x.shape[:2]
+    for name, t in (("mean", mean), ("scale", scale), ("shift", shift)):
+        check_float_tensor(name, t, (torch.float32, torch.float64))
+        check_shape(name, t, (n, c))
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if out is None:
+        out = torch.empty_like(x)
+    elif out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"out must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got {tuple(out.shape)} "
+                         f"{out.dtype}")
+    check_same_device("x", x, mean=mean, scale=scale, shift=shift, out=out)
+    center = mean.float()
+    scale = scale.float()
+    shift = (shift.double() - (mean.double() - center.double()) * scale.double()).float()
+    name = backends.select("group_norm_apply", backend, (x, out), x=x, out=out)
+    backends.implementation("group_norm_apply", name).run(x, out, center.contiguous(), scale.contiguous(),
+                                                          shift.contiguous(), act == "silu")
+    return out
+
+
 def _group_norm_run(x, num_groups, weight, bias, eps, act, bias_nc, token_major, backend):
     y = _empty_output(x, token_major)
     backends.implementation("group_norm", backend).run(x, y, num_groups, weight, bias, eps, act == "silu", bias_nc)
@@ -157,3 +208,42 @@ def _run_cuda(x, y, num_groups, weight, bias, eps, silu, bias_nc):
 
     group_norm_launch(x, y, num_groups, as_float32(weight), as_float32(bias), as_float32(bias_nc), eps, silu,
                       x_channels_last=layout_of(x) == "cl", y_channels_last=_output_is_channels_last(x, y))
+
+
+# --- the phases alone ----------------------------------------------------------------------------------------
+
+@backends.register("group_norm_stats", "torch", dtypes=None, layouts=None)
+def _stats_torch(x, num_groups, bias_nc):
+    return reference.group_norm_stats(x, num_groups, bias_nc)
+
+
+@backends.register("group_norm_stats", "cpu", symbols=("group_norm_stats",))
+def _stats_cpu(x, num_groups, bias_nc):
+    from .. import _C
+
+    n, c = x.shape[:2]
+    out = torch.empty((n, num_groups, 3), dtype=torch.float64)
+    bias_nc = as_float32(bias_nc)
+    _C.group_norm_stats(x.data_ptr(), backends.DTYPE_CODES[x.dtype], n, c, math.prod(x.shape[2:]), num_groups,
+                        layout_of(x) == "cl", 0 if bias_nc is None else bias_nc.data_ptr(), out.data_ptr(),
+                        torch.get_num_threads())
+    return (c // num_groups) * math.prod(x.shape[2:]), out[..., 1], out[..., 2]
+
+
+def _dense_out(x=None, out=None, **_):
+    return [] if layout_of(out) in ("ncs", "cl") else ["out is neither contiguous nor channels-last"]
+
+
+@backends.register("group_norm_apply", "torch", dtypes=None, layouts=None)
+def _apply_torch(x, out, center, scale, shift, silu):
+    reference.group_norm_apply(x, out, center, scale, shift, "silu" if silu else None)
+
+
+@backends.register("group_norm_apply", "cpu", symbols=("group_norm_apply",), reasons=_dense_out)
+def _apply_cpu(x, out, center, scale, shift, silu):
+    from .. import _C
+
+    n, c = x.shape[:2]
+    _C.group_norm_apply(x.data_ptr(), out.data_ptr(), backends.DTYPE_CODES[x.dtype], n, c, math.prod(x.shape[2:]),
+                        layout_of(x) == "cl", layout_of(out) == "cl", center.data_ptr(), scale.data_ptr(),
+                        shift.data_ptr(), silu, torch.get_num_threads())

@@ -28,6 +28,43 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, act=None, bias_n
     return torch.empty_like(x).copy_(y)
 
 
+def group_norm_stats(x, num_groups, bias_nc=None):
+    """(elements per group, N×G mean, N×G centred second moment Σ(v − mean)²) of x + bias_nc, fp64. Per channel
+    torch's `var_mean` (channels innermost, as channels_last activations lie in memory), then channels merge into
+    groups with Chan's formula (a per-channel bias shifts only the channel means)."""
+    n, c = x.shape[:2]
+    per_group = c // num_groups
+    last = x.detach().movedim(1, -1)
+    if last.dtype not in (torch.float32, torch.float64):
+        last = last.float()
+    var, mean = torch.var_mean(last, dim=tuple(range(1, last.ndim - 1)), correction=0)
+    count = math.prod(x.shape[2:])
+    mean = mean.double()
+    if bias_nc is not None:
+        mean = mean + bias_nc.detach().double()
+    mean = mean.view(n, num_groups, per_group)
+    m2 = var.double().view(n, num_groups, per_group) * count
+    group_mean = mean.mean(-1)
+    group_m2 = m2.sum(-1) + count * (mean - group_mean[..., None]).square().sum(-1)
+    return count * per_group, group_mean, group_m2
+
+
+def group_norm_apply(x, out, center, scale, shift, act=None):
+    """out = act((x − center)·scale + shift) per (sample, channel) in fp32 (center, scale, shift: N×C fp32). The
+    math runs on channels-innermost views: torch's broadcasting of an N×C×1×1×1 operand over a channels_last
+    tensor is ~10× slower than over the same memory seen as N×D×H×W×C."""
+    shape = (center.shape[0], *(1,) * (x.ndim - 2), center.shape[1])
+    center, scale, shift = (t.view(shape) for t in (center, scale, shift))
+    src, dst = x.movedim(1, -1), out.movedim(1, -1)
+    work = torch.sub(src, center, out=dst) if dst.dtype == torch.float32 else src.float().sub_(center)
+    torch.addcmul(shift, work, scale, out=work)
+    if act == "silu":
+        F.silu(work, inplace=True)
+    if work is not dst:
+        dst.copy_(work)
+    return out
+
+
 def attention(q, k, v, scale=None, compute_dtype=torch.float32):
     """softmax(q·kᵀ·scale)·v for B×heads×N×d tensors, computed naively in `compute_dtype` (an N_q×N_kv score
     matrix), result in q.dtype."""
