@@ -55,6 +55,7 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
+        "bench": ["openvino", "onnxruntime", "onnx", "onnxscript"],
         "io": ["nibabel>=5", "safetensors", "pillow", "pyyaml", _PYDICOM],
         "test": ["pytest", "hypothesis", "scipy", "diffusers>=0.30", "monai>=1.4", "einops", "nibabel>=5",
                  "safetensors", "pillow", "pyyaml", "matplotlib", _PYDICOM, "ruff==0.17.6"],

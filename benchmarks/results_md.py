@@ -113,8 +113,18 @@ def headline_unet(rows):
     if not best:
         return []
     parts = [f"{c} {v}: {_x(r['speedup'])} ({r['variant']}, {_secs(r['ms'])} vs {_secs(r['MONAI_fp32_ms'])})"
-             for (c, v), r in best.items()]
+             + _unet_peer_and_floor(r) for (c, v), r in best.items()]
     return [("UNet forward: UNet3D vs MONAI DiffusionModelUNet fp32", "; ".join(parts))]
+
+
+def _unet_peer_and_floor(r) -> str:
+    """bench_unet's peer and floor columns of a UNet3D row, where the run measured them."""
+    out = ""
+    if r.get("vs_fastest_peer") is not None and r.get("fastest_peer"):
+        out += f", {_x(r['vs_fastest_peer'])} vs the fastest peer at its precision ({r['fastest_peer']})"
+    if r.get("vs_floor") is not None:
+        out += f", {r['vs_floor']:.2f}× its convolutions' floor"
+    return out
 
 
 def headline_end_to_end(rows):
@@ -248,11 +258,28 @@ def headline_inverse(rows):
     return out
 
 
+def headline_feature_cache(rows):
+    """bench_feature_cache: the speed-up of feature caching at branch 0 and its quality cost (the demo quality
+    report's histogram W1 / tissue fractions L1, and the volumes' relative RMS change) against no cache."""
+    plain = next((r for r in rows if r["feature_cache"] == "off"), None)
+    cached = [r for r in rows if r["feature_cache"] != "off" and r["cache_branch"] == 0]
+    if plain is None or not cached:
+        return []
+    parts = [f"no cache {_secs(plain['ms'])}, W1 {plain['histogram_W1']:.3g} / L1 {plain['fractions_L1']:.3g}"]
+    parts += [f"interval {r['feature_cache']}: {_x(r['speedup'])} wall, {_x(r['cpu_speedup'])} CPU time "
+              f"({r['full_evals']}/{r['evals']} full evaluations), "
+              f"W1 {r['histogram_W1']:.3g} / L1 {r['fractions_L1']:.3g}, volumes changed by "
+              f"{100 * r['rel_rms_change']:.1f} % RMS" for r in cached]
+    return [(f"Feature caching (DeepCache, branch 0): sampling speed-up and quality cost, {plain['steps']} steps",
+             "; ".join(parts))]
+
+
 # The kernel benchmarks' headlines come first, one per op in the registry (headline_kernel); then these.
 HEADLINES = {"bench_unet": headline_unet,
              "bench_end_to_end": headline_end_to_end, "bench_inferer": headline_inferer,
              "bench_scaling": headline_scaling, "bench_demo_quality": headline_demo_quality,
-             "bench_distributed": headline_distributed, "bench_inverse": headline_inverse}
+             "bench_distributed": headline_distributed, "bench_inverse": headline_inverse,
+             "bench_feature_cache": headline_feature_cache}
 
 
 def headline_rows(results):

@@ -1,6 +1,8 @@
 """`accelerate(model)`: put pydiffmed's fused blocks into an existing MONAI `DiffusionModelUNet`, in place.
 MONAI's `ControlNet` (the same encoder blocks, plus its conditioning embedding and 1×1 convolutions) works too;
-`pydiffmed.models.ControlNet3D` is its native, slightly faster form.
+`pydiffmed.models.ControlNet3D` is its native, slightly faster form. So do MAISI's `DiffusionModelUNetMaisi` and
+`ControlNetMaisi` (MONAI's blocks; the region-index and spacing embeddings are MLPs like the time embedding's),
+tested equal in tests/test_maisi.py.
 
 Replaced (each new module holds the model's own Parameter objects, so the state dict, its keys and the outputs
 are unchanged):

@@ -4,7 +4,7 @@
     pydiffmed sample --model DIR --num 8 --batch 4 --solver dpmpp_2m --steps 20 --seed 0 --out samples/
     pydiffmed reconstruct --model DIR --kspace k.npy --mask mask.npy --out DIR    (or --sinogram s.npy --angles ...)
     pydiffmed anomaly --model DIR --input vol.nii.gz --out DIR
-    pydiffmed convert --monai-checkpoint model.pt --monai-config config.json --out DIR
+    pydiffmed convert --monai-checkpoint model.pt --monai-config config.json --out DIR    (or --monai-bundle DIR)
     pydiffmed models | bench | info
 
 Bad input (unknown solver or model, impossible shape, unreadable volume, unwritable output, sizes that do not fit
@@ -314,9 +314,12 @@ def _run_key(sidecar):
     """The sidecar entries that must agree for --resume to count a volume as part of this run."""
     keys = ("model_sha256", "solver", "solver_options", "steps", "seed", "dtype", "shape", "affine", "intensity",
             "guidance_scale", "class_label", "uncond_class_label", "strength", "init_sha256", "mask_sha256",
-            "known_sha256")
+            "known_sha256", "feature_cache", "cache_branch")
     key = {key: sidecar.get(key) for key in keys}
     key["format"] = sidecar.get("format", "nifti")  # sidecars before --format existed describe NIfTI runs
+    latent = sidecar.get("latent")  # a latent model's autoencoder and scale (decode tiling changes no voxel)
+    if isinstance(latent, dict):
+        key["latent"] = {k: latent.get(k) for k in ("autoencoder_sha256", "scale_factor", "latent_shape")}
     return key
 
 
@@ -469,7 +472,22 @@ def _check_option_pairs(args):
         raise UsageError("inpainting needs both --mask and --known")
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise UsageError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    _check_feature_cache(args)
     _check_prefix(args.prefix)
+
+
+def _check_feature_cache(args):
+    if args.feature_cache is not None and args.feature_cache < 1:
+        raise UsageError(f"--feature-cache must be >= 1 (one full model evaluation every N evaluations, shallow ones "
+                         f"between; 1 = every evaluation full), got {args.feature_cache}")
+    if args.cache_branch is not None and args.feature_cache is None:
+        raise UsageError("--cache-branch goes with --feature-cache N")
+    if args.cache_branch is not None and args.cache_branch < 0:
+        raise UsageError(f"--cache-branch must be >= 0 (a skip connection of the UNet, 0 = the shallowest), got "
+                         f"{args.cache_branch}")
+    if args.feature_cache is not None and args.spatial_parallel:
+        raise UsageError("--feature-cache does not work with --spatial-parallel yet (the deep features of a "
+                         "slab-split UNet are not cached)")
 
 
 def _check_prefix(prefix):
@@ -477,14 +495,18 @@ def _check_prefix(prefix):
         raise UsageError(f"--prefix {prefix!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
 
 
-def _load_model(args):
-    """(model, schedule, ModelInfo) of --model, a 3-D model the command line can condition."""
+def _load_model(args, latent_ok=False):
+    """(model, schedule, ModelInfo) of --model, a 3-D model the command line can condition (a latent model only
+    where latent_ok: `sample` decodes latents, the other commands work on images)."""
     from . import modelfile
 
     try:
         model, schedule, info = modelfile.load_model(args.model)
     except modelfile.ModelFileError as exc:
         raise UsageError(_model_problem(args.model, exc)) from None
+    if info.is_latent and not latent_ok:
+        raise UsageError(f"--model {args.model}: a latent model (its UNet samples an autoencoder's latents); this "
+                         f"command works on images: use a model without an autoencoder")
     if info.unet.get("spatial_dims", 3) != 3:
         raise UsageError(f"--model {args.model}: a {info.unet.get('spatial_dims')}-D model; the command samples 3-D "
                          f"volumes")
@@ -493,6 +515,42 @@ def _load_model(args):
                          f"line cannot provide; sample it from Python (pydiffmed.sample(..., cond={{'context': "
                          f"...}}))")
     return model, schedule, info
+
+
+def _load_autoencoder(args, info):
+    """The autoencoder of a latent --model (None for other models), after checking the options that cannot go
+    with one and the decode options."""
+    from . import modelfile
+
+    if not info.is_latent:
+        if args.decode_tile is not None or args.decode_max_memory is not None:
+            raise UsageError(f"--decode-tile/--decode-max-memory: the model {info.name!r} is not a latent model "
+                             f"(it has no autoencoder)")
+        return None
+    for flag, value in (("--init", args.init), ("--mask", args.mask), ("--known", args.known)):
+        if value is not None:
+            raise UsageError(f"{flag}: the model {info.name!r} is a latent model, whose UNet samples latents; "
+                             f"SDEdit and inpainting from image volumes are not supported for it")
+    if args.spatial_parallel:
+        raise UsageError(f"--spatial-parallel: the model {info.name!r} is a latent model; share out volumes "
+                         f"instead (torchrun without --spatial-parallel)")
+    if args.decode_tile is not None and args.decode_tile < 1:
+        raise UsageError(f"--decode-tile must be a positive number of rows, got {args.decode_tile}")
+    try:
+        return modelfile.load_autoencoder(args.model)
+    except modelfile.ModelFileError as exc:
+        raise UsageError(_model_problem(args.model, exc)) from None
+
+
+def _memory_size(text):
+    """--decode-max-memory: bytes, or a number with K, M, G or T (powers of 1024; an optional "iB" or "B")."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 512M or 1000000 (bytes), got {text!r}")
+    size = int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return size
 
 
 def _read_inputs(args, info) -> _Inputs:
@@ -532,7 +590,7 @@ def _volume_shape(args, info, shape_override, inputs) -> tuple:
 
 def _check_divisible(flag, shape, info):
     """Every size of a volume shape must be divisible by 2**(levels - 1): the model halves it at each level."""
-    factor = 2 ** (len(info.unet.get("channels", (32, 64, 64, 64))) - 1)
+    factor = 2 ** (len(info.unet.get("channels", (32, 64, 64, 64))) - 1) * info.downsampling  # × the autoencoder's
     if any(s % factor for s in shape):
         raise UsageError(f"{flag} {' '.join(map(str, shape))}: every size must be divisible by {factor} (the "
                          f"model halves each spatial size {factor.bit_length() - 1} time(s))")
@@ -606,6 +664,32 @@ class _Job:
     lock: Optional[_OutputLock] = None
     world: "distributed.World" = None   # this process's place under torchrun (World(): alone)
     all_pending: list = field(default_factory=list)  # every rank's pending volumes (pending: this rank's share)
+    autoencoder: Optional["torch.nn.Module"] = None  # a latent model's: decodes what the samplers return
+
+
+def _sampled_shape(job) -> tuple:
+    """(channels, *spatial) of what the samplers sample: a latent model's latents, else the volumes."""
+    return job.info.latent_shape(job.shape) if job.autoencoder is not None else (job.channels, *job.shape)
+
+
+def _decode(job, sampled):
+    """The volumes of a batch the sampler returned: decoded by a latent model's autoencoder."""
+    if job.autoencoder is None:
+        return sampled
+    from .latent import decode_latents
+
+    return decode_latents(job.autoencoder, sampled, job.info.scale_factor, tile=job.args.decode_tile,
+                          max_memory=job.args.decode_max_memory)
+
+
+def _latent_fields(job) -> dict:
+    """The sidecar entry of a latent model's volume: what was sampled and how it was decoded."""
+    if job.autoencoder is None:
+        return {}
+    info = job.info
+    return {"latent": {"autoencoder_sha256": info.autoencoder.get("weights_sha256"),
+                       "scale_factor": info.scale_factor, "latent_shape": list(_sampled_shape(job)),
+                       "decode_tile": job.args.decode_tile, "decode_max_memory": job.args.decode_max_memory}}
 
 
 def _join_world(args, device):
@@ -654,15 +738,21 @@ def _build_samplers(job):
     for size in sorted({min(args.batch, len(job.pending) - start) for start in range(0, len(job.pending),
                                                                                    args.batch)}):
         options = dict(device=job.device, dtype=job.dtype, guidance_scale=args.guidance_scale,
-                       strength=args.strength, batch_invariant=args.batch_invariant)
+                       strength=args.strength, batch_invariant=args.batch_invariant,
+                       feature_cache=args.feature_cache, cache_branch=args.cache_branch)
         try:
             if args.spatial_parallel:
                 from .spatial_parallel import SpatialSampler
 
-                samplers[size] = SpatialSampler(job.model, job.solver, (size, job.channels, *job.shape), **options)
+                samplers[size] = SpatialSampler(job.model, job.solver, (size, *_sampled_shape(job)), **options)
             else:
-                samplers[size] = Sampler(job.model, job.solver, (size, job.channels, *job.shape),
+                samplers[size] = Sampler(job.model, job.solver, (size, *_sampled_shape(job)),
                                          cuda_graph=not args.eager, **options)
+            if job.autoencoder is not None:
+                from .latent import check_decode_memory
+
+                check_decode_memory(job.autoencoder, (size, *_sampled_shape(job)), tile=args.decode_tile,
+                                    max_memory=args.decode_max_memory)
         except InsufficientMemoryError as exc:
             raise UsageError(f"--batch {args.batch} of {'×'.join(map(str, job.shape))} volumes: {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -694,7 +784,8 @@ def _prepare_sample(args):
     world, device = _join_world(args, device)
     dtype = _dtype(args.dtype, device)
     backend, chosen = _backends_for(device, dtype)
-    model, schedule, info = _load_model(args)
+    model, schedule, info = _load_model(args, latent_ok=True)
+    autoencoder = _load_autoencoder(args, info)
     inputs = _read_inputs(args, info)
     shape = _volume_shape(args, info, shape_override, inputs)
     _check_conditioning(args, info)
@@ -706,13 +797,30 @@ def _prepare_sample(args):
                solver_options=solver_options, shape=shape, channels=info.channels, out=out,
                names=_output_names(args.prefix, args.num, args.format),
                affine=_output_affine(info, spacing, shape, inputs), init=inputs.init, mask=inputs.mask,
-               known=inputs.known, hashes=_input_hashes(args), version=pydiffmed.__version__, world=world)
+               known=inputs.known, hashes=_input_hashes(args), version=pydiffmed.__version__, world=world,
+               autoencoder=autoencoder)
     _check_output_format(job)
     _plan_outputs(job, args)
     _share_outputs(job)
     job.model = model.to(device=device, dtype=dtype)
+    if autoencoder is not None:
+        job.autoencoder = autoencoder.to(device=device, dtype=dtype)
     job.samplers, job.start_eval = _build_samplers(job)
     return job
+
+
+def _cache_branch(job):
+    """The cache branch the samplers use with --feature-cache (the default resolved), else None."""
+    sampler = next(iter(job.samplers.values()), None)
+    return getattr(sampler, "cache_branch", None)
+
+
+def _full_model_evals(job):
+    """How many of a volume's model evaluations ran the whole network (fewer with --feature-cache)."""
+    sampler = next(iter(job.samplers.values()), None)
+    if sampler is None or not hasattr(sampler, "cache_schedule"):
+        return None
+    return sum(kind != "shallow" for kind in sampler.cache_schedule())
 
 
 def _provenance(job, k):
@@ -735,10 +843,14 @@ def _provenance(job, k):
         **_runtime_fields(job.device, job.dtype, job.backend, job.backends, args.dtype),
         "cuda_graph": job.device.type == "cuda" and not args.eager and not args.spatial_parallel,
         "batch_invariant": args.batch_invariant,
+        "feature_cache": args.feature_cache,
+        "cache_branch": _cache_branch(job),
+        "full_model_evals": _full_model_evals(job),
         "world_size": job.world.world_size,
         "rank": None if args.spatial_parallel else job.world.rank,  # the rank that sampled it (data parallel)
         "spatial_parallel": args.spatial_parallel,
         "shape": [job.channels, *job.shape],
+        **_latent_fields(job),
         "spacing": list(io.spacing_from_affine(job.affine)),
         "orientation": io.orientation_from_affine(job.affine),
         "affine": [list(map(float, row)) for row in job.affine],
@@ -968,7 +1080,8 @@ def _run_sample(job):
             seeds = [args.seed + k for k in indices]
             began = time.perf_counter()
             try:
-                volumes = sampler(seeds, progress=not args.quiet, **_batch_inputs(job, indices)).float().cpu()
+                volumes = _decode(job, sampler(seeds, progress=not args.quiet,
+                                               **_batch_inputs(job, indices))).float().cpu()
             except NonFiniteModelOutput as exc:
                 which = ", ".join(map(str, indices))
                 raise NonFiniteModelOutput(f"{exc}, sampling volume(s) {which}; nothing written for them, "
@@ -1135,18 +1248,33 @@ def _write_output_set(out, writers, sidecar_name, sidecar, overwrite):
 def _convert(args):
     from . import modelfile
 
+    if args.monai_bundle is not None:
+        if args.monai_checkpoint is not None or args.monai_config is not None:
+            raise UsageError("--monai-bundle replaces --monai-checkpoint and --monai-config: give one or the other")
+        if args.prediction_type is not None:
+            raise UsageError("--prediction-type goes with --monai-checkpoint (a bundle's scheduler says it)")
+    elif args.monai_checkpoint is None or args.monai_config is None:
+        raise UsageError("convert needs --monai-checkpoint and --monai-config, or --monai-bundle DIR")
+    elif args.scale_factor is not None:
+        raise UsageError("--scale-factor goes with --monai-bundle (a latent model)")
+    shape = None if args.volume_shape is None else list(args.volume_shape)
+    spacing = None if args.spacing is None else list(args.spacing)
     try:
-        info = modelfile.convert_monai(args.monai_checkpoint, args.monai_config, args.out, name=args.name,
-                                       volume_shape=None if args.volume_shape is None else list(args.volume_shape),
-                                       spacing=None if args.spacing is None else list(args.spacing),
-                                       orientation=args.orientation, prediction_type=args.prediction_type,
-                                       overwrite=args.overwrite)
+        if args.monai_bundle is not None:
+            info = modelfile.convert_monai_bundle(args.monai_bundle, args.out, name=args.name, volume_shape=shape,
+                                                  spacing=spacing, orientation=args.orientation,
+                                                  scale_factor=args.scale_factor, overwrite=args.overwrite)
+        else:
+            info = modelfile.convert_monai(args.monai_checkpoint, args.monai_config, args.out, name=args.name,
+                                           volume_shape=shape, spacing=spacing, orientation=args.orientation,
+                                           prediction_type=args.prediction_type, overwrite=args.overwrite)
     except (ValueError, OSError) as exc:  # ModelFileError / CheckpointError are ValueErrors
         raise UsageError(exc) from None
     shape = "unknown (pass --shape when sampling)" if info.volume_shape is None else \
         "×".join(map(str, info.volume_shape))
-    print(f"pydiffmed: converted {args.monai_checkpoint} → {info.path}: model {info.name!r}, "
-          f"{info.prediction_type}, volume {shape}, sha256 {info.sha256[:16]}…")
+    latent = f", latent model (scale factor {info.scale_factor:g})" if info.is_latent else ""
+    print(f"pydiffmed: converted {args.monai_bundle or args.monai_checkpoint} → {info.path}: model {info.name!r}, "
+          f"{info.prediction_type}, volume {shape}{latent}, sha256 {info.sha256[:16]}…")
     return 0
 
 
@@ -1237,10 +1365,13 @@ def _info(args) -> int:
     import torch
 
     import pydiffmed
-    from pydiffmed import backends
+    from pydiffmed import _openmp, backends
 
     print(f"pydiffmed {pydiffmed.__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
+    print(f"openmp wait: {_openmp.describe(pydiffmed.OPENMP_WAIT_POLICY_SET)}")
+    dtype, why = backends.auto_dtype("cpu")
+    print(f"--dtype auto on the cpu: {why}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")
@@ -1305,12 +1436,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep volumes whose outputs are complete and intact (the sha256 in their sidecar); "
                                "sample the rest, damaged ones included")
     s.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    s.add_argument("--feature-cache", type=int, metavar="N",
+                   help="DeepCache-style feature caching (UNet3D models): a full model evaluation every N "
+                        "evaluations, the N-1 between recompute only the shallow path on the cached deep features; "
+                        "faster, slightly different samples (default: off)")
+    s.add_argument("--cache-branch", type=int, metavar="K",
+                   help="with --feature-cache: the skip connection where the deep features are cached (default 0, "
+                        "the shallowest and fastest; higher recomputes more of the network)")
     s.add_argument("--batch-invariant", action="store_true",
                    help="evaluate the model one volume at a time, so that --batch cannot change a bit of any volume "
                         "on a GPU either (on the CPU this always holds); slower on a GPU")
     s.add_argument("--spatial-parallel", action="store_true",
                    help="under torchrun: split every volume along its depth across the processes (one slab each: "
                         "halo exchanges, all-reduced GroupNorm statistics) instead of sharing out the volumes")
+    s.add_argument("--decode-tile", type=int, metavar="N",
+                   help="latent models: decode by depth slabs of N rows per layer (same voxels, less working "
+                        "memory; autoencoders without attention)")
+    s.add_argument("--decode-max-memory", type=_memory_size, metavar="SIZE",
+                   help="latent models: decode by depth slabs within SIZE of working memory per layer (e.g. 2G)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)
 
@@ -1318,11 +1461,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_parsers(sub)
 
-    c = sub.add_parser("convert", help="convert a MONAI DiffusionModelUNet checkpoint into a pydiffmed model")
-    c.add_argument("--monai-checkpoint", required=True, help="state dict (.pt/.pth, read without unpickling code) "
-                                                             "or .safetensors")
-    c.add_argument("--monai-config", required=True, help="JSON/YAML with the network's arguments (bare, or a "
-                                                         "bundle's network definition and scheduler)")
+    c = sub.add_parser("convert", help="convert a MONAI DiffusionModelUNet checkpoint or a MONAI bundle into a "
+                                       "pydiffmed model")
+    c.add_argument("--monai-checkpoint", help="state dict (.pt/.pth, read without unpickling code) or .safetensors "
+                                              "(with --monai-config)")
+    c.add_argument("--monai-config", help="JSON/YAML with the network's arguments (bare, or a bundle's network "
+                                          "definition and scheduler)")
+    c.add_argument("--monai-bundle", metavar="DIR",
+                   help="instead of the two above: a MONAI bundle directory (configs/*.json|yaml, models/*); its "
+                        "DiffusionModelUNet, and AutoencoderKL if it has one (a latent model), read as data")
+    c.add_argument("--scale-factor", type=float, help="--monai-bundle: the latent scale factor (default: the "
+                                                      "bundle's)")
     c.add_argument("--out", required=True, help="model directory to write (or FILE.safetensors)")
     c.add_argument("--volume-shape", type=int, nargs=3, metavar=("D", "H", "W"),
                    help="the volume size the model was trained at")

@@ -200,6 +200,31 @@ def _check_plannable(solver_class):
                          f"{', '.join(names(plannable=True))}")
 
 
+def _check_feature_cache(model, feature_cache, cache_branch):
+    """(interval or None, branch or None) of feature caching, checked: an int >= 1 (None: off), a cache branch of
+    the model (default 0), and a model that can run its shallow path (UNet3D)."""
+    from .models import UNet3D
+
+    if feature_cache is None:
+        if cache_branch is not None:
+            raise ValueError(f"cache_branch={cache_branch!r} goes with feature_cache= (the evaluations per full "
+                             "model evaluation)")
+        return None, None
+    if isinstance(feature_cache, bool) or not isinstance(feature_cache, int):
+        raise TypeError(f"feature_cache must be an int >= 1 (one full model evaluation every feature_cache "
+                        f"evaluations, shallow ones between) or None, got {feature_cache!r}")
+    if feature_cache < 1:
+        raise ValueError(f"feature_cache must be >= 1 (one full model evaluation every feature_cache evaluations; "
+                         f"1 = every evaluation full; None = off), got {feature_cache}")
+    if not isinstance(model, UNet3D):
+        hint = (" (a MONAI DiffusionModelUNet: convert it with pydiffmed.models.UNet3D.from_monai(model))"
+                if type(model).__name__ == "DiffusionModelUNet" else "")
+        raise TypeError(f"feature_cache= reuses the deep features of a pydiffmed UNet3D between evaluations; the "
+                        f"model is a {type(model).__name__}{hint}")
+    branch = model._check_branch(0 if cache_branch is None else cache_branch)
+    return int(feature_cache), branch
+
+
 # --- progress ------------------------------------------------------------------------------------------------
 
 class _TextProgress:
@@ -278,12 +303,20 @@ class Sampler:
       a volume `depth` rows deep (spatial parallelism, pydiffmed.spatial_parallel): the noise is that volume's
       (fused_step's noise_index), so the slabs of all ranks together draw what one process draws. Updates that
       are not elementwise (dynamic thresholding, Langevin step sizes, posterior data steps) are refused.
+    feature_cache, cache_branch: DeepCache-style feature caching (Ma et al. 2023), off by default, for a UNet3D
+      model: a full model evaluation every `feature_cache` evaluations (the first one run, then every N-th) keeps
+      the deep features entering the decoder at skip connection `cache_branch` (default 0, the shallowest; see
+      UNet3D.num_cache_branches, cache_branch_of_level) in a static buffer, and the N-1 evaluations between
+      recompute only the shallow path on them (UNet3D.forward_shallow). Solver-independent; the cache holds both
+      halves of a guidance batch; on CUDA the full and the shallow evaluations get one graph each. 1: every
+      evaluation is full (the same samples as without). An approximation: the samples change a little
+      (benchmarks/bench_feature_cache.py measures speed and quality). `cache_schedule()` lists the kinds.
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
                  check_memory=True, batch_invariant=False, measurement=None, posterior=None,
-                 posterior_options=None, slab=None, **solver_options):
+                 posterior_options=None, slab=None, feature_cache=None, cache_branch=None, **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.shape = _check_shape(shape)
@@ -317,6 +350,7 @@ class Sampler:
         self.num_model_evals = plan.num_model_evals
         self._times = plan.timesteps.numpy().tolist()
         self.strength = strength
+        self.feature_cache, self.cache_branch = _check_feature_cache(model, feature_cache, cache_branch)
         self.memory_estimate = self._check_memory(model) if check_memory else None
         self.model = _prepare_model(model, self.device, self.dtype)
         self.plan = plan
@@ -354,6 +388,11 @@ class Sampler:
         self._graphs = {}
         self._graph_key = self._failed_key = None
         self._pool = None
+        self._features = None   # feature caching: the deep features of the last full evaluation (model batch)
+        if self.feature_cache is not None:
+            shape = self.model.cache_feature_shape(self.model_input.shape, self.cache_branch)
+            self._features = torch.zeros(shape, dtype=self.dtype, device=self.device).to(
+                memory_format=torch.channels_last_3d if len(shape) == 5 else torch.channels_last)
 
     # -- preparation ------------------------------------------------------------------------------------------
     def _start_index(self, plan, strength):
@@ -439,16 +478,17 @@ class Sampler:
         return estimate
 
     # -- one model evaluation ---------------------------------------------------------------------------------
-    def _step(self, form_index, blend_target, preview):
-        """Evaluation `step_index` (a device tensor): model, NaN flag, fused update, inpainting blend, CFG input
-        copy, step counter. Reads no device value on the host."""
+    def _step(self, form_index, blend_target, cache, preview):
+        """Evaluation `step_index` (a device tensor): model (cache: None, or "full"/"shallow" with feature caching),
+        NaN flag, fused update, inpainting blend, CFG input copy, step counter. Reads no device value on the host."""
         form = self.plan.forms[form_index]
         batch = self.shape[0]
         t = torch.index_select(self._timesteps, 0, self.step_index.reshape(1)).expand(self.model_batch)
         if self.data_step is None:
-            m, leaf = self._evaluate_model(t), None
+            m, leaf = self._evaluate_model(t, cache=cache), None
         else:  # DPS calls the model on a leaf tensor it differentiates against
-            m, leaf = self.data_step.evaluate(self._evaluate_model, t, self.model_input)
+            m, leaf = self.data_step.evaluate(lambda t, *x: self._evaluate_model(t, *x, cache=cache), t,
+                                              self.model_input)
         if not isinstance(m, torch.Tensor):
             raise TypeError(f"the model returned {type(m).__name__}; expected a tensor")
         if self.plan.model_output_channels is not None:
@@ -499,15 +539,28 @@ class Sampler:
             self.model_input[batch:].copy_(model_input)
         self.step_index.add_(1)
 
-    def _evaluate_model(self, t, model_input=None):
+    def _evaluate_model(self, t, model_input=None, cache=None):
         model_input = self.model_input if model_input is None else model_input
         if not self.batch_invariant:
-            return self.model(model_input, t, **self._cond)
+            return self._call_model(model_input, t, self._cond, cache, slice(None))
         outputs = []
         for i in range(self.model_batch):  # every cond tensor has the model batch as its leading dimension
             cond = {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in self._cond.items()}
-            outputs.append(self.model(model_input[i:i + 1], t[i:i + 1], **cond))
+            outputs.append(self._call_model(model_input[i:i + 1], t[i:i + 1], cond, cache, slice(i, i + 1)))
         return torch.cat(outputs) if all(isinstance(m, torch.Tensor) for m in outputs) else outputs[0]
+
+    def _call_model(self, x, t, cond, cache, rows):
+        """The model on x; with feature caching a full evaluation also stores the deep features of these model
+        batch rows in the static buffer, and a shallow one reads them back (UNet3D.forward_and_cache /
+        forward_shallow)."""
+        if cache is None:
+            return self.model(x, t, **cond)
+        if cache == "shallow":
+            return self.model.forward_shallow(x, t, self._features[rows], branch=self.cache_branch, **cond)
+        m, features = self.model.forward_and_cache(x, t, branch=self.cache_branch, **cond)
+        with torch.no_grad():  # DPS differentiates through this evaluation only, never into a later one
+            self._features[rows].copy_(features)
+        return m
 
     def _blend(self, target, model_input):
         """RePaint: the known region of `target` becomes the known volume re-noised to target's level."""
@@ -612,15 +665,27 @@ class Sampler:
         return True
 
     def _kinds(self, inpaint):
-        """Per evaluation (form index, buffer to blend with the known volume or None)."""
+        """Per evaluation (form index, buffer to blend with the known volume or None, _cache_kind)."""
         kinds = []
         last = self.num_model_evals - 1
         for e, f in enumerate(self.plan.form_of_eval):
             target = None
             if inpaint:
                 target = self.plan.output if e == last else self.plan.forms[f].out
-            kinds.append((f, target))
+            kinds.append((f, target, self._cache_kind(e)))
         return kinds
+
+    def _cache_kind(self, e):
+        """Feature caching's kind of evaluation e: None (caching off, or every evaluation full), "full" for the
+        first evaluation run and every feature_cache-th after it (DeepCache's uniform 1:N), else "shallow"."""
+        if self.feature_cache is None or self.feature_cache == 1:
+            return None
+        return "full" if (e - self.start_index) % self.feature_cache == 0 else "shallow"
+
+    def cache_schedule(self):
+        """Per model evaluation this Sampler runs (from start_index): "full" or "shallow" with feature caching,
+        None where the model runs as it is."""
+        return [self._cache_kind(e) for e in range(self.start_index, self.num_model_evals)]
 
     # -- CUDA graphs ------------------------------------------------------------------------------------------
     def _graphs_ready(self, kinds, preview):
@@ -820,7 +885,8 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
            state_dtype=torch.float32, cuda_graph=True, guidance_scale=None, cond=None, uncond=None, mask=None,
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
            check_memory=True, batch_invariant=False, measurement=None, posterior=None, posterior_options=None,
-           distributed=False, **solver_options):
+           distributed=False, feature_cache=None, cache_branch=None, autoencoder=None, scale_factor=1.0,
+           decode_tile=None, decode_max_memory=None, decode_storage=None, **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
@@ -829,22 +895,34 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     cuda_graph=True the prepared Sampler and its graphs are kept (up to two, see clear_cache) and reused by the
     next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan.
     measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept).
+    feature_cache=N (cache_branch=k): DeepCache-style feature caching of a UNet3D, off by default (see `Sampler`).
     distributed=True (inside an initialised torch.distributed process group): every rank calls sample with the same
     arguments; rank r samples volumes r, r + world_size, ... of the batch and every rank returns the whole batch,
-    equal to what one process would sample (pydiffmed.distributed)."""
+    equal to what one process would sample (pydiffmed.distributed).
+    autoencoder= (a latent model): `shape` is the latent shape (B, latent_channels, *latent spatial; see
+    ModelInfo.latent_shape) and so are mask/known/init/x_T; the sampled latents are decoded as MONAI's
+    LatentDiffusionInferer does, autoencoder.decode(latents / scale_factor), by depth slabs with decode_tile /
+    decode_max_memory / decode_storage (pydiffmed.latent.decode_latents); the images are returned in state_dtype."""
     shape = _check_shape(shape)
+    latent = _latent_options(autoencoder, scale_factor, decode_tile, decode_max_memory, decode_storage, state_dtype)
+    if latent is not None and check_memory:
+        from .latent import check_decode_memory
+
+        check_decode_memory(autoencoder, shape, tile=decode_tile, max_memory=decode_max_memory,
+                            storage=decode_storage)
     if distributed:
-        return _sample_distributed(model, shape, seed, dict(
+        return _decoded(latent, _sample_distributed(model, shape, seed, dict(
             solver=solver, num_steps=num_steps, schedule=schedule, device=device, dtype=dtype,
             state_dtype=state_dtype, cuda_graph=cuda_graph, guidance_scale=guidance_scale, cond=cond, uncond=uncond,
             mask=mask, known=known, init=init, strength=strength, x_T=x_T, callback=callback, progress=progress,
             nan_check=nan_check, check_memory=check_memory, batch_invariant=batch_invariant,
-            measurement=measurement, posterior=posterior, posterior_options=posterior_options, **solver_options))
+            measurement=measurement, posterior=posterior, posterior_options=posterior_options,
+            feature_cache=feature_cache, cache_branch=cache_branch, **solver_options)))
     solver = _solver_from(solver, schedule, num_steps, solver_options)
     device = torch.device(device) if device is not None else _model_device(model)
     options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
                    strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory,
-                   batch_invariant=batch_invariant)
+                   batch_invariant=batch_invariant, feature_cache=feature_cache, cache_branch=cache_branch)
     cacheable = cuda_graph and device.type == "cuda" and measurement is None
     sampler = None
     if cacheable:
@@ -864,8 +942,31 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
         if cacheable:
             _sampler_cache.append((key, weakref.ref(model), sampler))
             del _sampler_cache[:-_CACHE_SIZE]
-    return sampler(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T, callback=callback,
-                   progress=progress)
+    return _decoded(latent, sampler(seed, cond=cond, uncond=uncond, mask=mask, known=known, init=init, x_T=x_T,
+                                    callback=callback, progress=progress))
+
+
+def _latent_options(autoencoder, scale_factor, tile, max_memory, storage, state_dtype):
+    """sample()'s decoding of latents (None without an autoencoder), checked before any sampling."""
+    if autoencoder is None:
+        if (tile, max_memory, storage) != (None, None, None) or scale_factor != 1.0:
+            raise ValueError("scale_factor and decode_tile/decode_max_memory/decode_storage go with autoencoder=")
+        return None
+    from .latent import check_decode_options, check_scale_factor
+
+    check_decode_options(tile, max_memory)
+    return dict(autoencoder=autoencoder, scale_factor=check_scale_factor(scale_factor), tile=tile,
+                max_memory=max_memory, storage=storage, state_dtype=state_dtype)
+
+
+def _decoded(latent, latents):
+    if latent is None:
+        return latents
+    from .latent import decode_latents
+
+    options = dict(latent)
+    state_dtype = options.pop("state_dtype")
+    return decode_latents(latents=latents, **options).to(state_dtype)
 
 
 def _sample_distributed(model, shape, seed, options):

@@ -5,6 +5,7 @@ the activations of one model forward measured on small proxy volumes and extrapo
 """
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass
@@ -21,22 +22,32 @@ class InsufficientMemoryError(MemoryError):
 
 @dataclass
 class MemoryEstimate:
-    """Bytes a sampling run needs on its device. activations is None when it could not be measured."""
+    """Bytes a sampling run needs on its device. activations is None when it could not be measured. With an
+    autoencoder (latent models): decode = the peak of the decode on the device (it runs after the sampling loop,
+    so the total counts the larger of the two), decode_storage = bytes of full activations kept in another
+    device's memory (decode_storage="cpu": host memory) meanwhile."""
     parameters: int
     state: int
     activations: Optional[int]
     device: torch.device
     note: str = ""
+    decode: Optional[int] = None
+    decode_storage: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.state + (self.activations or 0)
+        return self.parameters + self.state + max(self.activations or 0, self.decode or 0)
 
     def __str__(self):
         gib = 2.0 ** 30
         act = "unknown" if self.activations is None else f"{self.activations / gib:.2f} GiB"
         text = (f"{self.total / gib:.2f} GiB on {self.device} (parameters {self.parameters / gib:.2f} GiB, "
-                f"state and model input {self.state / gib:.2f} GiB, activations {act})")
+                f"state and model input {self.state / gib:.2f} GiB, activations {act}")
+        if self.decode is not None:
+            text += f", decode {self.decode / gib:.2f} GiB"
+        text += ")"
+        if self.decode_storage:
+            text += f", and {self.decode_storage / gib:.2f} GiB of decoder activations in storage memory"
         return text + (f"; {self.note}" if self.note else "")
 
 
@@ -103,6 +114,60 @@ def _activation_bytes(model, shape, dtype, device, cond):
     return None, f"activations not measured (proxy forwards failed: {type(last_error).__name__}: {last_error})"
 
 
+def _decode_peak(autoencoder, z):
+    tracker = _LiveBytes()
+    with torch.no_grad(), tracker:
+        out = autoencoder.decode(z)
+    del out
+    return tracker.peak - tracker.live
+
+
+def decode_memory(autoencoder, latent_shape, dtype=None, *, tile=None, max_memory=None, storage=None):
+    """(bytes on the autoencoder's device, bytes on `storage`, note) of one decode of a latent batch of
+    `latent_shape` = (B, latent_channels, *spatial) with pydiffmed's AutoencoderKL (parameters not included).
+    Whole-volume decodes are measured on small proxy latents and extrapolated (linear + quadratic in the voxel
+    count, as for model forwards); decodes by slabs (tile / max_memory) are planned at full size on a copy of the
+    network on the meta device, which allocates nothing: the peak of the tensors they create, of which the
+    working memory of the slabs (partition.SlabPlan.peak_estimate) stays on the device and the full activations
+    go to `storage` when it is another device."""
+    from .models import AutoencoderKL
+    from .models.autoencoder import run_blocks_by_slabs
+    from .partition import SlabPlan
+
+    if not isinstance(autoencoder, AutoencoderKL):
+        raise TypeError(f"decode_memory needs pydiffmed.models.AutoencoderKL, got {type(autoencoder).__name__}")
+    weight = autoencoder.post_quant_conv.conv.weight
+    device, own_dtype = weight.device, weight.dtype
+    dtype = dtype or own_dtype
+    size, own_size = (torch.tensor([], dtype=d).element_size() for d in (dtype, own_dtype))
+    batch, channels, *spatial = latent_shape
+    volume = math.prod(spatial)
+    if tile is None and max_memory is None:
+        peaks = []
+        proxies = [tuple(min(s, edge) for s in spatial) for edge in (4, 8)]
+        for proxy in proxies:
+            peaks.append(_decode_peak(autoencoder, torch.zeros(1, channels, *proxy, device=device, dtype=own_dtype)))
+        v1, v2 = (math.prod(p) for p in proxies)
+        if v1 == v2:
+            per_sample = peaks[1] * volume / v2
+        else:
+            c = max((peaks[1] / v2 - peaks[0] / v1) / (v2 - v1), 0.0)
+            per_sample = max(peaks[1] / v2 - c * v2, 0.0) * volume + c * volume * volume
+        return int(per_sample * batch * size / own_size), 0, ""
+    meta = copy.deepcopy(autoencoder).to(device="meta", dtype=dtype)
+    plan = SlabPlan(tile, max_memory)
+    tracker = _LiveBytes()
+    z = torch.empty(latent_shape, device="meta", dtype=dtype)
+    with torch.no_grad(), tracker:
+        h = meta.post_quant_conv(meta._input(z))  # what decode() runs, with the plan at hand
+        out = run_blocks_by_slabs(meta.decoder.blocks, h, plan, what="decoder")
+    del out, h
+    if storage is None or torch.device(storage) == device:
+        return tracker.peak, 0, ""
+    return plan.peak_estimate, tracker.peak, (f"by slabs: the full decoder activations live on {storage}, the "
+                                              f"device holds the slabs")
+
+
 def available_memory(device) -> Optional[int]:
     """Bytes free for new tensors on `device` (CUDA: driver-free plus torch's cached free blocks; CPU:
     MemAvailable of /proc/meminfo), or None when unknown."""
@@ -122,7 +187,8 @@ def available_memory(device) -> Optional[int]:
 
 
 def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.float32, guidance=False,
-                    inpaint=False, cond=None, device=None) -> MemoryEstimate:
+                    inpaint=False, cond=None, device=None, autoencoder=None, decode_tile=None,
+                    decode_max_memory=None, decode_storage=None) -> MemoryEstimate:
     """Memory one sampling run of `model` at `shape` = (B, C, *spatial) needs on its device.
 
     parameters: the model's parameters and buffers in `dtype`; state: the solver's state buffers (its plan's
@@ -132,7 +198,9 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
     the model where and as it is, scaled by the element size of `dtype`) and extrapolated (linear + quadratic
     in the voxel count), None for a model that is not an nn.Module or rejects the proxy sizes (a model that
     needs conditioning is measured only when `cond` gives it). Intermediates inside custom ops (workspaces)
-    are not seen, so keep a margin."""
+    are not seen, so keep a margin.
+    autoencoder (a latent model: `shape` is the latent shape): its parameters, and the decode after sampling
+    (decode_memory, with decode_tile / decode_max_memory / decode_storage as pydiffmed.sample takes them)."""
     # the engine's argument checks (it imports this module, so they are looked up when called)
     from .engine import _MODEL_DTYPES, _check_shape, _model_device, _model_dtype, _solver_from, _tensors_of
 
@@ -156,7 +224,14 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
     activations, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model), cond)
     if activations is not None:
         activations = activations * size // torch.tensor([], dtype=own_dtype).element_size()
-    return MemoryEstimate(int(parameters), int(state), activations, device, note)
+    if autoencoder is None:
+        return MemoryEstimate(int(parameters), int(state), activations, device, note)
+    parameters += sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+                      for t in _tensors_of(autoencoder))
+    decode, stored, decode_note = decode_memory(autoencoder, shape, dtype, tile=decode_tile,
+                                                max_memory=decode_max_memory, storage=decode_storage)
+    note = "; ".join(text for text in (note, decode_note) if text)
+    return MemoryEstimate(int(parameters), int(state), activations, device, note, decode, stored)
 
 
-__all__ = ["InsufficientMemoryError", "MemoryEstimate", "available_memory", "estimate_memory"]
+__all__ = ["InsufficientMemoryError", "MemoryEstimate", "available_memory", "decode_memory", "estimate_memory"]

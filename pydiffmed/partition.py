@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -167,13 +168,22 @@ class UpsampleConvLayer:
 
 
 class DeconvLayer:
-    """A kernel-2, stride-2 transposed convolution: output rows [2i, 2j) read input rows [i, j), no halo."""
+    """A stride-2 transposed convolution: kernel 2 (MONAI's, no padding): output rows [2i, 2j) read input rows
+    [i, j), no halo; kernel 3 with padding 1 and output padding 1 (MAISI's): output rows [2i, 2j) read input rows
+    [i − 1, j + 1) (zero rows outside the volume add nothing), computed without depth padding and cropped."""
 
     align = 2
 
     def __init__(self, deconv: nn.Module):
-        if tuple(deconv.kernel_size) != tuple(deconv.stride) or set(deconv.kernel_size) != {2}:
-            raise ValueError("DeconvLayer needs kernel_size = stride = 2")
+        kernel, stride = tuple(deconv.kernel_size), tuple(deconv.stride)
+        dims = len(kernel)
+        if stride != (2,) * dims or kernel not in ((2,) * dims, (3,) * dims):
+            raise ValueError("DeconvLayer needs stride 2 and kernel_size 2 (no padding) or 3")
+        self.kernel = kernel[0]
+        expected = ((0,) * dims, (0,) * dims) if self.kernel == 2 else ((1,) * dims, (1,) * dims)
+        if (tuple(deconv.padding), tuple(deconv.output_padding)) != expected:
+            raise ValueError(f"DeconvLayer with kernel_size {self.kernel} needs padding and output_padding "
+                             f"{expected[0][0]}")
         self.deconv = deconv
         self.out_channels = deconv.out_channels
         self.gather_pads = [(0, 0)] * (deconv.weight.ndim - 3)
@@ -182,12 +192,58 @@ class DeconvLayer:
         return tuple(2 * n for n in spatial)
 
     def in_rows(self, a, b):
-        return a // 2, b // 2
+        return (a // 2, b // 2) if self.kernel == 2 else (a // 2 - 1, b // 2 + 1)
 
     def compute(self, slab, add=None):
         if add is not None:
             raise ValueError("DeconvLayer takes no residual")
-        return self.deconv(slab)
+        if self.kernel == 2:
+            return self.deconv(slab)
+        conv = F.conv_transpose3d if slab.ndim == 5 else F.conv_transpose2d
+        rest = (1,) * (slab.ndim - 3)
+        y = conv(slab, self.deconv.weight, self.deconv.bias, stride=2, padding=(0, *rest),
+                 output_padding=(0, *rest))
+        # local output row r is padded row 2·lo + r − 1 of the whole volume, lo = a/2 − 1: rows [a, b) start at 3
+        return y[:, :, 3:3 + 2 * (slab.shape[2] - 2)]
+
+
+class InterpolateUpsampleConvLayer:
+    """conv(linear_upsample_×2(x)) for a 3×3(×3), padding-1 `conv` (MAISI's decoder: F.interpolate(mode="trilinear"
+    or "bilinear", align_corners=False), then the convolution). Output rows [2i, 2j) read upsampled rows
+    [2i − 1, 2j + 1), which read low-resolution rows [i − 1, j + 1). The interpolation clamps at the volume's
+    ends (not zeros), so `compute` is told where its slab lies (`wants_rows`) and the input depth `size`."""
+
+    align = 2
+    wants_rows = True
+
+    def __init__(self, conv: nn.Module, mode: str, size: int):
+        self.conv, self.mode, self.size = conv, mode, size
+        self.out_channels = conv.out_channels
+        self.gather_pads = [(0, 0)] * (conv.weight.ndim - 3)
+
+    def out_spatial(self, spatial):
+        return tuple(2 * n for n in spatial)
+
+    def in_rows(self, a, b):
+        return a // 2 - 1, b // 2 + 1
+
+    def compute(self, slab, add=None, rows=None):
+        if add is not None:
+            raise ValueError("InterpolateUpsampleConvLayer takes no residual")
+        lo, hi = rows
+        if lo < 0:  # the gathered zero row stands for the clamped edge: replicate row 0
+            slab = torch.cat([slab[:, :, 1:2], slab[:, :, 1:]], dim=2)
+        if hi > self.size:
+            slab = torch.cat([slab[:, :, :-1], slab[:, :, -2:-1]], dim=2)
+        # upsampled rows [2·lo, 2·hi); the first and last were clamped at the slab's edge: drop them
+        up = F.interpolate(slab, scale_factor=2.0, mode=self.mode)[:, :, 1:-1]
+        if lo < 0 or hi > self.size:  # upsampled rows −1 and 2·size are the convolution's zero padding
+            up = up.clone()
+            if lo < 0:
+                up[:, :, 0] = 0
+            if hi > self.size:
+                up[:, :, -1] = 0
+        return conv_module(up, self.conv, padding=[0] + [1] * (slab.ndim - 3))
 
 
 def slab_ranges(size: int, rows: int, align: int = 1) -> list[tuple[int, int]]:
@@ -240,8 +296,9 @@ def run_layer(layer, x: torch.Tensor, *, rows: int, norm: GroupNormApply | None 
                           memory_format=memory_format or channels_last_format(x.ndim))
     for a, b in slab_ranges(spatial[0], rows, layer.align):
         lo, hi = layer.in_rows(a, b)
+        where = {"rows": (lo, hi)} if getattr(layer, "wants_rows", False) else {}
         y = layer.compute(gather(x, lo, hi, layer.gather_pads, norm, device),
-                          None if add is None else add(a, b))
+                          None if add is None else add(a, b), **where)
         if stats is not None:
             stats.update(y)
         out[:, :, a:b].copy_(y)
@@ -266,12 +323,13 @@ class SlabPlan:
         self.tile, self.max_memory = tile, max_memory
         self.peak_estimate = 0  # the largest working_bytes of any layer run under this plan
 
-    def rows(self, layer, x: torch.Tensor, *, norm: bool, add: bool, stats: bool) -> int:
+    def rows(self, layer, x: torch.Tensor, *, norm: bool, add: bool, stats: bool, device=None) -> int:
+        """Rows per slab of `layer` on the stored input x, slabs computed on `device` (default x's)."""
         size = layer.out_spatial(x.shape[2:])[0]
         if self.tile is not None:
             rows = self.tile
         else:
-            smallest = working_bytes(layer, x, layer.align, norm=norm, add=add, stats=stats)
+            smallest = working_bytes(layer, x, layer.align, norm=norm, add=add, stats=stats, device=device)
             if smallest > self.max_memory:
                 raise ValueError(f"max_memory={self.max_memory} bytes is below the smallest slab of a "
                                  f"{type(layer).__name__} on input {tuple(x.shape)} ({smallest} bytes for "
@@ -279,31 +337,36 @@ class SlabPlan:
             rows, low, high = layer.align, layer.align, size
             while low <= high:  # the largest row count within budget (estimates grow with rows)
                 mid = (low + high) // 2
-                if working_bytes(layer, x, mid, norm=norm, add=add, stats=stats) <= self.max_memory:
+                if working_bytes(layer, x, mid, norm=norm, add=add, stats=stats, device=device) <= self.max_memory:
                     rows, low = mid, mid + 1
                 else:
                     high = mid - 1
         rows = min(max(rows, layer.align), size + size % layer.align)
-        self.peak_estimate = max(self.peak_estimate, working_bytes(layer, x, rows, norm=norm, add=add, stats=stats))
+        self.peak_estimate = max(self.peak_estimate,
+                                 working_bytes(layer, x, rows, norm=norm, add=add, stats=stats, device=device))
         return rows
 
 
-def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, stats: bool) -> int:
+def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, stats: bool, device=None) -> int:
     """Estimated bytes a slab of `rows` output rows needs on the compute device: input slab with halo and its
-    normalised copy (+ an fp32 temporary for half types), output (twice for the sub-pixel upsampler: phases, then
-    interleaved), residual slab, and the fp64 statistics temporaries."""
+    normalised copy, output (twice for the sub-pixel upsampler: phases, then interleaved), residual slab; off the
+    CPU (where the GroupNorm phases are torch code) fp32 temporaries of half-precision slabs for the apply and the
+    statistics."""
     n, c_in = x.shape[:2]
     item = x.element_size()
     lo, hi = layer.in_rows(0, rows - rows % layer.align or layer.align)
     in_plane = math.prod(s + before + after for s, (before, after) in zip(x.shape[3:], layer.gather_pads))
     in_elems = n * c_in * (hi - lo) * in_plane
     out_elems = n * layer.out_channels * rows * math.prod(layer.out_spatial(x.shape[2:])[1:])
-    total = in_elems * item * (2 if norm or n > 1 else 1) + (in_elems * 4 if norm and item < 4 else 0)
+    half_temporaries = item < 4 and torch.device(device or x.device).type != "cpu"
+    total = in_elems * item * (2 if norm or n > 1 else 1) + (in_elems * 4 if norm and half_temporaries else 0)
     total += out_elems * item * (2 if isinstance(layer, UpsampleConvLayer) else 1)
+    if isinstance(layer, InterpolateUpsampleConvLayer):  # the upsampled slab, before the convolution
+        total += in_elems * item * 2 ** (x.ndim - 2)
     total += out_elems * item if add else 0
-    total += out_elems * 16 if stats else 0
+    total += out_elems * 4 if stats and half_temporaries else 0
     return total
 
 
-__all__ = ["ConvLayer", "DeconvLayer", "GroupNormApply", "GroupStats", "SlabPlan", "UpsampleConvLayer", "gather",
-           "run_layer", "slab_ranges", "sweep_stats", "working_bytes"]
+__all__ = ["ConvLayer", "DeconvLayer", "GroupNormApply", "GroupStats", "InterpolateUpsampleConvLayer", "SlabPlan",
+           "UpsampleConvLayer", "gather", "run_layer", "slab_ranges", "sweep_stats", "working_bytes"]

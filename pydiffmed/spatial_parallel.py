@@ -589,6 +589,9 @@ class SpatialParallelAutoencoder(_SlabModule):
             elif isinstance(block, AEUpsample):
                 h = self._upsample_conv(h, block.postconv.conv)
             elif isinstance(block, DeconvUpsample):  # kernel 2, stride 2: each row makes two, no halo
+                if block.deconv.kernel_size[0] != 2:  # MAISI's kernel 3 would need a halo
+                    raise TypeError("SpatialParallelAutoencoder does not run a kernel-3 transposed convolution "
+                                    "(MAISI's, convtranspose_kernel_size=3)")
                 h = block(h)
             elif isinstance(block, AEDownsample):  # one zero row after the volume's end: one halo row after
                 pad = (0, 1) * (h.ndim - 3) + (0, 0)

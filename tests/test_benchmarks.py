@@ -355,3 +355,64 @@ def test_gpu_suite_cpu_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
     assert "bench_determinism_help" in summary and "CPU dry run passed" in summary
+
+
+def test_contention_rows(tmp_path):
+    run_script("bench_contention.py", ["--size", "8", "--repeats", "1", "--passes", "1", "--dtypes", "fp32",
+                                       "--load", "1", "--load-seconds", "120", "--variants", "pydiffmed"], tmp_path)
+    rows = load(tmp_path, "bench_contention")["rows"]
+    assert [r["variant"] for r in rows] == ["pydiffmed UNet3D (pydiffmed's OpenMP wait)",
+                                            "pydiffmed UNet3D (libgomp default wait)"]
+    for r in rows:
+        assert not r["error"], r
+        assert r["quiet_ms"] > 0 and r["loaded_ms"] > 0
+        assert r["slowdown"] == pytest.approx(r["loaded_ms"] / r["quiet_ms"], rel=0.01)
+        assert r["vs_fastest_peer_loaded"] is None  # no peer ran
+
+
+def test_unet_peers_floor_rows_and_headline(tmp_path):
+    """bench_unet on a tiny model at 8³ with the fast peers (torch.compile left out: a minute to compile): every
+    peer is a row, timed or with a note saying why it failed; the ratios are those of the rows' own times; every
+    timed row computes MONAI fp32's output; the floor is UNet3D's own convolutions for UNet3D's rows."""
+    run_script("bench_unet.py", ["--cases", "tiny:8", "--repeats", "1", "--threads", "1",
+                                 "--peer-set", "autocast,onnxruntime,openvino"], tmp_path)
+    rows = load(tmp_path, "bench_unet")["rows"]
+    by_name = {r["variant"]: r for r in rows}
+    assert list(by_name) == ["MONAI fp32", "ONNX Runtime fp32", "OpenVINO fp32", "MONAI+accelerate fp32",
+                             "UNet3D fp32", "MONAI bf16", "MONAI autocast bf16", "OpenVINO bf16", "UNet3D bf16"]
+    timed = [r for r in rows if "ms" in r]
+    for r in rows:
+        assert "ms" in r or r["note"].startswith("failed: "), r
+    for name in ("MONAI fp32", "MONAI+accelerate fp32", "UNet3D fp32", "MONAI bf16", "UNet3D bf16",
+                 "MONAI autocast bf16"):
+        assert "ms" in by_name[name], by_name[name]
+    for r in timed:
+        assert r["speedup"] == pytest.approx(r["MONAI_fp32_ms"] / r["ms"])
+        assert r["speedup_same_dtype"] == pytest.approx(by_name[f"MONAI {r['dtype']}"]["ms"] / r["ms"])
+        assert r["rel_l2_vs_monai_fp32"] < (1e-4 if r["dtype"] == "fp32" else 0.1), r
+        assert r["floor_of"] == ("UNet3D" if r["variant"].startswith("UNet3D") else "MONAI")
+        assert r["floor_ms"] > 0 and r["vs_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+        peers = {p["variant"]: p["ms"] for p in timed if p["dtype"] == r["dtype"] and not
+                 p["variant"].startswith(("UNet3D", "MONAI+accelerate"))}
+        if r["variant"].startswith(("UNet3D", "MONAI+accelerate")):
+            assert r["fastest_peer"] == min(peers, key=peers.get)
+            assert r["vs_fastest_peer"] == pytest.approx(min(peers.values()) / r["ms"])
+        else:
+            assert "vs_fastest_peer" not in r
+    for name in ("ONNX Runtime fp32", "OpenVINO fp32", "OpenVINO bf16"):
+        if "ms" in by_name[name]:
+            assert by_name[name]["compile_s"] > 0 and by_name[name]["note"]
+    sys.path.insert(0, BENCH)
+    try:
+        results_md = importlib.import_module("results_md")
+    finally:
+        sys.path.remove(BENCH)
+    [(_, line)] = results_md.headline_unet(rows)
+    assert line.startswith("tiny 8³: ×") and "vs the fastest peer at its precision" in line and "floor" in line
+
+    run_script("bench_unet.py", ["--cases", "tiny:8", "--repeats", "1", "--threads", "1", "--no-peers",
+                                 "--no-floor"], tmp_path)
+    rows = load(tmp_path, "bench_unet")["rows"]
+    assert [r["variant"] for r in rows] == ["MONAI fp32", "MONAI+accelerate fp32", "UNet3D fp32", "MONAI bf16",
+                                            "UNet3D bf16"]
+    assert all("floor_ms" not in r and r["ms"] > 0 for r in rows)

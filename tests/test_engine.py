@@ -554,7 +554,7 @@ def test_graph_replay_order_and_cache(monkeypatch, name):
     graphed.use_cuda_graph = True
     assert torch.equal(graphed(3), eager(3))
     forms = set(graphed.plan.form_of_eval)
-    assert sorted(capture.captured) == sorted(((f, None), False) for f in forms)   # one graph per form
+    assert sorted(capture.captured) == sorted(((f, None, None), False) for f in forms)   # one graph per form
     assert torch.equal(graphed(4), eager(4)) and len(capture.captured) == len(forms)   # reused
     known, mask = torch.randn(SHAPE_OF(3)), torch.rand(1, 2, 2, 2) > 0.5
     assert torch.equal(graphed(5, mask=mask, known=known, callback=lambda e, x0: None),

@@ -25,7 +25,7 @@ from torch import nn
 from .. import partition
 from ..nn import GroupNorm3d, GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
-from .checkpoint import MonaiModule, convert_monai_state_dict
+from .checkpoint import CheckpointError, MonaiModule, convert_monai_state_dict
 from .layers import Conv, channels_last_format, conv_module, upsample_conv
 
 
@@ -75,14 +75,28 @@ class Upsample(nn.Module):
         return upsample_conv(x, self.postconv.conv)
 
 
-class DeconvUpsample(nn.Module):
-    """MONAI `Upsample(mode="deconv")` (use_convtranspose=True): a 2×2(×2) stride-2 transposed convolution
-    (`deconv.*`)."""
+class InterpolateUpsample(nn.Module):
+    """MAISI's `MaisiUpsample` (use_convtranspose=False): linear ×2 interpolation (trilinear in 3-D, bilinear in
+    2-D, align_corners=False), then a 3×3(×3) convolution (`postconv.conv.*`)."""
 
     def __init__(self, spatial_dims: int, channels: int):
         super().__init__()
+        self.mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        self.postconv = Conv(spatial_dims, channels, channels, 3)
+
+    def forward(self, x):
+        return self.postconv(F.interpolate(x, scale_factor=2.0, mode=self.mode))
+
+
+class DeconvUpsample(nn.Module):
+    """MONAI `Upsample(mode="deconv")` (use_convtranspose=True): a 2×2(×2) stride-2 transposed convolution
+    (`deconv.*`); kernel_size=3: MAISI's (3×3(×3), stride 2, padding 1, output padding 1)."""
+
+    def __init__(self, spatial_dims: int, channels: int, kernel_size: int = 2):
+        super().__init__()
         conv_type = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
-        self.deconv = conv_type(channels, channels, kernel_size=2, stride=2)
+        extra = dict(padding=1, output_padding=1) if kernel_size == 3 else {}
+        self.deconv = conv_type(channels, channels, kernel_size=kernel_size, stride=2, **extra)
 
     def forward(self, x):
         return self.deconv(x)
@@ -134,7 +148,7 @@ class Decoder(nn.Module):
 
     def __init__(self, spatial_dims, channels, in_channels, out_channels, num_res_blocks, norm_num_groups, norm_eps,
                  attention_levels, with_nonlocal_attn=True, use_convtranspose=False, include_fc=True,
-                 use_combined_linear=False):
+                 use_combined_linear=False, upsample_mode="nearest", convtranspose_kernel_size=2):
         super().__init__()
         attention = dict(norm_num_groups=norm_num_groups, norm_eps=norm_eps, include_fc=include_fc,
                          use_combined_linear=use_combined_linear)
@@ -154,7 +168,10 @@ class Decoder(nn.Module):
                 if attention_levels[level]:
                     blocks.append(_attention(spatial_dims, cin, **attention))
             if i < levels - 1:
-                blocks.append((DeconvUpsample if use_convtranspose else Upsample)(spatial_dims, cin))
+                if use_convtranspose:
+                    blocks.append(DeconvUpsample(spatial_dims, cin, convtranspose_kernel_size))
+                else:
+                    blocks.append((Upsample if upsample_mode == "nearest" else InterpolateUpsample)(spatial_dims, cin))
         blocks += [GroupNorm3d(norm_num_groups, cin, eps=norm_eps), Conv(spatial_dims, cin, out_channels, 3)]
         self.blocks = nn.ModuleList(blocks)
 
@@ -168,6 +185,9 @@ class AutoencoderKL(MonaiModule):
     """MONAI `AutoencoderKL`-compatible autoencoder (Rombach et al. 2022; Pinaya et al. 2022). Arguments and
     defaults are MONAI's; spatial_dims is 2 or 3. `use_checkpoint` and `use_flash_attention` are accepted for
     compatibility (inference needs no activation checkpointing; attention is always the flash kernel here).
+    Two arguments of pydiffmed's describe MAISI's decoder (`AutoencoderKlMaisi`, see `from_maisi`):
+    upsample_mode="linear" (trilinear/bilinear ×2 interpolation before the upsampling convolution, instead of
+    MONAI's "nearest") and convtranspose_kernel_size=3 (MAISI's transposed convolution; MONAI's is 2).
 
     Load MONAI weights with `load_state_dict` (today's keys or the older GenerativeModels names),
     `load_checkpoint(path)` or `AutoencoderKL.from_monai(model)`. Inputs are cast to the model's dtype; outputs
@@ -184,11 +204,17 @@ class AutoencoderKL(MonaiModule):
                  norm_num_groups: int = 32, norm_eps: float = 1e-6, with_encoder_nonlocal_attn: bool = True,
                  with_decoder_nonlocal_attn: bool = True, use_checkpoint: bool = False,
                  use_convtranspose: bool = False, include_fc: bool = True, use_combined_linear: bool = False,
-                 use_flash_attention: bool = False) -> None:
+                 use_flash_attention: bool = False, upsample_mode: str = "nearest",
+                 convtranspose_kernel_size: int = 2) -> None:
         super().__init__()
         channels, attention_levels = tuple(channels), tuple(bool(a) for a in attention_levels)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if upsample_mode not in ("nearest", "linear"):
+            raise ValueError(f"upsample_mode must be 'nearest' (MONAI) or 'linear' (MAISI), got {upsample_mode!r}")
+        if convtranspose_kernel_size not in (2, 3):
+            raise ValueError(f"convtranspose_kernel_size must be 2 (MONAI) or 3 (MAISI), got "
+                             f"{convtranspose_kernel_size!r}")
         if not channels:
             raise ValueError("channels must name at least one level")
         if any(c % norm_num_groups for c in channels):
@@ -211,13 +237,15 @@ class AutoencoderKL(MonaiModule):
                            with_encoder_nonlocal_attn=with_encoder_nonlocal_attn,
                            with_decoder_nonlocal_attn=with_decoder_nonlocal_attn,
                            use_convtranspose=use_convtranspose, include_fc=include_fc,
-                           use_combined_linear=use_combined_linear)
+                           use_combined_linear=use_combined_linear, upsample_mode=upsample_mode,
+                           convtranspose_kernel_size=convtranspose_kernel_size)
         attention = dict(include_fc=include_fc, use_combined_linear=use_combined_linear)
         self.encoder = Encoder(spatial_dims, in_channels, channels, latent_channels, num_res_blocks,
                                norm_num_groups, norm_eps, attention_levels, with_encoder_nonlocal_attn, **attention)
         self.decoder = Decoder(spatial_dims, channels, latent_channels, out_channels, num_res_blocks,
                                norm_num_groups, norm_eps, attention_levels, with_decoder_nonlocal_attn,
-                               use_convtranspose, **attention)
+                               use_convtranspose, **attention, upsample_mode=upsample_mode,
+                               convtranspose_kernel_size=convtranspose_kernel_size)
         self.quant_conv_mu = Conv(spatial_dims, latent_channels, latent_channels, 1)
         self.quant_conv_log_sigma = Conv(spatial_dims, latent_channels, latent_channels, 1)
         self.post_quant_conv = Conv(spatial_dims, latent_channels, latent_channels, 1)
@@ -227,9 +255,36 @@ class AutoencoderKL(MonaiModule):
     # --- loading ---------------------------------------------------------------------------------------------
 
     def convert_keys(self, state_dict) -> dict:
-        """Today's keys, or GenerativeModels' older names: attention `to_q/to_k/to_v/proj_attn` directly on the
-        block, the upsampler's `conv` for `postconv`."""
-        return self._rename_old_upsampler_keys(convert_monai_state_dict(state_dict))
+        """Today's keys, GenerativeModels' older names (attention `to_q/to_k/to_v/proj_attn` directly on the
+        block, the upsampler's `conv` for `postconv`) or MAISI's (`AutoencoderKlMaisi`, see `maisi_key_map`)."""
+        return self._rename_old_upsampler_keys(convert_monai_state_dict(self._rename_maisi_keys(state_dict)))
+
+    def maisi_key_map(self) -> dict:
+        """{MAISI key: this model's key} for the weights `AutoencoderKlMaisi` names differently: its
+        `MaisiConvolution` wraps MONAI's `Convolution` once more (`<name>.conv.conv.*` for our `<name>.conv.*`,
+        also inside resnets and downsamplers), and its upsamplers hold that wrapper as `conv`
+        (`<name>.conv.conv.conv.*` for our `<name>.postconv.conv.*` or, transposed, `<name>.deconv.*`).
+        GroupNorm (`MaisiGroupNorm3D`), attention and the quant convolutions keep MONAI's names."""
+        mapping = {}
+        for name, module in self.named_modules():
+            if isinstance(module, Conv):
+                mapping.update({f"{name}.conv.conv.{p}": f"{name}.conv.{p}" for p, _ in module.conv.named_parameters()})
+            elif isinstance(module, (InterpolateUpsample, DeconvUpsample)):
+                inner = module.postconv.conv if isinstance(module, InterpolateUpsample) else module.deconv
+                prefix = f"{name}.postconv.conv." if isinstance(module, InterpolateUpsample) else f"{name}.deconv."
+                mapping.update({f"{name}.conv.conv.conv.{p}": prefix + p for p, _ in inner.named_parameters()})
+        return mapping
+
+    def _rename_maisi_keys(self, state_dict):
+        own = self.state_dict().keys()
+        mapping = {k: v for k, v in self.maisi_key_map().items() if k not in own}
+        renamed = {}
+        for key, value in state_dict.items():
+            new_key = mapping.get(key, key)
+            if new_key in renamed:
+                raise CheckpointError(f"checkpoint has both {key!r} and a key that also maps to {new_key!r}")
+            renamed[new_key] = value
+        return renamed
 
     def _rename_old_upsampler_keys(self, state_dict):
         # `decoder.blocks.i.conv.conv.*` names the upsampler's convolution only where block i is an Upsample
@@ -246,7 +301,21 @@ class AutoencoderKL(MonaiModule):
 
     @staticmethod
     def monai_config(model: nn.Module) -> dict:
+        if _is_maisi(model):
+            return maisi_autoencoder_config(model)
         return monai_autoencoder_config(model)
+
+    @classmethod
+    def from_maisi(cls, model: nn.Module):
+        """This network with the configuration and weights of a live MONAI `AutoencoderKlMaisi` (same device and
+        dtype; `from_monai` does the same for either class). The same math: MAISI's num_splits/dim_split
+        (convolutions by overlapping pieces), save_mem and print_info only save memory or log, and are dropped;
+        norm_float16 (MAISI rounds every normalised activation to float16 to save memory) is not reproduced —
+        GroupNorm statistics are fp32 and outputs are in the model's dtype (run the model in float16 for fp16
+        activations); a MAISI model with norm_float16=False gives the same numbers in fp32."""
+        if not _is_maisi(model):
+            raise TypeError(f"from_maisi expects a MONAI AutoencoderKlMaisi, got {type(model).__name__}")
+        return cls.from_monai(model)
 
     # --- the MONAI interface -----------------------------------------------------------------------------------
 
@@ -329,7 +398,8 @@ def run_blocks_by_slabs(blocks, x: torch.Tensor, plan: "partition.SlabPlan", sto
         return None
 
     def layer(op, inp, *, norm=None, add=None, out=None, stats=None, memory_format=None):
-        rows = plan.rows(op, inp, norm=norm is not None, add=add is not None, stats=stats is not None)
+        rows = plan.rows(op, inp, norm=norm is not None, add=add is not None, stats=stats is not None,
+                         device=device)
         return partition.run_layer(op, inp, rows=rows, norm=norm, add=add, out=out, stats=stats, device=device,
                                    storage=storage, memory_format=memory_format)
 
@@ -371,6 +441,9 @@ def run_blocks_by_slabs(blocks, x: torch.Tensor, plan: "partition.SlabPlan", sto
             x = layer(partition.ConvLayer(block.conv.conv, pads=[(0, 1)] * dims), x, stats=want)
         elif isinstance(block, Upsample):
             x = layer(partition.UpsampleConvLayer(block.postconv.conv), x, stats=want)
+        elif isinstance(block, InterpolateUpsample):
+            x = layer(partition.InterpolateUpsampleConvLayer(block.postconv.conv, block.mode, x.shape[2]), x,
+                      stats=want)
         elif isinstance(block, DeconvUpsample):
             x = layer(partition.DeconvLayer(block.deconv), x, stats=want)
         else:
@@ -402,5 +475,48 @@ def monai_autoencoder_config(model: nn.Module) -> dict:
                 use_combined_linear=bool(attn.use_combined_linear) if attn is not None else False)
 
 
-__all__ = ["AutoencoderKL", "Decoder", "DeconvUpsample", "Downsample", "Encoder", "ResBlock", "Upsample",
-           "monai_autoencoder_config", "run_blocks_by_slabs"]
+def _is_maisi(model: nn.Module) -> bool:
+    return any(type(m).__name__ in ("MaisiEncoder", "MaisiDecoder") for m in (getattr(model, "encoder", None),
+                                                                             getattr(model, "decoder", None)))
+
+
+def maisi_autoencoder_config(model: nn.Module) -> dict:
+    """AutoencoderKL arguments for a live MONAI `AutoencoderKlMaisi`, read from its blocks (MaisiEncoder keeps no
+    configuration): levels are the runs of `MaisiResBlock`s between `MaisiDownsample`s; MONAI `AEKLResBlock`s are
+    the non-local part."""
+    def kind(block):
+        return type(block).__name__
+
+    encoder, decoder = list(model.encoder.blocks), list(model.decoder.blocks)
+    levels, attention_levels = [[]], [False]
+    for block in encoder[1:]:
+        if kind(block) == "AEKLResBlock":
+            break
+        if kind(block) == "MaisiResBlock":
+            levels[-1].append(block.out_channels)
+        elif kind(block) == "SpatialAttentionBlock":
+            attention_levels[-1] = True
+        elif kind(block) == "MaisiDownsample":
+            levels.append([])
+            attention_levels.append(False)
+    if any(not level for level in levels):
+        raise ValueError("this AutoencoderKlMaisi has a level without residual blocks; pydiffmed cannot read its "
+                         "channels from the modules")
+    norm = next(m for m in model.modules() if isinstance(m, nn.GroupNorm))
+    attentions = [m for m in model.modules() if kind(m) == "SpatialAttentionBlock"]
+    attn = attentions[0].attn if attentions else None
+    upsamplers = [b for b in decoder if kind(b) == "MaisiUpsample"]
+    return dict(spatial_dims=encoder[0].conv.conv.weight.ndim - 2, in_channels=encoder[0].conv.conv.in_channels,
+                out_channels=decoder[-1].conv.conv.out_channels, num_res_blocks=tuple(len(lv) for lv in levels),
+                channels=tuple(lv[-1] for lv in levels), attention_levels=tuple(attention_levels),
+                latent_channels=model.latent_channels, norm_num_groups=norm.num_groups, norm_eps=norm.eps,
+                with_encoder_nonlocal_attn=any(kind(b) == "AEKLResBlock" for b in encoder),
+                with_decoder_nonlocal_attn=any(kind(b) == "AEKLResBlock" for b in decoder),
+                use_convtranspose=any(b.use_convtranspose for b in upsamplers),
+                include_fc=bool(attn.include_fc) if attn is not None else False,
+                use_combined_linear=bool(attn.use_combined_linear) if attn is not None else False,
+                upsample_mode="linear", convtranspose_kernel_size=3)
+
+
+__all__ = ["AutoencoderKL", "Decoder", "DeconvUpsample", "Downsample", "Encoder", "InterpolateUpsample", "ResBlock",
+           "Upsample", "maisi_autoencoder_config", "monai_autoencoder_config", "run_blocks_by_slabs"]

@@ -122,13 +122,19 @@ class MonaiModule(nn.Module):
         return new
 
 
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "unet", "diffusion")
+# Keys under which training scripts save the state dict next to other entries (epoch, optimizer, scale_factor):
+# MAISI saves its diffusion UNet and its autoencoder under "unet_state_dict", its ControlNet under
+# "controlnet_state_dict".
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "unet_state_dict", "controlnet_state_dict",
+                 "autoencoder_state_dict", "model", "net", "network", "unet", "diffusion")
 
 
 def load_state_dict_file(path) -> dict:
     """Tensors of a checkpoint file: `.safetensors`, or a torch file read with `torch.load(weights_only=True)`
     (never unpickling arbitrary objects). A dict that wraps the state dict under one of the usual keys
-    ("state_dict", "model", ...) is unwrapped. Errors name the file and the problem."""
+    ("state_dict", MAISI's "unet_state_dict" and "controlnet_state_dict", "model", ...; `_WRAPPER_KEYS`, first
+    match wins) is unwrapped. Errors name the file and the problem (for a dict that is no state dict and wraps none
+    under those keys: its top-level keys)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
@@ -158,7 +164,10 @@ def load_state_dict_file(path) -> dict:
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state_dict).__name__}")
     bad = [f"{k!r} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: " + _listing(bad))
+        where = "" if state_dict is not loaded else (
+            f"; not a state dict, and none of the keys that wrap one ({', '.join(_WRAPPER_KEYS)}) holds a dict; "
+            f"its top-level keys: " + _listing([repr(k) for k in loaded]))
+        raise CheckpointError(f"{path}: entries that are not tensors: " + _listing(bad) + where)
     bad = [repr(k) for k in state_dict if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"{path}: keys that are not names: " + _listing(bad))

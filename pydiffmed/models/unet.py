@@ -334,6 +334,151 @@ class UNet3D(MonaiModule):
         h = ops.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, act="silu")
         return self.out[2](h).contiguous()
 
+    # --- feature caching (DeepCache, Ma et al. 2023) -------------------------------------------------------------
+    #
+    # The skip connections are numbered in the order the encoder makes them: 0 is conv_in's output, then one per
+    # down resnet (after its attention) and one per downsampler. The decoder consumes them in reverse order, one per
+    # up resnet. Cache branch k is skip connection k: `forward_and_cache` also returns the feature map entering the
+    # up resnet that consumes skip k from the deeper path (what the rest of the network computed below it);
+    # `forward_shallow` recomputes only the shallow path around that skip (conv_in and the encoder up to skip k,
+    # then that up resnet and the rest of the decoder on the cached deep features) and skips everything deeper.
+    # Branch 0 is the cheapest shallow path (conv_in, the last up resnet, out); the branch of the first up resnet
+    # of up_blocks[-d] recomputes whole levels (the first d down blocks and the last d up blocks).
+
+    @property
+    def num_cache_branches(self) -> int:
+        """The number of skip connections: the cache branches are 0 .. num_cache_branches - 1."""
+        return 1 + sum(len(level.resnets) + (level.downsampler is not None) for level in self.down_blocks)
+
+    def cache_branch_of_level(self, depth: int) -> int:
+        """The cache branch whose shallow path is whole levels: the first `depth` down blocks (less the last
+        downsampler) and the last `depth` up blocks, 1 <= depth < len(channels)."""
+        levels = len(self.block_out_channels)
+        if not _is_int(depth) or not 1 <= depth < levels:
+            raise ValueError(f"depth must be an int in [1, {levels - 1}] (the model has {levels} levels), got "
+                             f"{depth!r}")
+        return sum(self.num_res_blocks[level] + 1 for level in range(depth)) - 1
+
+    def cache_feature_shape(self, shape, branch: int = 0) -> tuple:
+        """The shape of the deep features `forward_and_cache` returns for an input of `shape` (B, C, *spatial)."""
+        branch = self._check_branch(branch)
+        resnet = next(level.resnets[j] for level, j, skip in self._up_units() if skip == branch)
+        channels, scale = self._skip_geometry(branch)
+        return (shape[0], resnet.norm1.num_channels - channels, *(s // scale for s in shape[2:]))
+
+    def forward_and_cache(self, x: torch.Tensor, timesteps, context: torch.Tensor | None = None,
+                          class_labels: torch.Tensor | None = None, *, branch: int = 0):
+        """(forward(x, timesteps, context, class_labels), deep features): the same output as `forward` (the same
+        operations in the same order), and the feature map entering the up resnet that consumes skip connection
+        `branch` from the deeper path (shape `cache_feature_shape(x.shape, branch)`, channels_last)."""
+        branch = self._check_branch(branch)
+        h, silu_emb = self._embed(x, timesteps, context, class_labels)
+        h = self.conv_in(h)
+        skips = [h]
+        for level in self.down_blocks:
+            h = level(h, silu_emb, context, skips)
+        h = self.middle_block(h, silu_emb, context)
+        features = None
+        for level, j, skip in self._up_units():
+            if skip == branch:
+                features = h
+            h = self._up_unit(level, j, h, silu_emb, context, skips)
+        return self._output(h), features
+
+    def forward_shallow(self, x: torch.Tensor, timesteps, features: torch.Tensor,
+                        context: torch.Tensor | None = None, class_labels: torch.Tensor | None = None, *,
+                        branch: int = 0) -> torch.Tensor:
+        """The output with the deep path replaced by `features` (from `forward_and_cache` at the same branch, at
+        this or an earlier step): conv_in and the encoder up to skip connection `branch`, then the decoder from the
+        up resnet that consumes it. With the features of the same x and timesteps this equals `forward`."""
+        branch = self._check_branch(branch)
+        expected = self.cache_feature_shape(tuple(x.shape), branch)
+        if not isinstance(features, torch.Tensor) or tuple(features.shape) != expected:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be the deep features of cache branch {branch}, shape {expected}; got "
+                             f"{got}")
+        h, silu_emb = self._embed(x, timesteps, context, class_labels)
+        h = self.conv_in(h)
+        skips = [h]
+        for level, j in self._down_units():
+            if len(skips) > branch:
+                break
+            h = self._down_unit(level, j, h, silu_emb, context)
+            skips.append(h)
+        h = features.to(dtype=h.dtype)
+        started = False
+        for level, j, skip in self._up_units():
+            started = started or skip == branch
+            if started:
+                h = self._up_unit(level, j, h, silu_emb, context, skips)
+        return self._output(h)
+
+    def _check_branch(self, branch):
+        count = self.num_cache_branches
+        if not _is_int(branch) or not 0 <= branch < count:
+            raise ValueError(f"cache branch must be an int in [0, {count - 1}] (a skip connection of this model: 0 "
+                             f"is conv_in's output, {count - 1} the deepest), got {branch!r}")
+        return int(branch)
+
+    def _skip_geometry(self, branch):
+        """(channels, spatial down-scaling factor) of skip connection `branch`."""
+        if branch == 0:
+            return self.block_out_channels[0], 1
+        level, j = self._down_units()[branch - 1]
+        return self.block_out_channels[level], 2 ** (level + (j is None))
+
+    def _down_units(self):
+        """[(level index, resnet index or None for the downsampler)] in encoder order; unit u makes skip u + 1."""
+        return [(i, j) for i, level in enumerate(self.down_blocks)
+                for j in [*range(len(level.resnets)), *([None] if level.downsampler is not None else [])]]
+
+    def _up_units(self):
+        """(up level, resnet index, the skip connection it consumes) per up resnet and (up level, None, None) per
+        upsampler, in decoder order."""
+        remaining = self.num_cache_branches
+        for level in self.up_blocks:
+            for j in range(len(level.resnets)):
+                remaining -= 1
+                yield level, j, remaining
+            if level.upsampler is not None:
+                yield level, None, None
+
+    def _embed(self, x, timesteps, context, class_labels):
+        """(x in the model's dtype and channels_last, SiLU(time embedding)), as `forward` computes them."""
+        self._check_input(x, context, class_labels)
+        weight = self.conv_in.conv.weight
+        batch = x.shape[0]
+        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=_channels_last(x.ndim))
+        silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
+                              _timesteps(timesteps, batch, weight.device),
+                              class_labels if self.num_class_embeds is not None else None)
+        return h, silu_emb
+
+    def _down_unit(self, index, j, h, silu_emb, context):
+        """One step of DownLevel.forward: resnet j (+ attention j), or the downsampler (j None)."""
+        level = self.down_blocks[index]
+        if j is None:
+            return level.downsampler(h, silu_emb)
+        h = level.resnets[j](h, silu_emb)
+        if len(level.attentions):
+            h = _apply_attention(level.attentions[j], h, context)
+        return h
+
+    @staticmethod
+    def _up_unit(level, j, h, silu_emb, context, skips):
+        """One step of UpLevel.forward: resnet j on (h, the latest skip) (+ attention j), or the upsampler."""
+        if j is None:
+            return level.upsampler(h, silu_emb)
+        h = level.resnets[j](torch.cat([h, skips.pop()], dim=1), silu_emb)
+        if len(level.attentions):
+            h = _apply_attention(level.attentions[j], h, context)
+        return h
+
+    def _output(self, h):
+        norm = self.out[0]
+        h = ops.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, act="silu")
+        return self.out[2](h).contiguous()
+
     def _check_input(self, x, context, class_labels):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
