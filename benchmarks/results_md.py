@@ -102,26 +102,36 @@ def headline_kernel(name):
 
 
 def headline_unet(rows):
-    """UNet3D (fastest variant) vs MONAI fp32, one forward, per configuration and volume."""
-    best = {}
-    for r in rows:
-        if not r["variant"].startswith("UNet3D"):
-            continue
-        key = (r["config"], r["volume"])
-        if key not in best or r["speedup"] > best[key]["speedup"]:
-            best[key] = r
-    if not best:
+    """UNet3D vs MONAI at equal precision, and vs the fastest peer at that precision (where the run timed peers),
+    per configuration, volume and dtype; runs without per-dtype columns: the fastest UNet3D vs MONAI fp32."""
+    unet = [r for r in rows if r["variant"].startswith("UNet3D")]
+    if not unet:
         return []
-    parts = [f"{c} {v}: {_x(r['speedup'])} ({r['variant']}, {_secs(r['ms'])} vs {_secs(r['MONAI_fp32_ms'])})"
-             + _unet_peer_and_floor(r) for (c, v), r in best.items()]
-    return [("UNet forward: UNet3D vs MONAI DiffusionModelUNet fp32", "; ".join(parts))]
+    if any(r.get("speedup_same_dtype") is None for r in unet):
+        best = {}
+        for r in unet:
+            key = (r["config"], r["volume"])
+            if key not in best or r["speedup"] > best[key]["speedup"]:
+                best[key] = r
+        parts = [f"{c} {v}: {_x(r['speedup'])} ({r['variant']}, {_secs(r['ms'])} vs {_secs(r['MONAI_fp32_ms'])})"
+                 for (c, v), r in best.items()]
+        return [("UNet forward: UNet3D vs MONAI DiffusionModelUNet fp32", "; ".join(parts))]
+    cases = {}
+    for r in unet:
+        cases.setdefault((r["config"], r["volume"]), []).append(r)
+    parts = []
+    for (config, volume), case_rows in cases.items():
+        per_dtype = [f"{r['dtype']} {_x(r['speedup_same_dtype'])} ({_secs(r['ms'])})" + _unet_peer_and_floor(r)
+                     for r in case_rows]
+        parts.append(f"{config} {volume}: " + ", ".join(per_dtype))
+    return [("UNet forward: UNet3D vs MONAI DiffusionModelUNet at the same precision", "; ".join(parts))]
 
 
 def _unet_peer_and_floor(r) -> str:
     """bench_unet's peer and floor columns of a UNet3D row, where the run measured them."""
     out = ""
     if r.get("vs_fastest_peer") is not None and r.get("fastest_peer"):
-        out += f", {_x(r['vs_fastest_peer'])} vs the fastest peer at its precision ({r['fastest_peer']})"
+        out += f", {_x(r['vs_fastest_peer'])} vs {r['fastest_peer']}"
     if r.get("vs_floor") is not None:
         out += f", {r['vs_floor']:.2f}× its convolutions' floor"
     return out

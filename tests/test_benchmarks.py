@@ -407,8 +407,11 @@ def test_unet_peers_floor_rows_and_headline(tmp_path):
         results_md = importlib.import_module("results_md")
     finally:
         sys.path.remove(BENCH)
-    [(_, line)] = results_md.headline_unet(rows)
-    assert line.startswith("tiny 8³: ×") and "vs the fastest peer at its precision" in line and "floor" in line
+    [(subject, line)] = results_md.headline_unet(rows)
+    assert subject == "UNet forward: UNet3D vs MONAI DiffusionModelUNet at the same precision"
+    ours = {r["dtype"]: r for r in rows if r["variant"].startswith("UNet3D")}
+    assert line.startswith(f"tiny 8³: fp32 {results_md._x(ours['fp32']['speedup_same_dtype'])}")
+    assert f"vs {ours['fp32']['fastest_peer']}" in line and "floor" in line
 
     run_script("bench_unet.py", ["--cases", "tiny:8", "--repeats", "1", "--threads", "1", "--no-peers",
                                  "--no-floor"], tmp_path)
