@@ -149,7 +149,6 @@ def _unet_parameters():
 def _unet_skeleton(args):
     """UNet3D(**args) on the meta device: its shapes without its memory. ValueError naming the argument that is
     wrong, or saying that the network is too large (more than MAX_PARAMETERS), before anything is allocated."""
-    import torch
 
     from .models import UNet3D
     from .models.unet import _check_types
@@ -166,16 +165,24 @@ def _unet_skeleton(args):
     if levels > 64 or blocks > _MAX_UNET_BLOCKS:
         raise ValueError(f"channels ({levels} levels), num_res_blocks and transformer_num_layers make ~{blocks} "
                          f"blocks, more than pydiffmed builds ({_MAX_UNET_BLOCKS})")
+    return _meta_skeleton(UNet3D, args, "the network", "channels, num_res_blocks, transformer_num_layers, "
+                                                       "cross_attention_dim and num_class_embeds")
+
+
+def _meta_skeleton(cls, args, what, sizes):
+    """cls(**args) on the meta device (no memory), refused (ValueError) when its parameters are more than pydiffmed
+    loads; `sizes` names the arguments to check then."""
+    import torch
+
     try:
         with torch.device("meta"):
-            skeleton = UNet3D(**args)
+            skeleton = cls(**args)
     except TypeError as exc:
         raise ValueError(str(exc)) from exc
     count = sum(p.numel() for p in skeleton.parameters())
     if count > MAX_PARAMETERS:
-        raise ValueError(f"the network would have {count:.3g} parameters ({4 * count / 2**30:.3g} GiB in float32), "
-                         f"more than pydiffmed loads ({MAX_PARAMETERS:.3g}); check channels, num_res_blocks, "
-                         f"transformer_num_layers, cross_attention_dim and num_class_embeds")
+        raise ValueError(f"{what} would have {count:.3g} parameters ({4 * count / 2**30:.3g} GiB in float32), "
+                         f"more than pydiffmed loads ({MAX_PARAMETERS:.3g}); check {sizes}")
     return skeleton
 
 
@@ -350,7 +357,6 @@ def _is_count(value, minimum=1):
 def _autoencoder_skeleton(args):
     """AutoencoderKL(**args) on the meta device; ValueError naming the argument that is wrong, or saying that the
     network is too large, before anything is allocated."""
-    import torch
 
     from .models import AutoencoderKL
 
@@ -374,16 +380,7 @@ def _autoencoder_skeleton(args):
     eps = args.get("norm_eps", 1e-6)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"norm_eps must be a positive number, got {eps!r}")
-    try:
-        with torch.device("meta"):
-            skeleton = AutoencoderKL(**args)
-    except TypeError as exc:
-        raise ValueError(str(exc)) from exc
-    count = sum(p.numel() for p in skeleton.parameters())
-    if count > MAX_PARAMETERS:
-        raise ValueError(f"the autoencoder would have {count:.3g} parameters, more than pydiffmed loads "
-                         f"({MAX_PARAMETERS:.3g}); check channels and num_res_blocks")
-    return skeleton
+    return _meta_skeleton(AutoencoderKL, args, "the autoencoder", "channels and num_res_blocks")
 
 
 def _check_autoencoder(value, unet):

@@ -33,6 +33,7 @@ from torch import nn
 
 from . import ops
 from .models.layers import channels_last_format, conv_module, upsample_conv
+from .ops._checks import layout_of
 
 
 # --- whole-volume GroupNorm statistics ------------------------------------------------------------------------
@@ -57,7 +58,7 @@ class GroupStats:
     def tile_statistics(tile: torch.Tensor, num_groups: int, bias_nc: torch.Tensor | None = None):
         """(elements per group, N×G mean, N×G centred second moment) of tile + bias_nc, fp64: the statistics
         phase of the fused GroupNorm (ops.group_norm_stats)."""
-        return ops.group_norm_stats(tile.detach(), num_groups,
+        return ops.group_norm_stats(_dense(tile.detach()), num_groups,
                                     bias_nc=None if bias_nc is None else bias_nc.detach())
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
@@ -101,7 +102,18 @@ class GroupNormApply:
 
     def __call__(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Writes the normalised src into dst (same shape; dst may be a view into a larger buffer)."""
-        ops.group_norm_apply(src, self.mean, self.scale, self.shift, act=self.act, out=dst)
+        src = _dense(src)
+        if layout_of(dst) != "strided":
+            ops.group_norm_apply(src, self.mean, self.scale, self.shift, act=self.act, out=dst)
+        else:
+            dst.copy_(ops.group_norm_apply(src, self.mean, self.scale, self.shift, act=self.act))
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t, or a channels-last copy of t when its strides are neither layout (a depth slab of a batch > 1): the
+    kernels then see every sample in the same layout whatever the batch, so a sample's bits do not depend on its
+    companions (README, "Determinism")."""
+    return t if layout_of(t) != "strided" else t.contiguous(memory_format=channels_last_format(t.ndim))
 
 
 def sweep_stats(x: torch.Tensor, num_groups: int, rows: int, device=None) -> GroupStats:
@@ -207,25 +219,18 @@ class DeconvLayer:
         return y[:, :, 3:3 + 2 * (slab.shape[2] - 2)]
 
 
-class InterpolateUpsampleConvLayer:
+class InterpolateUpsampleConvLayer(UpsampleConvLayer):
     """conv(linear_upsample_×2(x)) for a 3×3(×3), padding-1 `conv` (MAISI's decoder: F.interpolate(mode="trilinear"
     or "bilinear", align_corners=False), then the convolution). Output rows [2i, 2j) read upsampled rows
-    [2i − 1, 2j + 1), which read low-resolution rows [i − 1, j + 1). The interpolation clamps at the volume's
-    ends (not zeros), so `compute` is told where its slab lies (`wants_rows`) and the input depth `size`."""
+    [2i − 1, 2j + 1), which read low-resolution rows [i − 1, j + 1), as for the nearest upsampler. The
+    interpolation clamps at the volume's ends (not zeros), so `compute` is told where its slab lies (`wants_rows`)
+    and the input depth `size`."""
 
-    align = 2
     wants_rows = True
 
     def __init__(self, conv: nn.Module, mode: str, size: int):
-        self.conv, self.mode, self.size = conv, mode, size
-        self.out_channels = conv.out_channels
-        self.gather_pads = [(0, 0)] * (conv.weight.ndim - 3)
-
-    def out_spatial(self, spatial):
-        return tuple(2 * n for n in spatial)
-
-    def in_rows(self, a, b):
-        return a // 2 - 1, b // 2 + 1
+        super().__init__(conv)
+        self.mode, self.size = mode, size
 
     def compute(self, slab, add=None, rows=None):
         if add is not None:
@@ -360,7 +365,7 @@ def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, s
     out_elems = n * layer.out_channels * rows * math.prod(layer.out_spatial(x.shape[2:])[1:])
     half_temporaries = item < 4 and torch.device(device or x.device).type != "cpu"
     total = in_elems * item * (2 if norm or n > 1 else 1) + (in_elems * 4 if norm and half_temporaries else 0)
-    total += out_elems * item * (2 if isinstance(layer, UpsampleConvLayer) else 1)
+    total += out_elems * item * (2 if type(layer) is UpsampleConvLayer else 1)
     if isinstance(layer, InterpolateUpsampleConvLayer):  # the upsampled slab, before the convolution
         total += in_elems * item * 2 ** (x.ndim - 2)
     total += out_elems * item if add else 0

@@ -311,13 +311,7 @@ class UNet3D(MonaiModule):
                 mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         """The last two arguments are MONAI's ControlNet inputs: tensors added to the skip connections (in the
         order they are produced, conv_in's output first) and to the middle block's output."""
-        self._check_input(x, context, class_labels)
-        weight = self.conv_in.conv.weight
-        batch = x.shape[0]
-        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=_channels_last(x.ndim))
-        silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
-                              _timesteps(timesteps, batch, weight.device),
-                              class_labels if self.num_class_embeds is not None else None)
+        h, silu_emb = self._embed(x, timesteps, context, class_labels)
         h = self.conv_in(h)
         skips = [h]
         for level in self.down_blocks:
