@@ -1511,6 +1511,9 @@ def main(argv=None) -> int:
             return args.func(args)
         except UsageError as exc:
             return _error(exc, USAGE_ERROR)
+        except BrokenPipeError:  # the reader of stdout left (`pydiffmed info | head`): nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush stays quiet
+            return RUN_ERROR
         except Exception as exc:
             if os.environ.get(_DEBUG_ENV, "") not in ("", "0"):
                 raise

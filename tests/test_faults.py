@@ -525,3 +525,13 @@ def test_volume_that_overflows_in_output_units_is_not_written(tmp_path, tiny, ca
     one_line(err, "volume 1", "1 NaN/Inf voxel(s) in output units", "nothing written")
     assert check_outputs(out, num=3) == {0}
     assert sorted(os.listdir(out)) == [name(0, s) for s in sorted(SUFFIXES)]
+
+
+def test_a_reader_that_leaves_early_gets_no_error_message():
+    """`pydiffmed info | head -1`: the pipe is closed before the command writes (here: before it has even started),
+    so every write fails with EPIPE; the command stops quietly (exit 1, nothing on stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pydiffmed", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == b"", err
