@@ -460,7 +460,8 @@ class Sampler:
 
     def _check_memory(self, model):
         estimate = estimate_memory(model, self.shape, self.dtype, solver=self.solver, state_dtype=self.state_dtype,
-                                   guidance=self.guidance_scale is not None, device=self.device)
+                                   guidance=self.guidance_scale is not None, device=self.device,
+                                   cache_branch=self.cache_branch if self.feature_cache is not None else None)
         available = available_memory(self.device)
         if available is None:
             return estimate

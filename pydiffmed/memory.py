@@ -188,7 +188,7 @@ def available_memory(device) -> Optional[int]:
 
 def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.float32, guidance=False,
                     inpaint=False, cond=None, device=None, autoencoder=None, decode_tile=None,
-                    decode_max_memory=None, decode_storage=None) -> MemoryEstimate:
+                    decode_max_memory=None, decode_storage=None, cache_branch=None) -> MemoryEstimate:
     """Memory one sampling run of `model` at `shape` = (B, C, *spatial) needs on its device.
 
     parameters: the model's parameters and buffers in `dtype`; state: the solver's state buffers (its plan's
@@ -200,7 +200,8 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
     needs conditioning is measured only when `cond` gives it). Intermediates inside custom ops (workspaces)
     are not seen, so keep a margin.
     autoencoder (a latent model: `shape` is the latent shape): its parameters, and the decode after sampling
-    (decode_memory, with decode_tile / decode_max_memory / decode_storage as pydiffmed.sample takes them)."""
+    (decode_memory, with decode_tile / decode_max_memory / decode_storage as pydiffmed.sample takes them).
+    cache_branch (feature caching, Sampler(feature_cache=...)): the state adds the buffer of cached features."""
     # the engine's argument checks (it imports this module, so they are looked up when called)
     from .engine import _MODEL_DTYPES, _check_shape, _model_device, _model_dtype, _solver_from, _tensors_of
 
@@ -219,6 +220,8 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
     model_batch = 2 * shape[0] if guidance else shape[0]
     state = (num_buffers + 1 + (2 if inpaint else 0)) * numel * state_size + (numel if inpaint else 0)
     state += model_batch * (numel // shape[0]) * size
+    if cache_branch is not None:
+        state += math.prod(model.cache_feature_shape((model_batch, *shape[1:]), cache_branch)) * size
     # measured on the model as it is (no converted copy), scaled from its dtype to `dtype`
     own_dtype = _model_dtype(model)
     activations, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model), cond)

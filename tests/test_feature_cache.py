@@ -387,3 +387,11 @@ def test_gpu_graphs_one_per_kind_equal_eager():
         torch.cuda.set_sync_debug_mode("default")
     sampler.raise_if_nonfinite()
     assert torch.isfinite(out).all()
+
+
+def test_the_memory_estimate_counts_the_feature_buffer():
+    model = small_unet()
+    plain = Sampler(model, "ddim", SHAPE, num_steps=4).memory_estimate
+    cached = Sampler(model, "ddim", SHAPE, num_steps=4, feature_cache=2)
+    features = cached._features.numel() * cached._features.element_size()
+    assert features > 0 and cached.memory_estimate.state == plain.state + features
