@@ -98,22 +98,17 @@ def stop_load(procs: list) -> None:
 
 def timed(kind, env_extra, dtype, args, load: bool) -> dict:
     """One timing in a fresh worker (the last JSON line it prints), under the competing load if `load`."""
+    from common import run_worker
+
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     env.update(env_extra)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--dtype", dtype, "--size", str(args.size),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     procs = start_load(args.load, args.load_seconds) if load else []
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.load_seconds, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {args.load_seconds:.0f} s"}
+        return run_worker(cmd, args.load_seconds, env)
     finally:
         stop_load(procs)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"worker exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
 
 
 def main(argv=None):

@@ -63,11 +63,12 @@ def interleaved_medians(fns: dict, device, repeats: int, warmup: int = 2) -> dic
             for name, ts in times.items()}
 
 
-def run_worker(cmd: list, timeout_s: float) -> dict:
-    """Run a benchmark's measuring worker in a fresh Python (so that its memory peak is its own) and return the
-    last JSON line it printed, or {"error": why} when it timed out, failed or printed none."""
+def run_worker(cmd: list, timeout_s: float, env: dict | None = None) -> dict:
+    """Run a benchmark's measuring worker in a fresh Python (so that its memory peak is its own; env: its whole
+    environment, default this one's) and return the last JSON line it printed, or {"error": why} when it timed
+    out, failed or printed none."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -56,9 +56,9 @@ from .models.autoencoder import Downsample as AEDownsample
 from .models.autoencoder import ResBlock as AEResBlock
 from .models.autoencoder import Upsample as AEUpsample
 from .models.layers import (Conv, add_linear_, avg_pool_2x, channels_last_format, conv_module, linear,
-                            per_sample, to_channels_last, upsample_conv, upsample_nearest)
+                            to_channels_last, upsample_conv, upsample_nearest)
 from .models.transformer import SpatialTransformer, _add_projected, _attend
-from .models.unet import Downsample, Upsample, UNet3D, _timesteps, silu_time_embedding
+from .models.unet import Downsample, Upsample, UNet3D
 from .nn import GroupNorm3d
 from .partition import GroupStats
 
@@ -396,12 +396,7 @@ class SpatialParallelUNet(_SlabModule):
                 mid_block_additional_residual: torch.Tensor | None = None) -> torch.Tensor:
         unet = self.unet
         self._check_ranks(x, context, class_labels)
-        weight = unet.conv_in.conv.weight
-        batch = x.shape[0]
-        h = x.to(device=weight.device, dtype=weight.dtype, memory_format=channels_last_format(x.ndim))
-        silu_emb = per_sample(lambda t, labels: silu_time_embedding(unet, t, labels),
-                              _timesteps(timesteps, batch, weight.device),
-                              class_labels if unet.num_class_embeds is not None else None)
+        h, silu_emb = unet._embed(x, timesteps, context, class_labels, check=False)
         h = self._conv(h, unet.conv_in.conv)
         skips = [h]
         for level in unet.down_blocks:

@@ -437,9 +437,11 @@ class UNet3D(MonaiModule):
             if level.upsampler is not None:
                 yield level, None, None
 
-    def _embed(self, x, timesteps, context, class_labels):
-        """(x in the model's dtype and channels_last, SiLU(time embedding)), as `forward` computes them."""
-        self._check_input(x, context, class_labels)
+    def _embed(self, x, timesteps, context, class_labels, check=True):
+        """(x in the model's dtype and channels_last, SiLU(time embedding)), as `forward` computes them. check=False:
+        the caller checked the input itself (a spatial-parallel slab)."""
+        if check:
+            self._check_input(x, context, class_labels)
         weight = self.conv_in.conv.weight
         batch = x.shape[0]
         h = x.to(device=weight.device, dtype=weight.dtype, memory_format=_channels_last(x.ndim))
