@@ -5,7 +5,7 @@ from . import _openmp  # noqa: E402  (before torch: see its docstring)
 
 OPENMP_WAIT_POLICY_SET = _openmp.set_wait_policy()
 
-from . import backends, ops  # noqa: E402,F401
+from . import backends, distributed, ops  # noqa: E402,F401
 from .accelerate import accelerate  # noqa: E402
 from .engine import Sampler, sample  # noqa: E402
 from .memory import estimate_memory  # noqa: E402

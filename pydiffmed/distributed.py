@@ -16,6 +16,16 @@ import torch
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
+if torch.distributed.is_available():
+    # torch.distributed.nn.functional binds the default process group as a default argument (group=group.WORLD)
+    # when it is imported, and torch imports it with torch._dynamo, which the first call of a custom op loads.
+    # Imported after init_process_group, those defaults keep the group alive past destroy_process_group: its
+    # gloo threads are then never joined, and one that releases a tensor while the interpreter shuts down aborts
+    # the process ("terminate called without an active exception"). Imported here, at `import pydiffmed`, before
+    # any group exists, the defaults are None (README, "Many processes": import pydiffmed before
+    # init_process_group).
+    import torch.distributed.nn  # noqa: F401
+
 
 @dataclass(frozen=True)
 class World:

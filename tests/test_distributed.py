@@ -61,6 +61,7 @@ def test_distributed_sample_outside_a_process_group_is_refused():
 # --- sample(..., distributed=True) ---------------------------------------------------------------------------
 
 SAMPLE_SCRIPT = textwrap.dedent("""
+    import os
     import sys
 
     import torch
@@ -93,13 +94,18 @@ SAMPLE_SCRIPT = textwrap.dedent("""
     if dist.get_rank() == 0:
         torch.save(results, sys.argv[1])
     dist.destroy_process_group()
+    # The group, gloo threads included, is gone now: a thread left over can abort the process at exit.
+    gloo_threads = [t for t in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{t}/comm").read().startswith("pt_gloo")]
+    if gloo_threads:
+        sys.exit(f"rank {os.environ['RANK']}: {len(gloo_threads)} gloo threads outlive destroy_process_group")
 """)
 
 
 @pytest.mark.parametrize("nproc,batch", [(2, 3), (3, 5), (3, 2)])
 def test_distributed_sample_equals_one_process(tmp_path, nproc, batch):
     """Every rank returns the whole batch, bit for bit what one process samples (a batch smaller than the world
-    included: that rank only joins the gather)."""
+    included: that rank only joins the gather); destroy_process_group then ends the group's gloo threads."""
     script = tmp_path / "run.py"
     script.write_text(SAMPLE_SCRIPT)
     result = torchrun(nproc, script, tmp_path / "out.pt", batch)

@@ -24,7 +24,8 @@ from pydiffmed import _cuda, backends, ops
 from pydiffmed.models import AutoencoderKL, UNet3D
 from pydiffmed.spatial_parallel import slab_bounds
 
-from helpers import CAN_EMULATE_CUDA, build_cuda_emulation, launch_emulated, randomize_, runnable_backends
+from helpers import (CAN_EMULATE_CUDA, build_cuda_emulation, gloo_threads, launch_emulated, randomize_,
+                     runnable_backends)
 
 JOB_TIMEOUT = 240  # seconds for one spawned job (every case of one world size)
 TOLERANCE = 1e-5
@@ -195,6 +196,8 @@ def _worker(rank, world, port, out_dir):
         torch.save(_job(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    # pydiffmed imported before init_process_group: the group and its threads end here (pydiffmed/distributed.py)
+    assert gloo_threads() == 0, f"rank {rank}: gloo threads outlive destroy_process_group"
 
 
 def _free_port():
