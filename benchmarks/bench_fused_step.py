@@ -3,11 +3,11 @@ diffusers writes it (DDIMScheduler.step with torch.randn noise; DPMSolverMultist
 DPM-Solver++ update), both ending with the cast of the new state to the model dtype (the next model input).
 
 Steps: "ddim_eta1" (x0 estimate, direction, fresh noise) and "dpmpp_2m" (x0 estimate, second-order update from
-the previous x0, the new x0 kept as history). Shapes (1, 4, 64³) and (2, 1, 128³); fp32 state, fp16 model
-output. For each: median time of every backend that runs on this machine (cpu and the torch fallback here;
-triton and cuda on a GPU) and of the eager version, the speed-up, and the achieved bandwidth for the bytes the
-fused kernel must move as a fraction of a same-run copy bandwidth (the faster of torch.clone and copy_ into
-a preallocated buffer, moving that many bytes).
+the previous x0, the new x0 kept as history). Shapes (2, 4, 48³) (issue 19's), (1, 4, 64³) and (2, 1, 128³);
+fp32 state, fp16 model output. For each: median time of every backend that runs on this machine (cpu and the
+torch fallback here; triton and cuda on a GPU) and of the eager version, the speed-up, and the achieved
+bandwidth for the bytes the fused kernel must move as a fraction of a same-run copy bandwidth (the faster of
+torch.clone and copy_ into a preallocated buffer, moving that many bytes).
 
     python benchmarks/bench_fused_step.py [--quick]
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import copy_bandwidth, save, sync  # noqa: E402
 from pydiffmed import backends, ops  # noqa: E402
 
-SHAPES = [(1, 4, 64, 64, 64), (2, 1, 128, 128, 128)]
+SHAPES = [(2, 4, 48, 48, 48), (1, 4, 64, 64, 64), (2, 1, 128, 128, 128)]
 BACKENDS = ("cpu", "triton", "cuda", "torch")
 
 # One mid-sampling step of a scaled-linear (SD-style) schedule: alpha-bar at the current and previous steps.

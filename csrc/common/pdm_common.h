@@ -19,7 +19,7 @@ typedef unsigned long long pdm_u64;
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#define PDM_HD inline
+#define PDM_HD inline __attribute__((always_inline))  // into the ISA clones that call it, where its loops vectorise
 typedef uint32_t pdm_u32;
 typedef uint16_t pdm_u16;
 typedef uint64_t pdm_u64;
