@@ -30,8 +30,13 @@ the inputs of MONAI's Conv3d modules, captured with forward pre-hooks. Each dist
 aten.mkldnn_convolution (allocating its output) or mkldnn._convolution_pointwise_ adding into a preallocated
 output; 1-channel inputs (and 3-channel ones in bf16/fp16) get the zero channel UNet3D adds (layers.conv_module).
 
+On the CPU the process keeps freed memory for reuse (pydiffmed.host_memory.keep_freed_memory, as the
+`pydiffmed sample` command does; every torch-based variant gains alike, OpenVINO and ONNX Runtime have their own
+memory pools): a forward then does not page-fault its activations in afresh. `--fresh-pages` keeps glibc's
+defaults.
+
     python benchmarks/bench_unet.py [--quick] [--repeats N] [--threads N] [--no-peers] [--peer-set KEYS]
-                                    [--compile-mode MODE] [--no-floor] [--cases small:32,large:64]
+                                    [--compile-mode MODE] [--no-floor] [--cases small:32,large:64] [--fresh-pages]
 
 --quick (the CPU default for CI-sized runs): 32³ for both configurations and 64³ for the small one.
 --peer-set: which peers (default all of peers.PEER_KEYS but eager, which the rows above already are: autocast,
@@ -55,6 +60,7 @@ from common import interleaved_medians, save  # noqa: E402
 import peers as peer_lib  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
+from pydiffmed.host_memory import keep_freed_memory  # noqa: E402
 from pydiffmed.models import layers  # noqa: E402
 
 CONFIGS = {
@@ -359,10 +365,13 @@ def main():
                              "compiles for minutes)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="time the convolution floor (CPU; default: on)")
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's malloc defaults (freed activations go back to the OS)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    recycled = device == "cpu" and not args.fresh_pages and keep_freed_memory()
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     cases = [("small", 32), ("large", 32), ("small", 64), ("large", 64)]
     if args.quick:
@@ -395,6 +404,9 @@ def main():
              "cpu_ms = median process CPU time (all threads; less disturbed by other processes), speed-ups vs "
              "MONAI fp32 eager timed interleaved in the same run. GFLOP = MONAI's forward as counted by "
              "torch.utils.flop_counter; conv peak = same-run 64→64 3×3×3 conv on 32³, channels_last.")
+    if device == "cpu":
+        notes += (" Freed memory kept for reuse (glibc mmap/trim thresholds raised, as `pydiffmed sample` does)."
+                  if recycled else " glibc's malloc defaults (--fresh-pages): activations page-faulted in afresh.")
     if peer_keys:
         notes += (f" Peers ({', '.join(peer_keys)}; torch.compile mode {args.compile_mode!r}): the same MONAI "
                   "model, timed interleaved with the rows above, ONNX Runtime and OpenVINO on torch's thread count; "
