@@ -234,7 +234,7 @@ def test_determinism_rows(tmp_path):
 def test_decode_rows(tmp_path):
     run_script("bench_decode.py", ["--smoke"], tmp_path)
     rows = load(tmp_path, "bench_decode")["rows"]
-    assert [r["dtype"] for r in rows] == ["fp32"] * 4 + ["bf16"] * 4
+    assert [r["dtype"] for r in rows] == ["fp32"] * 5 + ["bf16"] * 5
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["peak_MB"] >= 0 and r["time_ratio"] > 0
