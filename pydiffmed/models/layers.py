@@ -136,8 +136,18 @@ def per_sample(fn, *tensors):
     return torch.cat([fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(first.shape[0])])
 
 
+_FEW_ROWS = 4
+
+
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample's rows in a GEMM of their own on the CPU."""
+    """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample's rows in a GEMM of their own on the CPU.
+    There a bf16/fp16 GEMM of a few rows (the time-embedding projections: one row) costs ~30 µs of call overhead
+    and an fp32 one a few, so those run in fp32 (the same products, accumulated in fp32 as the half GEMM does)
+    and round to x's dtype once."""
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() <= _FEW_ROWS * x.shape[0] * x.shape[-1]):
+        weight32, bias32 = weight.float(), None if bias is None else bias.float()
+        return per_sample(lambda sample: F.linear(sample.float(), weight32, bias32), x).to(x.dtype)
     return per_sample(lambda sample: F.linear(sample, weight, bias), x)
 
 
