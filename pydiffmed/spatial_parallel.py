@@ -322,12 +322,14 @@ class _SlabModule(nn.Module):
             raise ValueError(f"cannot cut {conv} by depth slabs of {x.shape[2]} rows")
         pads = [0] + [p] * (x.ndim - 3)
 
-        def compute(piece, add_piece):
-            return conv_module(piece, conv, add=add_piece, padding=pads)
+        def compute(piece, add_piece, out=None):
+            return conv_module(piece, conv, add=add_piece, padding=pads, out=out)
 
         if before == 0 and after == 0:
             return compute(x, add)
-        return self._windowed(x, before, after, k, s, 1, compute, add)
+        rows = (before + x.shape[2] + after - k) // s + 1
+        out_shape = (x.shape[0], conv.out_channels, rows, *((n + 2 * p - k) // s + 1 for n in x.shape[3:]))
+        return self._windowed(x, before, after, k, s, 1, compute, add, out_shape)
 
     def _upsample_conv(self, x, conv):
         """conv(nearest_upsample_×2(x)) (layers.upsample_conv) of the whole volume, this slab's rows: low-res row
@@ -335,10 +337,12 @@ class _SlabModule(nn.Module):
         pads = [0] + [1] * (x.ndim - 3)
         return self._windowed(x, 1, 1, 3, 1, 2, lambda piece, _: upsample_conv(piece, conv, padding=pads), None)
 
-    def _windowed(self, x, before, after, kernel, stride, scale, compute, add):
-        """compute() over P = [`before` halo rows, x, `after` halo rows] without depth padding: output position j
-        reads P[j·stride : j·stride + kernel] and gives `scale` output rows. The positions that read only x are
-        computed while the halo is in flight, the others once it has arrived."""
+    def _windowed(self, x, before, after, kernel, stride, scale, compute, add, out_shape=None):
+        """compute(piece, add rows) over P = [`before` halo rows, x, `after` halo rows] without depth padding:
+        output position j reads P[j·stride : j·stride + kernel] and gives `scale` output rows. The positions that
+        read only x are computed while the halo is in flight, the others once it has arrived. out_shape (given
+        when compute takes a third argument, the rows of the output to write: convolutions): the pieces are
+        written into one output of that shape instead of being concatenated, so no row exists twice."""
         if self._comm.world_size > 1 and any(r < max(before, after) for r in self._level_rows(x.shape[2])):
             raise ValueError("a slab is thinner than a convolution's halo")
         halo = _Halo(self._comm, x, before, after)
@@ -346,21 +350,29 @@ class _SlabModule(nn.Module):
         positions = (before + d + after - kernel) // stride + 1
         lo = -(-before // stride)  # the first position reading no halo row
         hi = (before + d - kernel) // stride  # the last one
+        out = None if out_shape is None else torch.empty(out_shape, dtype=x.dtype, device=x.device,
+                                                         memory_format=channels_last_format(x.ndim))
+        pieces = {}
 
-        def rows_of(a, b):
-            return None if add is None else add[:, :, a * scale:b * scale]
+        def run(piece, a, b):  # output positions [a, b)
+            rows = (a * scale, b * scale)
+            add_rows = None if add is None else add[:, :, rows[0]:rows[1]]
+            if out is None:
+                pieces[a] = compute(piece, add_rows)
+            else:
+                compute(piece, add_rows, out[:, :, rows[0]:rows[1]])
 
         if lo > hi:  # every position reads a halo row
             prev, nxt = halo.wait()
-            return compute(_cat_rows([prev, x, nxt]), add)
-        interior = compute(x[:, :, lo * stride - before:hi * stride + kernel - before], rows_of(lo, hi + 1))
-        prev, nxt = halo.wait()
-        front = back = None
-        if lo > 0:
-            front = compute(_cat_rows([prev, x[:, :, :(lo - 1) * stride + kernel - before]]), rows_of(0, lo))
-        if hi + 1 < positions:
-            back = compute(_cat_rows([x[:, :, (hi + 1) * stride - before:], nxt]), rows_of(hi + 1, positions))
-        return _cat_rows([front, interior, back])
+            run(_cat_rows([prev, x, nxt]), 0, positions)
+        else:
+            run(x[:, :, lo * stride - before:hi * stride + kernel - before], lo, hi + 1)
+            prev, nxt = halo.wait()
+            if lo > 0:
+                run(_cat_rows([prev, x[:, :, :(lo - 1) * stride + kernel - before]]), 0, lo)
+            if hi + 1 < positions:
+                run(_cat_rows([x[:, :, (hi + 1) * stride - before:], nxt]), hi + 1, positions)
+        return out if out is not None else _cat_rows([pieces[a] for a in sorted(pieces)])
 
 
 class SpatialParallelUNet(_SlabModule):

@@ -310,6 +310,25 @@ def test_upsample_conv_equals_interpolate_then_conv(dims, dtype):
     assert_close_by_rule(out, ref, plain, floor=1e-5, what=f"upsample_conv {dims}-D {dtype}")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("with_add", [False, True])
+def test_convolution_into_rows_of_an_output(batch, with_add):
+    """convolution(..., out=rows): the depth rows of a preallocated output get what the allocating call returns
+    (batch 1: oneDNN writes into the slice itself; batch 2, whose slice is not dense: a copy); nothing else of
+    the output is touched."""
+    gen = torch.Generator().manual_seed(3)
+    x = layers.to_channels_last(torch.randn(batch, 6, 5, 7, 4, generator=gen))
+    weight = layers.to_channels_last(torch.randn(8, 6, 3, 3, 3, generator=gen) / 10)
+    bias = torch.randn(8, generator=gen)
+    add = layers.to_channels_last(torch.randn(batch, 8, 3, 7, 4, generator=gen)) if with_add else None
+    want = layers.convolution(x, weight, bias, 1, [0, 1, 1], add=add)
+    out = layers.to_channels_last(torch.full((batch, 8, 9, 7, 4), 7.0))
+    got = layers.convolution(x, weight, bias, 1, [0, 1, 1], add=add, out=out[:, :, 2:5])
+    assert got.data_ptr() == out[:, :, 2:5].data_ptr()
+    assert torch.equal(out[:, :, 2:5], want)
+    assert (out[:, :, :2] == 7).all() and (out[:, :, 5:] == 7).all()
+
+
 # --- checkpoints ----------------------------------------------------------------------------------------------
 
 def checkpoint_model():

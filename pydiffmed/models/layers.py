@@ -49,10 +49,21 @@ def _onednn_path(x, weight, bias=None, add=None) -> bool:
     return x.device.type == "cpu" and x.dtype in _onednn_dtypes() and not _needs_autograd(x, weight, bias, add)
 
 
-def convolution(x, weight, bias=None, stride=1, padding=0, add=None):
+def convolution(x, weight, bias=None, stride=1, padding=0, add=None, out=None):
     """conv(x, weight, bias) (+ add), groups = dilation = 1, 2-D or 3-D. Output channels_last when x is.
-    padding: an int, or one int per spatial axis (the tiled decode pads depth itself: partition.py)."""
+    padding: an int, or one int per spatial axis (the tiled decode pads depth itself: partition.py).
+    out: write the result there (oneDNN writes straight into a dense channels_last `out`, a depth slice of a
+    batch-1 volume included, instead of allocating)."""
     dims = x.ndim - 2
+    if out is not None:
+        if (_onednn_path(x, weight, bias, add) and _HAS_CONV_ADD
+                and out.is_contiguous(memory_format=channels_last_format(out.ndim))):
+            out.zero_() if add is None else out.copy_(add)
+            pads = list(padding) if isinstance(padding, (tuple, list)) else [padding] * dims
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                out, to_channels_last(x), weight, bias, pads, [stride] * dims, [1] * dims, 1, "add", None, None, [],
+                None)
+        return out.copy_(convolution(x, weight, bias, stride, padding, add))
     if _onednn_path(x, weight, bias, add):
         pads = list(padding) if isinstance(padding, (tuple, list)) else [padding] * dims
         strides, dilation = [stride] * dims, [1] * dims
@@ -66,7 +77,7 @@ def convolution(x, weight, bias=None, stride=1, padding=0, add=None):
     return y if add is None else y + add
 
 
-def conv_module(x, conv: nn.Module, add=None, padding=None):
+def conv_module(x, conv: nn.Module, add=None, padding=None, out=None):
     """`convolution` with an nn.Conv2d/Conv3d's parameters (and its padding unless `padding` is given)."""
     if padding is None:
         padding = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
@@ -77,7 +88,7 @@ def conv_module(x, conv: nn.Module, add=None, padding=None):
         x = torch.cat([x, x.new_zeros((x.shape[0], 1, *x.shape[2:]))], dim=1)
         weight = derived(conv, "_pdm_padded_input", (conv.weight,), lambda: to_channels_last(
             torch.cat([conv.weight, conv.weight.new_zeros((conv.weight.shape[0], 1, *conv.weight.shape[2:]))], 1)))
-    return convolution(x, weight, conv.bias, conv.stride[0], padding, add)
+    return convolution(x, weight, conv.bias, conv.stride[0], padding, add, out)
 
 
 def _pads_input_channels(x, weight, bias, add) -> bool:
