@@ -20,7 +20,11 @@ deterministic); MONAI_max_abs gives the scale. With random weights and clip_samp
 rounding (each step's clamp decides which voxels keep the network's x0), so its half-precision row differs by much
 more than its fp32 row; the unclipped case shows the precision cost itself.
 
+On the CPU the process keeps freed memory for reuse, as the `pydiffmed sample` command does (MONAI's rows gain
+from it too); --fresh-pages keeps glibc's defaults.
+
     python benchmarks/bench_inferer.py [--quick | --full | --smoke] [--repeats R] [--steps S] [--threads N]
+                                       [--fresh-pages]
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_unet import CONFIGS, randomize_  # noqa: E402
-from common import command_line, interleaved_medians, save  # noqa: E402
+from common import (add_fresh_pages_option, command_line, interleaved_medians, keep_freed_memory_unless,  # noqa: E402
+                    save)
 
 CASES = {"DDIM, MONAI default (clip_sample=True)": {}, "DDIM, clip_sample=False": {"clip_sample": False}}
 MONAI_LABEL = "MONAI fp32 (monai.inferers.DiffusionInferer)"
@@ -114,6 +119,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 3; GPU 5)")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_fresh_pages_option(parser)
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -121,6 +127,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory_note = keep_freed_memory_unless(args.fresh_pages, device)
     steps = args.steps or (2 if args.smoke else 20)
     repeats = args.repeats or (1 if args.smoke else 5 if device == "cuda" else 3)
     warmup = 0 if args.smoke else 1
@@ -140,6 +147,7 @@ def main(argv=None):
              f"max_abs_diff_vs_MONAI of the final volumes (MONAI_max_abs: their scale). path: how the drop-in ran "
              f"(engine: pydiffmed.Sampler's fused loop; step by step: MONAI's clipped DDIM, whose two-pass update "
              f"has no fused plan). torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+    notes += memory_note
     if device == "cuda":
         notes += (f" fp32 convolutions: torch.backends.cudnn.allow_tf32 = {torch.backends.cudnn.allow_tf32} "
                   "(torch's default).")

@@ -56,11 +56,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import interleaved_medians, save  # noqa: E402
+from common import add_fresh_pages_option, interleaved_medians, keep_freed_memory_unless, save  # noqa: E402
 import peers as peer_lib  # noqa: E402
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
-from pydiffmed.host_memory import keep_freed_memory  # noqa: E402
 from pydiffmed.models import layers  # noqa: E402
 
 CONFIGS = {
@@ -121,9 +120,9 @@ def _recording_convolutions(calls):
     all go through it: conv_module and upsample_conv look it up in the module at call time)."""
     original = layers.convolution
 
-    def record(x, weight, bias=None, stride=1, padding=0, add=None):
+    def record(x, weight, bias=None, stride=1, padding=0, add=None, out=None):
         calls.append(_conv_key(x.shape, weight.shape, bias is not None, stride, padding))
-        return original(x, weight, bias, stride, padding, add)
+        return original(x, weight, bias, stride, padding, add, out)
 
     layers.convolution = record
     try:
@@ -365,13 +364,12 @@ def main():
                              "compiles for minutes)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="time the convolution floor (CPU; default: on)")
-    parser.add_argument("--fresh-pages", action="store_true",
-                        help="keep glibc's malloc defaults (freed activations go back to the OS)")
+    add_fresh_pages_option(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    recycled = device == "cpu" and not args.fresh_pages and keep_freed_memory()
+    memory_note = keep_freed_memory_unless(args.fresh_pages, device)
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
     cases = [("small", 32), ("large", 32), ("small", 64), ("large", 64)]
     if args.quick:
@@ -404,9 +402,7 @@ def main():
              "cpu_ms = median process CPU time (all threads; less disturbed by other processes), speed-ups vs "
              "MONAI fp32 eager timed interleaved in the same run. GFLOP = MONAI's forward as counted by "
              "torch.utils.flop_counter; conv peak = same-run 64→64 3×3×3 conv on 32³, channels_last.")
-    if device == "cpu":
-        notes += (" Freed memory kept for reuse (glibc mmap/trim thresholds raised, as `pydiffmed sample` does)."
-                  if recycled else " glibc's malloc defaults (--fresh-pages): activations page-faulted in afresh.")
+    notes += memory_note
     if peer_keys:
         notes += (f" Peers ({', '.join(peer_keys)}; torch.compile mode {args.compile_mode!r}): the same MONAI "
                   "model, timed interleaved with the rows above, ONNX Runtime and OpenVINO on torch's thread count; "

@@ -94,6 +94,23 @@ def stop_process_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def add_fresh_pages_option(parser) -> None:
+    parser.add_argument("--fresh-pages", action="store_true",
+                        help="keep glibc's malloc defaults (freed activations go back to the OS)")
+
+
+def keep_freed_memory_unless(fresh_pages: bool, device) -> str:
+    """On the CPU, keep freed memory for reuse as the `pydiffmed sample` command does (unless --fresh-pages);
+    the sentence the results' notes get about it ("" elsewhere)."""
+    from pydiffmed.host_memory import keep_freed_memory
+
+    if str(device) != "cpu":
+        return ""
+    if not fresh_pages and keep_freed_memory():
+        return " Freed memory kept for reuse (glibc mmap/trim thresholds raised, as `pydiffmed sample` does)."
+    return " glibc's malloc defaults: activations page-faulted in afresh on every call."
+
+
 def copy_bandwidth(nbytes: int, device="cpu") -> float:
     """Same-run memory bandwidth (bytes/s) of torch.clone on a buffer of nbytes: read + write counted."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
