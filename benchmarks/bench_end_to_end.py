@@ -25,8 +25,11 @@ All variants of a model are timed interleaved, round by round (common.interleave
 every model runs one forward at the volume (CPU) or every variant one whole run (GPU: CUDA graph capture). The
 volumes compared are those of the last timed runs (DDIM from a given x_T is deterministic).
 
+On the CPU the process keeps freed memory for reuse, as the `pydiffmed sample` command does (MONAI's runs gain
+from it too); --fresh-pages keeps glibc's defaults.
+
     python benchmarks/bench_end_to_end.py [--quick] [--repeats N] [--ddpm-steps K] [--model demo] [--threads N]
-                                          [--only demo,small,large]
+                                          [--only demo,small,large] [--fresh-pages]
 
 --quick: 32³ only; on CPU the large model runs with one repeat and without its pydiffmed fp32 run (a 20-step fp32
 run of it takes minutes here). Full: CPU adds small at 64³ and large with fp32; GPU adds 64³ for both configs.
@@ -46,7 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_solvers  # noqa: E402
 from bench_unet import CONFIGS, randomize_  # noqa: E402
-from common import command_line, interleaved_medians, save  # noqa: E402
+from common import (add_fresh_pages_option, command_line, interleaved_medians, keep_freed_memory_unless,  # noqa: E402
+                    save)
 import pydiffmed  # noqa: E402
 from pydiffmed.models import UNet3D  # noqa: E402
 from pydiffmed.schedules import NoiseSchedule  # noqa: E402
@@ -271,6 +275,7 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="comma-separated subset of demo,small,large")
     parser.add_argument("--gmm-samples", type=int, default=None, help="Gaussian-mixture samples (default 500)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_fresh_pages_option(parser)
     args = parser.parse_args(argv)
     for name in ("repeats", "ddpm_steps", "gmm_samples", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -278,6 +283,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.memory_note = keep_freed_memory_unless(args.fresh_pages, device)
     ddpm_steps = args.ddpm_steps or (2 if args.smoke else 3 if device == "cpu" else 20)
     gmm_side, gmm_samples = (2, args.gmm_samples or 64) if args.smoke else (4, args.gmm_samples or 500)
 
@@ -319,6 +325,7 @@ def write(args, device, ddpm_steps, gmm_side, gmm_samples, rows, partial=""):
              f"clipping off in both. MONAI's {DDPM_STEPS}-step DDPM time is extrapolated from {ddpm_steps} timed "
              f"steps. gmm_sw2: bench_solvers' Gaussian-mixture problem (d = {gmm_side ** 3}, N = {gmm_samples}), "
              "sliced W2 to exact draws (floor = exact vs exact: differences below it are sampling noise).")
+    notes += args.memory_note
     if args.quick and device == "cpu":
         notes += " --quick: the large config runs once, without its pydiffmed fp32 run (so without max_abs_diff)."
     if device == "cuda":
