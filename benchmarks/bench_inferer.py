@@ -11,6 +11,12 @@ Rows per case: MONAI fp32 (the baseline of every ratio), MONAI under torch.autoc
 equal-precision baseline of the half rows), the drop-in fp32 (dtype=None: the model's), and the drop-in
 with a half-precision network (CPU: dtype=torch.bfloat16; GPU: torch.float16), solver state fp32. The drop-in
 accelerates its own copy of the model in place (pydiffmed.accelerate); MONAI runs the untouched original.
+Latent diffusion (issue 14), one more model: MONAI's LatentDiffusionInferer (DDIM, clip_sample=False,
+scale_factor 0.5) on a latent DiffusionModelUNet (the "small" configuration with 4 channels in and out) and
+bench_decode's AutoencoderKL (4× downsampling), latent 1×4×(S/4)³ → image 1×1×S³ (S = 64), against
+pydiffmed.sample(UNet3D.from_monai(unet), ..., autoencoder=AutoencoderKL.from_monai(ae)) on the solver of the
+same MONAI scheduler (pydiffmed.solvers.convert.from_monai), fp32 and with both networks in half precision
+(solver state fp32), from the same latent noise.
 
 ms: median wall time of one whole `sample` call (cpu_ms: the process's CPU time), all variants of a model timed in
 turn within every round
@@ -93,21 +99,84 @@ def run_model(config_name, size, device, steps, repeats, warmup):
         with torch.no_grad():
             fns = {label: (lambda label=label, inf=inf: call(label, inf)) for label, (inf, _) in inferers.items()}
             medians = interleaved_medians(fns, device, repeats, warmup=warmup)
-        reference = last[MONAI_LABEL].float()
-        monai_ms, monai_cpu = (v * 1e3 for v in medians[MONAI_LABEL])
-        same_precision = {"fp32": monai_ms, half_name: medians[monai_half][0] * 1e3}
-        for label, (_, dtype_name) in inferers.items():
-            ms, cpu_ms = (v * 1e3 for v in medians[label])
-            row = {"model": config_name, "volume": f"{size}³", "case": case, "variant": label, "dtype": dtype_name,
-                   "steps": steps, "ms": ms, "ms_per_step": ms / steps, "speedup_vs_MONAI": monai_ms / ms,
-                   "speedup_vs_MONAI_same_dtype": same_precision[dtype_name] / ms,
-                   "cpu_ms": cpu_ms, "cpu_speedup_vs_MONAI": monai_cpu / cpu_ms,
-                   "max_abs_diff_vs_MONAI": float((last[label].float() - reference).abs().max()),
-                   "MONAI_max_abs": float(reference.abs().max()), "path": runs[label]}
-            rows.append(row)
-            print(f"{config_name:>6} {size}³ {case:40s} {label:40s} {ms:10.1f} ms ×{row['speedup_vs_MONAI']:6.2f} "
-                  f"max|Δ| {row['max_abs_diff_vs_MONAI']:.2g} ({row['path']})", flush=True)
+        dtypes = {label: dtype_name for label, (_, dtype_name) in inferers.items()}
+        rows += result_rows(config_name, f"{size}³", case, steps, dtypes, medians, last, runs, monai_half)
     return rows
+
+
+def result_rows(model, volume, case, steps, dtypes, medians, last, paths, monai_half, monai_label=MONAI_LABEL):
+    """One row per variant (dtypes: {label: dtype name}), ratios against the MONAI rows of the same rounds."""
+    reference = last[monai_label].float()
+    monai_ms, monai_cpu = (v * 1e3 for v in medians[monai_label])
+    same_precision = {"fp32": monai_ms, dtypes[monai_half]: medians[monai_half][0] * 1e3}
+    rows = []
+    for label, dtype_name in dtypes.items():
+        ms, cpu_ms = (v * 1e3 for v in medians[label])
+        row = {"model": model, "volume": volume, "case": case, "variant": label, "dtype": dtype_name,
+               "steps": steps, "ms": ms, "ms_per_step": ms / steps, "speedup_vs_MONAI": monai_ms / ms,
+               "speedup_vs_MONAI_same_dtype": same_precision[dtype_name] / ms,
+               "cpu_ms": cpu_ms, "cpu_speedup_vs_MONAI": monai_cpu / cpu_ms,
+               "max_abs_diff_vs_MONAI": float((last[label].float() - reference).abs().max()),
+               "MONAI_max_abs": float(reference.abs().max()), "path": paths[label]}
+        rows.append(row)
+        print(f"{model:>6} {volume} {case:40s} {label:40s} {ms:10.1f} ms ×{row['speedup_vs_MONAI']:6.2f} "
+              f"max|Δ| {row['max_abs_diff_vs_MONAI']:.2g} ({row['path']})", flush=True)
+    return rows
+
+
+LATENT_SCALE_FACTOR = 0.5
+
+
+def run_latent(size, device, steps, repeats, warmup):
+    """MONAI's LatentDiffusionInferer against pydiffmed.sample(..., autoencoder=) on the same networks."""
+    from bench_decode import CONFIG as AE_CONFIG
+    from bench_decode import FACTOR
+    from monai.inferers import LatentDiffusionInferer
+    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+    from monai.networks.nets import DiffusionModelUNet
+    from monai.networks.schedulers import DDIMScheduler
+
+    import pydiffmed
+    from pydiffmed.models import AutoencoderKL, UNet3D
+    from pydiffmed.solvers.convert import from_monai
+
+    channels = AE_CONFIG["latent_channels"]
+    torch.manual_seed(0)
+    monai_unet = randomize_(DiffusionModelUNet(spatial_dims=3, in_channels=channels, out_channels=channels,
+                                               **CONFIGS["small"])).eval().to(device)
+    monai_ae = randomize_(MonaiAutoencoderKL(**AE_CONFIG)).eval().to(device)
+    side = size // FACTOR
+    z = torch.randn((1, channels, side, side, side), generator=torch.Generator().manual_seed(1)).to(device)
+    scheduler = DDIMScheduler(clip_sample=False)
+    scheduler.set_timesteps(steps)
+    solver = from_monai(scheduler)
+    half = half_dtype(device)
+    half_name = "fp16" if half == torch.float16 else "bf16"
+    networks = {"fp32": (UNet3D.from_monai(monai_unet), AutoencoderKL.from_monai(monai_ae))}
+    networks[half_name] = tuple(copy.deepcopy(net).to(half) for net in networks["fp32"])
+    monai_label = "MONAI fp32 (monai.inferers.LatentDiffusionInferer)"
+    monai_half = f"MONAI {half_name} (torch.autocast)"
+    dtypes = {monai_label: "fp32", monai_half: half_name, "pydiffmed fp32": "fp32",
+              f"pydiffmed {half_name} networks": half_name}
+    last = {}
+
+    def call(label):
+        if label.startswith("MONAI"):
+            with torch.autocast(device, dtype=half, enabled=label == monai_half):
+                last[label] = LatentDiffusionInferer(scheduler, scale_factor=LATENT_SCALE_FACTOR).sample(
+                    z, monai_ae, monai_unet, verbose=False)
+        else:
+            unet, autoencoder = networks[dtypes[label]]
+            last[label] = pydiffmed.sample(unet, tuple(z.shape), solver, x_T=z, autoencoder=autoencoder,
+                                           scale_factor=LATENT_SCALE_FACTOR, progress=False)
+
+    with torch.no_grad():
+        medians = interleaved_medians({label: (lambda label=label: call(label)) for label in dtypes}, device,
+                                      repeats, warmup=warmup)
+    paths = {label: "MONAI's loop" if label.startswith("MONAI") else "pydiffmed.sample(autoencoder=)"
+             for label in dtypes}
+    return result_rows("latent small + autoencoder", f"{size}³ (latent {side}³)", "LDM DDIM, clip_sample=False",
+                       steps, dtypes, medians, last, paths, monai_half, monai_label)
 
 
 def main(argv=None):
@@ -137,6 +206,7 @@ def main(argv=None):
     rows = []
     for config_name, size in models:
         rows += run_model(config_name, size, device, steps, repeats, warmup)
+    rows += run_latent(16 if args.smoke else 64, device, steps, repeats, warmup)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"`{command_line()}`: MONAI DiffusionModelUNet (bench_unet configs, random weights), batch 1, DDIM "
              f"{steps} steps from the same input_noise. ms: median of {repeats} interleaved rounds after "

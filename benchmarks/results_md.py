@@ -214,8 +214,11 @@ def headline_inferer(rows):
         return []
     against = ("MONAI's at the same precision (half: MONAI under torch.autocast)" if same_precision
                else "MONAI's fp32")
-    return [(f"Drop-in MONAI DiffusionInferer (pydiffmed.integrations.monai) vs {against}, DDIM {steps} steps, "
-             "same MONAI model", "; ".join(parts))]
+    latent = any(r["case"].startswith("LDM") for r in rows)
+    subject = ("MONAI's inferers against pydiffmed (the drop-in DiffusionInferer of pydiffmed.integrations.monai"
+               + ("; for LatentDiffusionInferer, pydiffmed.sample(autoencoder=)" if latent else "")
+               + f") vs {against}, DDIM {steps} steps, same MONAI networks")
+    return [(subject, "; ".join(parts))]
 
 
 def headline_distributed(rows):

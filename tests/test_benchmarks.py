@@ -245,9 +245,16 @@ def test_decode_rows(tmp_path):
 def test_inferer_rows_and_headline(tmp_path):
     run_script("bench_inferer.py", ["--smoke", "--threads", "1"], tmp_path)
     rows = load(tmp_path, "bench_inferer")["rows"]
-    assert len(rows) == 8 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
-                                                           "DDIM, clip_sample=False"}
-    for case in {r["case"] for r in rows}:
+    assert len(rows) == 12 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
+                                                            "DDIM, clip_sample=False", "LDM DDIM, clip_sample=False"}
+    latent = {r["variant"]: r for r in rows if r["case"].startswith("LDM")}
+    assert list(latent) == ["MONAI fp32 (monai.inferers.LatentDiffusionInferer)", "MONAI bf16 (torch.autocast)",
+                            "pydiffmed fp32", "pydiffmed bf16 networks"]
+    fp32 = latent["pydiffmed fp32"]  # the same decoded sample as MONAI's
+    assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"])
+    assert latent["pydiffmed bf16 networks"]["speedup_vs_MONAI_same_dtype"] == pytest.approx(
+        latent["MONAI bf16 (torch.autocast)"]["ms"] / latent["pydiffmed bf16 networks"]["ms"])
+    for case in {r["case"] for r in rows} - {"LDM DDIM, clip_sample=False"}:
         by_variant = {r["variant"]: r for r in rows if r["case"] == case}
         monai = by_variant.pop("MONAI fp32 (monai.inferers.DiffusionInferer)")
         assert monai["speedup_vs_MONAI"] == 1.0 and monai["max_abs_diff_vs_MONAI"] == 0.0
@@ -268,7 +275,8 @@ def test_inferer_rows_and_headline(tmp_path):
     finally:
         sys.path.remove(BENCH)
     [(subject, result)] = results_md.headline_inferer(rows)
-    assert "DDIM 2 steps" in subject and result.count("small 8³") == 2 and "fp32 max |Δ|" in result
+    assert "DDIM 2 steps" in subject and "LatentDiffusionInferer" in subject
+    assert result.count("small 8³") == 2 and result.count("fp32 max |Δ|") == 3 and "latent 4³" in result
 
 
 def test_distributed_rows_and_headline(tmp_path):
