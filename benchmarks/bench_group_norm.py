@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import copy_bandwidth, interleaved_medians, save  # noqa: E402
+from common import (add_fresh_pages_option, copy_bandwidth, interleaved_medians, keep_freed_memory_unless,  # noqa: E402
+                    save)
 from pydiffmed import backends, ops  # noqa: E402
-from pydiffmed.host_memory import keep_freed_memory  # noqa: E402
 
 SHAPES = [((1, 64, 32, 32, 32), 32), ((2, 128, 32, 32, 32), 32), ((1, 32, 64, 64, 64), 16)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -77,11 +77,10 @@ def run_case(shape, groups, dtype, channels_last, device, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
-    parser.add_argument("--fresh-pages", action="store_true",
-                        help="CPU: keep glibc's defaults (large buffers page-fault on every call)")
+    add_fresh_pages_option(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    recycled = device == "cpu" and not args.fresh_pages and keep_freed_memory()
+    memory_note = keep_freed_memory_unless(args.fresh_pages, device)
     repeats = (5 if args.quick else 60) if device == "cpu" else (10 if args.quick else 50)
     rows = []
     for shape, groups in SHAPES:
@@ -98,9 +97,8 @@ def main():
              "backend's run function with the output allocation but without the rest (kernel_speedup = eager_ms / "
              "kernel_ms).")
     if device == "cpu":
-        notes += f" CPU: {torch.get_num_threads()} threads; the machine may be shared with other jobs. "
-        notes += ("Freed memory recycled (glibc mmap/trim thresholds raised): steady-state times." if recycled else
-                  "glibc defaults: buffers of 32 MiB and more page-fault on every call, in every candidate.")
+        notes += f" CPU: {torch.get_num_threads()} threads; the machine may be shared with other jobs."
+        notes += memory_note
         notes += (" Memory traffic in cache lines per line of x (a plain store first reads the line it writes): "
                   "eager reads x twice, writes the GroupNorm output (2), reads it back and writes the SiLU output "
                   "(2): 7. The cpu kernel reads x twice and writes y: 4, or 3 with streaming stores (used from "

@@ -55,19 +55,21 @@ def convolution(x, weight, bias=None, stride=1, padding=0, add=None, out=None):
     out: write the result there (oneDNN writes straight into a dense channels_last `out`, a depth slice of a
     batch-1 volume included, instead of allocating)."""
     dims = x.ndim - 2
-    if out is not None:
-        if (_onednn_path(x, weight, bias, add) and _HAS_CONV_ADD
-                and out.is_contiguous(memory_format=channels_last_format(out.ndim))):
-            out.zero_() if add is None else out.copy_(add)
-            pads = list(padding) if isinstance(padding, (tuple, list)) else [padding] * dims
-            return torch.ops.mkldnn._convolution_pointwise_.binary(
-                out, to_channels_last(x), weight, bias, pads, [stride] * dims, [1] * dims, 1, "add", None, None, [],
-                None)
+    onednn = _onednn_path(x, weight, bias, add)
+    if out is not None and not (onednn and _HAS_CONV_ADD
+                                and out.is_contiguous(memory_format=channels_last_format(out.ndim))):
         return out.copy_(convolution(x, weight, bias, stride, padding, add))
-    if _onednn_path(x, weight, bias, add):
+    if onednn:
         pads = list(padding) if isinstance(padding, (tuple, list)) else [padding] * dims
         strides, dilation = [stride] * dims, [1] * dims
         x = to_channels_last(x)
+        if out is not None:  # out = (add or 0), then oneDNN adds the convolution into it in place
+            if add is None:
+                out.zero_()
+            else:
+                out.copy_(add)
+            return torch.ops.mkldnn._convolution_pointwise_.binary(
+                out, x, weight, bias, pads, strides, dilation, 1, "add", None, None, [], None)
         if add is not None and _HAS_CONV_ADD:
             return torch.ops.mkldnn._convolution_pointwise.binary(
                 x, to_channels_last(add), weight, bias, pads, strides, dilation, 1, "add", None, None, [], None)
