@@ -1,20 +1,25 @@
 """Decoding a latent to a large volume (issue 14): whole decode, MONAI's sliding window, pydiffmed's exact slabs.
 
-Model: a MONAI-like AutoencoderKL (channels 32, 64, 64; latent_channels 4; num_res_blocks 1; no attention;
+Networks: a MONAI-like AutoencoderKL (channels 32, 64, 64; latent_channels 4; num_res_blocks 1; no attention;
 4× downsampling), MONAI's module with random non-zero weights (bench_unet.randomize_) and pydiffmed's
-AutoencoderKL.from_monai of it. One latent batch 1×4×(S/4)³ decoded to 1×1×S³ (S = 64 with --quick, the default;
-128 with --full). Rows per dtype (fp32, bf16; GPU: fp16 too):
-* MONAI whole: MONAI AutoencoderKL.decode on the whole latent (the baseline of the ratios);
+AutoencoderKL.from_monai of it; and the same layout as MAISI's AutoencoderKlMaisi (trilinear upsampling), random
+weights, with pydiffmed's AutoencoderKL.from_maisi of it. One latent batch 1×4×(S/4)³ decoded to 1×1×S³ (S = 64
+with --quick, the default; 128 with --full). Rows per network and dtype (fp32, bf16; GPU: fp16 too):
+* MONAI whole: MONAI AutoencoderKL.decode on the whole latent (the baseline of the MONAI network's ratios);
 * MONAI sliding window: monai.inferers.SlidingWindowInferer(roi = latent side / 2, overlap 0.25 and 0.4,
   constant blend) over MONAI's decode, windows taken on the latent (the output is ×4 larger: MONAI infers the
   zoom);
+* MAISI whole: AutoencoderKlMaisi.decode with num_splits=1 (the baseline of the MAISI network's ratios);
+* MAISI num_splits: the same weights with MAISI's memory saving, num_splits=8 along dim_split=1 and save_mem
+  (norm_float16 off, so that fp32 is comparable; MAISI's bundle turns it on);
 * pydiffmed whole: pydiffmed AutoencoderKL.decode(z);
 * pydiffmed tiled: decode(z, tile=S/4): every layer by depth slabs of S/4 rows (a quarter of the output depth;
   the latent-resolution layers then run whole), exact (whole-volume GroupNorm statistics, no seams).
 
-ms: median wall time, all variants of a dtype timed in turn within every round (common.interleaved_medians).
-time_ratio / memory_ratio: against MONAI whole in the same dtype. max_abs_diff: max |output - MONAI whole fp32|
-(for bf16 rows it includes bf16 rounding; MONAI whole bf16 shows how much). peak_MB: memory one more decode
+ms: median wall time, all variants of a network and dtype timed in turn within every round
+(common.interleaved_medians). time_ratio / memory_ratio: against the network's baseline in the same dtype.
+max_abs_diff: max |output - the baseline in fp32| (for bf16 rows it includes bf16 rounding; the baseline's bf16 row
+shows how much). peak_MB: memory one more decode
 adds above what is in use before it, each variant in a fresh subprocess after one warm-up decode (CPU: VmHWM after
 clear_refs with malloc's mmap threshold at 64 KiB, as bench_scaling.py; GPU: max_memory_allocated).
 
@@ -40,20 +45,46 @@ CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 6
               with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
 FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of the autoencoder
 OVERLAPS = (0.25, 0.4)
-VARIANTS = ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVERLAPS), "pydiffmed whole", "pydiffmed tiled")
+MAISI_SPLITS = 8
+VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVERLAPS), "pydiffmed whole",
+                      "pydiffmed tiled"),
+            "MAISI": ("MAISI whole", "MAISI num_splits", "pydiffmed whole", "pydiffmed tiled")}
 MIB = 2.0 ** 20
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def build(device):
-    """(MONAI AutoencoderKL, pydiffmed AutoencoderKL) with the same random weights, fp32, eval mode."""
-    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+def maisi_arguments(num_splits):
+    return dict(spatial_dims=3, in_channels=1, out_channels=1, num_channels=CONFIG["channels"],
+                latent_channels=CONFIG["latent_channels"], num_res_blocks=(CONFIG["num_res_blocks"],) * 3,
+                attention_levels=CONFIG["attention_levels"], norm_num_groups=CONFIG["norm_num_groups"],
+                with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, norm_float16=False,
+                num_splits=num_splits, dim_split=1, save_mem=num_splits > 1)
 
+
+def maisi_splits(size):
+    """MAISI's num_splits, fewer for small latents: each split must hold at least 4 latent rows (MAISI's
+    overlap is 3)."""
+    return max(1, min(MAISI_SPLITS, size // FACTOR // 4))
+
+
+def build(network, device, size):
+    """[baseline, other reference modules..., pydiffmed AutoencoderKL] of `network` with the same random
+    weights, fp32, eval mode: MONAI: [MONAI AutoencoderKL, ours]; MAISI: [AutoencoderKlMaisi, the same with
+    num_splits (for an output of side `size`), ours]."""
     from pydiffmed.models import AutoencoderKL
 
     torch.manual_seed(0)
-    monai = randomize_(MonaiAutoencoderKL(**CONFIG)).eval().to(device)
-    return monai, AutoencoderKL.from_monai(monai).eval().to(device)
+    if network == "MONAI":
+        from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+
+        monai = randomize_(MonaiAutoencoderKL(**CONFIG)).eval().to(device)
+        return [monai, AutoencoderKL.from_monai(monai).eval().to(device)]
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+
+    maisi = randomize_(AutoencoderKlMaisi(**maisi_arguments(1))).eval().to(device)
+    split = AutoencoderKlMaisi(**maisi_arguments(maisi_splits(size))).eval().to(device)
+    split.load_state_dict(maisi.state_dict())
+    return [maisi, split, AutoencoderKL.from_maisi(maisi).eval().to(device)]
 
 
 def latent(size, device):
@@ -62,30 +93,41 @@ def latent(size, device):
     return torch.randn(1, CONFIG["latent_channels"], side, side, side, generator=gen).to(device)
 
 
-def decoders(monai, mine, size):
-    """{variant: decode(z)} for the models (already in the dtype wanted)."""
+def decoders(network, device, size, dtype):
+    """{variant: decode(z)} of `network` in `dtype`: MONAI's module and ours cast to it; MAISI's modules (which
+    mix fp32 into their forward and fail cast to bf16) stay fp32 under torch.autocast, as MAISI's scripts run."""
     from monai.inferers import SlidingWindowInferer
 
-    roi = max(1, size // FACTOR // 2)
+    *reference, mine = build(network, device, size)
+    mine = mine.to(dtype)
     tile = max(1, size // 4)
-    fns = {"MONAI whole": monai.decode}
-    for overlap in OVERLAPS:
-        inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="constant")
-        fns[f"MONAI sliding window {overlap}"] = lambda z, inferer=inferer: inferer(z, monai.decode)
+    if network == "MONAI":
+        monai = reference[0].to(dtype)
+        roi = max(1, size // FACTOR // 2)
+        fns = {"MONAI whole": monai.decode}
+        for overlap in OVERLAPS:
+            inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=overlap, mode="constant")
+            fns[f"MONAI sliding window {overlap}"] = lambda z, inferer=inferer: inferer(z, monai.decode)
+    else:
+        def autocast(decode):
+            def run(z):
+                with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                    return decode(z)
+            return run
+
+        fns = {"MAISI whole": autocast(reference[0].decode), "MAISI num_splits": autocast(reference[1].decode)}
     fns["pydiffmed whole"] = mine.decode
     fns["pydiffmed tiled"] = lambda z: mine.decode(z, tile=tile)
     return fns
 
 
-def worker(variant, dtype_name, size, device) -> dict:
-    """Peak memory of one more decode by `variant` (run in a fresh process on the CPU)."""
+def worker(network, variant, dtype_name, size, device) -> dict:
+    """Peak memory of one more decode by `variant` of `network` (run in a fresh process on the CPU)."""
     from bench_scaling import forward_peak_bytes
 
     dtype = DTYPES[dtype_name]
-    monai, mine = build(device)
-    monai, mine = monai.to(dtype), mine.to(dtype)
     z = latent(size, device).to(dtype)
-    decode = decoders(monai, mine, size)[variant]
+    decode = decoders(network, device, size, dtype)[variant]
     with torch.no_grad():
         decode(z)  # warm-up: one-time costs (oneDNN primitives, libraries) are not counted
         sync(device)
@@ -93,8 +135,9 @@ def worker(variant, dtype_name, size, device) -> dict:
     return {"peak_MB": peak / MIB, "memory_method": method}
 
 
-def peak_subprocess(variant, dtype_name, size, threads, timeout_s=600) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{variant},{dtype_name}", "--size", str(size)]
+def peak_subprocess(network, variant, dtype_name, size, threads, timeout_s=600) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{network},{variant},{dtype_name}", "--size",
+           str(size)]
     cmd += ["--threads", str(threads)] if threads else []
     return run_worker(cmd, timeout_s)
 
@@ -108,7 +151,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="output side (a multiple of 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "variant,dtype": one peak measurement
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "network,variant,dtype": one peak
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,56 +161,58 @@ def main(argv=None):
         parser.error(f"--size must be a multiple of {4 * FACTOR}")
 
     if args.worker:
-        variant, dtype_name = args.worker.rsplit(",", 1)
-        print(json.dumps(worker(variant, dtype_name, size, device)), flush=True)
+        network, variant, dtype_name = args.worker.split(",")
+        print(json.dumps(worker(network, variant, dtype_name, size, device)), flush=True)
         return
 
     repeats = args.repeats or (1 if args.smoke else 3)
     warmup = 0 if args.smoke else 1
     dtypes = ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
-    monai32, mine32 = build(device)
     z32 = latent(size, device)
-    with torch.no_grad():
-        reference = monai32.decode(z32).float()
     rows = []
-    for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
-        monai, mine = build(device)
-        monai, mine = monai.to(dtype), mine.to(dtype)
-        z = z32.to(dtype)
-        fns = decoders(monai, mine, size)
+    for network, variants in VARIANTS.items():
         with torch.no_grad():
-            times = interleaved_medians({name: (lambda f=f: f(z)) for name, f in fns.items()}, device, repeats,
-                                        warmup=warmup)
-            diffs = {name: (f(z).float() - reference).abs().max().item() for name, f in fns.items()}
-        del monai, mine
-        for variant in VARIANTS:
-            if device == "cpu":
-                peak = peak_subprocess(variant, dtype_name, size, args.threads)
-            else:
-                peak = worker(variant, dtype_name, size, device)
-                torch.cuda.empty_cache()
-            row = {"variant": variant, "dtype": dtype_name, "device": device,
-                   "output": f"{size}³", "ms": times[variant][0] * 1e3, "max_abs_diff": diffs[variant]}
-            row.update(peak)
-            rows.append(row)
-            print(row, flush=True)
-        base = next(r for r in rows if r["dtype"] == dtype_name and r["variant"] == "MONAI whole")
-        for row in rows[-len(VARIANTS):]:
-            row["time_ratio"] = row["ms"] / base["ms"]
-            if "peak_MB" in row and base.get("peak_MB"):
-                row["memory_ratio"] = row["peak_MB"] / base["peak_MB"]
+            reference = build(network, device, size)[0].decode(z32).float()
+        for dtype_name in dtypes:
+            z = z32.to(DTYPES[dtype_name])
+            fns = decoders(network, device, size, DTYPES[dtype_name])
+            with torch.no_grad():
+                times = interleaved_medians({name: (lambda f=f: f(z)) for name, f in fns.items()}, device, repeats,
+                                            warmup=warmup)
+                diffs = {name: (f(z).float() - reference).abs().max().item() for name, f in fns.items()}
+            del fns
+            block = []
+            for variant in variants:
+                if device == "cpu":
+                    peak = peak_subprocess(network, variant, dtype_name, size, args.threads)
+                else:
+                    peak = worker(network, variant, dtype_name, size, device)
+                    torch.cuda.empty_cache()
+                row = {"network": network, "variant": variant, "dtype": dtype_name, "device": device,
+                       "output": f"{size}³", "ms": times[variant][0] * 1e3, "max_abs_diff": diffs[variant]}
+                row.update(peak)
+                block.append(row)
+                print(row, flush=True)
+            base = block[0]
+            for row in block:
+                row["time_ratio"] = row["ms"] / base["ms"]
+                if "peak_MB" in row and base.get("peak_MB"):
+                    row["memory_ratio"] = row["peak_MB"] / base["peak_MB"]
+            rows += block
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     method = next((r["memory_method"] for r in rows if "memory_method" in r), "none")
     latent_side = size // FACTOR
     notes = (f"`{command_line()}`: latent 1×{CONFIG['latent_channels']}×{latent_side}³ → 1×1×{size}³; autoencoder "
              f"channels {CONFIG['channels']}, num_res_blocks {CONFIG['num_res_blocks']}, no attention, random "
-             f"weights. Sliding window: roi {max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant "
-             f"blend. Tiled: decode(z, tile={size // 4}). ms: median of {repeats} interleaved rounds; "
-             f"time_ratio / memory_ratio vs MONAI whole of the same dtype; max_abs_diff vs MONAI whole fp32; "
+             f"weights, as MONAI's AutoencoderKL and as MAISI's AutoencoderKlMaisi. Sliding window: roi "
+             f"{max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant blend. MAISI num_splits: "
+             f"{maisi_splits(size)} splits along dim_split 1, save_mem, norm_float16 off. Tiled: decode(z, "
+             f"tile={size // 4}). ms: median of {repeats} interleaved rounds; time_ratio / memory_ratio vs the "
+             f"network's whole decode (MONAI whole, MAISI whole) of the same dtype; max_abs_diff vs that decode in "
+             f"fp32; "
              f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "
              f"process, by {method}. torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
-    columns = ["variant", "dtype", "device", "output", "ms", "time_ratio", "peak_MB", "memory_ratio",
+    columns = ["network", "variant", "dtype", "device", "output", "ms", "time_ratio", "peak_MB", "memory_ratio",
                "max_abs_diff", "error"]
     print(save("bench_decode", rows, columns, notes))
 

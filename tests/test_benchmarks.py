@@ -234,12 +234,13 @@ def test_determinism_rows(tmp_path):
 def test_decode_rows(tmp_path):
     run_script("bench_decode.py", ["--smoke"], tmp_path)
     rows = load(tmp_path, "bench_decode")["rows"]
-    assert [r["dtype"] for r in rows] == ["fp32"] * 5 + ["bf16"] * 5
+    assert [(r["network"], r["dtype"]) for r in rows] == [("MONAI", "fp32")] * 5 + [("MONAI", "bf16")] * 5 + \
+        [("MAISI", "fp32")] * 4 + [("MAISI", "bf16")] * 4
     for r in rows:
         assert "error" not in r, r
         assert r["ms"] > 0 and r["peak_MB"] >= 0 and r["time_ratio"] > 0
-    exact = [r for r in rows if r["dtype"] == "fp32" and r["variant"].startswith("pydiffmed")]
-    assert len(exact) == 2 and all(r["max_abs_diff"] < 1e-3 for r in exact)
+    exact = [r for r in rows if r["dtype"] == "fp32" and r["variant"].startswith(("pydiffmed", "MAISI num_splits"))]
+    assert len(exact) == 5 and all(r["max_abs_diff"] < 1e-3 for r in exact)
 
 
 def test_inferer_rows_and_headline(tmp_path):
