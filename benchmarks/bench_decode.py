@@ -13,8 +13,8 @@ with --quick, the default; 128 with --full). Rows per network and dtype (fp32, b
 * MAISI num_splits: the same weights with MAISI's memory saving, num_splits=8 along dim_split=1 and save_mem
   (norm_float16 off, so that fp32 is comparable; MAISI's bundle turns it on);
 * pydiffmed whole: pydiffmed AutoencoderKL.decode(z);
-* pydiffmed tiled: decode(z, tile=S/4): every layer by depth slabs of S/4 rows (a quarter of the output depth;
-  the latent-resolution layers then run whole), exact (whole-volume GroupNorm statistics, no seams).
+* pydiffmed tiled: decode(z, tile=T): every layer by depth slabs of T rows (--tile T, default 4), exact
+  (whole-volume GroupNorm statistics, no seams), upsampled activations recomputed rather than stored.
 
 ms: median wall time, all variants of a network and dtype timed in turn within every round
 (common.interleaved_medians). time_ratio / memory_ratio: against the network's baseline in the same dtype.
@@ -46,6 +46,7 @@ CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 6
 FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of the autoencoder
 OVERLAPS = (0.25, 0.4)
 MAISI_SPLITS = 8
+TILE = 4  # slab rows of "pydiffmed tiled" (the default of --tile)
 VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVERLAPS), "pydiffmed whole",
                       "pydiffmed tiled"),
             "MAISI": ("MAISI whole", "MAISI num_splits", "pydiffmed whole", "pydiffmed tiled")}
@@ -93,14 +94,13 @@ def latent(size, device):
     return torch.randn(1, CONFIG["latent_channels"], side, side, side, generator=gen).to(device)
 
 
-def decoders(network, device, size, dtype):
+def decoders(network, device, size, dtype, tile):
     """{variant: decode(z)} of `network` in `dtype`: MONAI's module and ours cast to it; MAISI's modules (which
     mix fp32 into their forward and fail cast to bf16) stay fp32 under torch.autocast, as MAISI's scripts run."""
     from monai.inferers import SlidingWindowInferer
 
     *reference, mine = build(network, device, size)
     mine = mine.to(dtype)
-    tile = max(1, size // 4)
     if network == "MONAI":
         monai = reference[0].to(dtype)
         roi = max(1, size // FACTOR // 2)
@@ -121,13 +121,13 @@ def decoders(network, device, size, dtype):
     return fns
 
 
-def worker(network, variant, dtype_name, size, device) -> dict:
+def worker(network, variant, dtype_name, size, device, tile) -> dict:
     """Peak memory of one more decode by `variant` of `network` (run in a fresh process on the CPU)."""
     from bench_scaling import forward_peak_bytes
 
     dtype = DTYPES[dtype_name]
     z = latent(size, device).to(dtype)
-    decode = decoders(network, device, size, dtype)[variant]
+    decode = decoders(network, device, size, dtype, tile)[variant]
     with torch.no_grad():
         decode(z)  # warm-up: one-time costs (oneDNN primitives, libraries) are not counted
         sync(device)
@@ -135,9 +135,9 @@ def worker(network, variant, dtype_name, size, device) -> dict:
     return {"peak_MB": peak / MIB, "memory_method": method}
 
 
-def peak_subprocess(network, variant, dtype_name, size, threads, timeout_s=600) -> dict:
+def peak_subprocess(network, variant, dtype_name, size, threads, tile, timeout_s=600) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{network},{variant},{dtype_name}", "--size",
-           str(size)]
+           str(size), "--tile", str(tile)]
     cmd += ["--threads", str(threads)] if threads else []
     return run_worker(cmd, timeout_s)
 
@@ -151,6 +151,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=None, help="output side (a multiple of 16)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--tile", type=int, default=TILE, help="slab rows of the pydiffmed tiled decode")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "network,variant,dtype": one peak
     args = parser.parse_args(argv)
     if args.threads:
@@ -162,7 +163,7 @@ def main(argv=None):
 
     if args.worker:
         network, variant, dtype_name = args.worker.split(",")
-        print(json.dumps(worker(network, variant, dtype_name, size, device)), flush=True)
+        print(json.dumps(worker(network, variant, dtype_name, size, device, args.tile)), flush=True)
         return
 
     repeats = args.repeats or (1 if args.smoke else 3)
@@ -175,7 +176,7 @@ def main(argv=None):
             reference = build(network, device, size)[0].decode(z32).float()
         for dtype_name in dtypes:
             z = z32.to(DTYPES[dtype_name])
-            fns = decoders(network, device, size, DTYPES[dtype_name])
+            fns = decoders(network, device, size, DTYPES[dtype_name], args.tile)
             with torch.no_grad():
                 times = interleaved_medians({name: (lambda f=f: f(z)) for name, f in fns.items()}, device, repeats,
                                             warmup=warmup)
@@ -184,9 +185,9 @@ def main(argv=None):
             block = []
             for variant in variants:
                 if device == "cpu":
-                    peak = peak_subprocess(network, variant, dtype_name, size, args.threads)
+                    peak = peak_subprocess(network, variant, dtype_name, size, args.threads, args.tile)
                 else:
-                    peak = worker(network, variant, dtype_name, size, device)
+                    peak = worker(network, variant, dtype_name, size, device, args.tile)
                     torch.cuda.empty_cache()
                 row = {"network": network, "variant": variant, "dtype": dtype_name, "device": device,
                        "output": f"{size}³", "ms": times[variant][0] * 1e3, "max_abs_diff": diffs[variant]}
@@ -207,7 +208,7 @@ def main(argv=None):
              f"weights, as MONAI's AutoencoderKL and as MAISI's AutoencoderKlMaisi. Sliding window: roi "
              f"{max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant blend. MAISI num_splits: "
              f"{maisi_splits(size)} splits along dim_split 1, save_mem, norm_float16 off. Tiled: decode(z, "
-             f"tile={size // 4}). ms: median of {repeats} interleaved rounds; time_ratio / memory_ratio vs the "
+             f"tile={args.tile}). ms: median of {repeats} interleaved rounds; time_ratio / memory_ratio vs the "
              f"network's whole decode (MONAI whole, MAISI whole) of the same dtype; max_abs_diff vs that decode in "
              f"fp32; "
              f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "

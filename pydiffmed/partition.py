@@ -7,17 +7,23 @@ convolution). A GroupNorm needs the mean and variance of the whole volume per (s
 accumulated while the slabs of its input are produced (`GroupStats`, one fp64 count/mean/centred second moment
 per slab, merged with Chan et al.'s parallel formula: the two-pass centred variance whatever the slab sizes),
 and the normalisation (+ SiLU) is applied to each slab, halo included, as it is read by the next convolution
-(`GroupNormApply`). No slab is recomputed beyond its halo; the only repeated work is normalising the halo rows
-(elementwise). Networks with attention need every voxel at once and cannot be cut this way.
+(`GroupNormApply`). No stored activation's slab is recomputed beyond its halo; the repeated work is normalising
+the halo rows (elementwise) and the upsamplers' outputs (below). Networks with attention need every voxel at once
+and cannot be cut this way.
 
-What memory this bounds, honestly. Layers run one after another; each layer's *full* output is kept (a GroupNorm
-cannot normalise any row before the last row of its input exists), on `storage`: the model's device, or host
-memory ("cpu") when the device is the scarce one. What the slabs bound is the *working* memory of every layer on
-the compute device: the gathered input slab with its halo, the output slab, the residual slab and the statistics
-temporaries — `SlabPlan` picks each layer's slab depth so that this estimate stays under `max_memory`. At most
-three full activations are alive at a time (a residual block's input, its first convolution's output and its
-result; the result overwrites the input in place when the block keeps its channel count). Statistics and apply
-are the fused GroupNorm's two phases run separately (ops.group_norm_stats, ops.group_norm_apply).
+What memory this bounds, honestly. Layers run one after another, and a GroupNorm cannot normalise any row before
+the last row of its input exists, so most layers' *full* outputs are kept, on `storage`: the model's device, or
+host memory ("cpu") when the device is the scarce one. Two things keep that small. A residual block writes its
+result over its first convolution's output, slab by slab (`run_layer(out=x)` saves the few input rows a later
+slab still reads), so a block holds its input and one activation of its output's size. And an upsampler's output
+— the channels of the level below at 2^dims times its voxels, the largest activation of its level — is not
+stored at all: it is a `LazyActivation`, recomputed slab by slab wherever it is
+read (its statistics sweep, the next block's first convolution and its shortcut), each row once per sweep. That
+costs three sub-pixel convolutions at the lower resolution instead of one. What the slabs bound is the
+*working* memory of every layer on the compute device: the gathered input slab with its halo, the output slab,
+the residual slab, the recomputed rows and the statistics temporaries — `SlabPlan` picks each layer's slab depth
+so that this estimate stays under `max_memory`. Statistics and apply are the fused GroupNorm's two phases run
+separately (ops.group_norm_stats, ops.group_norm_apply).
 
 The pieces are model-agnostic: a network maps its blocks onto `ConvLayer`, `UpsampleConvLayer` and
 `DeconvLayer` and calls `run_layer` (see models/autoencoder.py). Slabs cut the first spatial axis (depth; height
@@ -116,12 +122,77 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t if layout_of(t) != "strided" else t.contiguous(memory_format=channels_last_format(t.ndim))
 
 
-def sweep_stats(x: torch.Tensor, num_groups: int, rows: int, device=None) -> GroupStats:
-    """Statistics of a stored activation, read slab by slab (for an activation no layer produced here)."""
+def sweep_stats(x, num_groups: int, rows: int, device=None) -> GroupStats:
+    """Statistics of an activation (stored, or a LazyActivation), read slab by slab."""
     stats = GroupStats(num_groups)
     for a, b in slab_ranges(x.shape[2], rows):
-        stats.update(x[:, :, a:b].to(device or x.device))
+        stats.update(read_rows(x, a, b, device or x.device))
     return stats
+
+
+# --- activations that are not stored as they are --------------------------------------------------------------
+
+class LazyActivation:
+    """A layer's output that is not stored: its rows are recomputed from the layer's stored input whenever they are
+    read. The slab decode keeps each upsampler's output this way: it is the largest activation of its level,
+    and recomputing it (a sub-pixel convolution at the lower resolution) costs less than the memory it would take."""
+
+    def __init__(self, layer, x: torch.Tensor, device):
+        self.layer, self.input, self.device = layer, x, torch.device(device)
+        self.shape = torch.Size((x.shape[0], layer.out_channels, *layer.out_spatial(x.shape[2:])))
+        self.dtype, self.ndim = x.dtype, x.ndim
+        self._kept, self._kept_from = None, 0  # the rows computed last: slabs read in order overlap by their halo
+
+    def element_size(self) -> int:
+        return self.input.element_size()
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) (within the volume) on the compute device. Rows the previous call computed are reused, so
+        a sweep of slabs with halos computes each row once."""
+        kept, kept_from = self._kept, self._kept_from
+        kept_to = kept_from + (kept.shape[2] if kept is not None else 0)
+        if kept is not None and kept_from <= lo < kept_to:
+            if hi <= kept_to:
+                return kept[:, :, lo - kept_from:hi - kept_from]
+            head, first = kept[:, :, lo - kept_from:], kept_to  # aligned: it falls short of the volume's end
+        else:
+            head, first = None, lo - lo % self.layer.align
+        end = min(hi + (-hi) % self.layer.align, self.shape[2])
+        new = compute_slab(self.layer, self.input, first, end, device=self.device)
+        self._kept, self._kept_from = new, first
+        if head is None:
+            return new[:, :, lo - first:hi - first]
+        return torch.cat([head, new[:, :, :hi - first]], dim=2)
+
+
+class _OverwrittenInput:
+    """The input of a layer that writes its output over it slab by slab (run_layer with out=x): rows already
+    overwritten are read from the copy saved before the write (`save`), the others from x itself."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x, self.shape, self.dtype, self.ndim = x, x.shape, x.dtype, x.ndim
+        self.saved, self.saved_from, self.written_to = None, 0, 0
+        self.element_size = x.element_size
+
+    def save(self, lo: int, hi: int) -> None:
+        """Rows [lo, hi) of x are about to be overwritten, and rows from `lo` are read again later."""
+        self.saved, self.saved_from, self.written_to = self.x[:, :, lo:hi].clone(), lo, hi
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        if lo >= self.written_to:
+            return self.x[:, :, lo:hi]
+        if lo < self.saved_from:
+            raise RuntimeError(f"rows from {lo} were overwritten and not saved (saved from {self.saved_from})")
+        kept = self.saved[:, :, lo - self.saved_from:min(hi, self.written_to) - self.saved_from]
+        return kept if hi <= self.written_to else torch.cat([kept, self.x[:, :, self.written_to:hi]], dim=2)
+
+
+def read_rows(x, lo: int, hi: int, device) -> torch.Tensor:
+    """Rows [lo, hi) (within the volume) of an activation on `device`: a stored tensor, a LazyActivation or an
+    input being overwritten."""
+    if isinstance(x, (LazyActivation, _OverwrittenInput)):
+        return x.rows(lo, hi).to(device)
+    return x[:, :, lo:hi].to(device)
 
 
 # --- layers computed by slabs ------------------------------------------------------------------------------------
@@ -260,13 +331,13 @@ def slab_ranges(size: int, rows: int, align: int = 1) -> list[tuple[int, int]]:
     return [(a, min(a + step, size)) for a in range(0, size, step)]
 
 
-def gather(x: torch.Tensor, lo: int, hi: int, pads, norm: GroupNormApply | None, device) -> torch.Tensor:
-    """Rows [lo, hi) of the stored activation x on `device`, normalised by `norm` if given, with zero rows where
-    [lo, hi) leaves the volume and `pads` ((before, after) per non-depth axis) zeros around the other axes. A
-    view of x when nothing needs to change."""
+def gather(x, lo: int, hi: int, pads, norm: GroupNormApply | None, device) -> torch.Tensor:
+    """Rows [lo, hi) of the activation x (see read_rows) on `device`, normalised by `norm` if given, with zero
+    rows where [lo, hi) leaves the volume and `pads` ((before, after) per non-depth axis) zeros around the other
+    axes. A view of a stored x when nothing needs to change."""
     size = x.shape[2]
     inner_lo, inner_hi = max(lo, 0), min(hi, size)
-    raw = x[:, :, inner_lo:inner_hi].to(device)
+    raw = read_rows(x, inner_lo, inner_hi, device)
     pads = [(inner_lo - lo, hi - inner_hi), *pads]
     memory_format = channels_last_format(x.ndim)
     if not any(before or after for before, after in pads):
@@ -286,26 +357,38 @@ def gather(x: torch.Tensor, lo: int, hi: int, pads, norm: GroupNormApply | None,
     return out
 
 
-def run_layer(layer, x: torch.Tensor, *, rows: int, norm: GroupNormApply | None = None, add=None, out=None,
+def compute_slab(layer, x, a: int, b: int, *, norm: GroupNormApply | None = None, add=None, device):
+    """Output rows [a, b) of `layer` on the activation x: the input rows they read, gathered (and normalised by
+    `norm`), computed with the residual slab `add` fused in."""
+    lo, hi = layer.in_rows(a, b)
+    where = {"rows": (lo, hi)} if getattr(layer, "wants_rows", False) else {}
+    return layer.compute(gather(x, lo, hi, layer.gather_pads, norm, device), add, **where)
+
+
+def run_layer(layer, x, *, rows: int, norm: GroupNormApply | None = None, add=None, out=None,
               stats: GroupStats | None = None, device=None, storage=None, memory_format=None) -> torch.Tensor:
     """The layer's full output, computed slab by slab: for each output slab [a, b), gather the input rows it
     reads (normalised by `norm`), compute, add `add(a, b)` (a residual slab, fused into the convolution), update
-    `stats` with the result and store it into `out` (allocated on `storage` when not given; `out` may alias x's
-    storage only if no later slab reads the rows written — a residual block writing over its own input does
-    this). device: where slabs are computed (default x's device)."""
+    `stats` with the result and store it into `out` (allocated on `storage` when not given). out=x writes the
+    output over its input (same shape): the input rows a later slab still reads are saved before each write.
+    x may be a LazyActivation. device: where slabs are computed (default x's device)."""
     device = torch.device(device) if device is not None else x.device
     storage = torch.device(storage) if storage is not None else x.device
     spatial = layer.out_spatial(x.shape[2:])
-    if out is None:
+    source = x
+    if out is x:
+        if tuple(spatial) != tuple(x.shape[2:]) or layer.out_channels != x.shape[1]:
+            raise ValueError("out=x needs an output of the input's shape")
+        source = _OverwrittenInput(x)
+    elif out is None:
         out = torch.empty((x.shape[0], layer.out_channels, *spatial), dtype=x.dtype, device=storage,
                           memory_format=memory_format or channels_last_format(x.ndim))
     for a, b in slab_ranges(spatial[0], rows, layer.align):
-        lo, hi = layer.in_rows(a, b)
-        where = {"rows": (lo, hi)} if getattr(layer, "wants_rows", False) else {}
-        y = layer.compute(gather(x, lo, hi, layer.gather_pads, norm, device),
-                          None if add is None else add(a, b), **where)
+        y = compute_slab(layer, source, a, b, norm=norm, add=None if add is None else add(a, b), device=device)
         if stats is not None:
             stats.update(y)
+        if source is not x:
+            source.save(max(a, min(layer.in_rows(b, b + 1)[0], b)), b)
         out[:, :, a:b].copy_(y)
     return out
 
@@ -360,6 +443,10 @@ def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, s
     n, c_in = x.shape[:2]
     item = x.element_size()
     lo, hi = layer.in_rows(0, rows - rows % layer.align or layer.align)
+    producing = 0  # a LazyActivation input: what computing its rows needs
+    if isinstance(x, LazyActivation):
+        producing = working_bytes(x.layer, x.input, hi - lo + x.layer.align, norm=False, add=False, stats=False,
+                                  device=device)
     in_plane = math.prod(s + before + after for s, (before, after) in zip(x.shape[3:], layer.gather_pads))
     in_elems = n * c_in * (hi - lo) * in_plane
     out_elems = n * layer.out_channels * rows * math.prod(layer.out_spatial(x.shape[2:])[1:])
@@ -370,8 +457,9 @@ def working_bytes(layer, x: torch.Tensor, rows: int, *, norm: bool, add: bool, s
         total += in_elems * item * 2 ** (x.ndim - 2)
     total += out_elems * item if add else 0
     total += out_elems * 4 if stats and half_temporaries else 0
-    return total
+    return total + producing
 
 
-__all__ = ["ConvLayer", "DeconvLayer", "GroupNormApply", "GroupStats", "InterpolateUpsampleConvLayer", "SlabPlan",
-           "UpsampleConvLayer", "gather", "run_layer", "slab_ranges", "sweep_stats", "working_bytes"]
+__all__ = ["ConvLayer", "DeconvLayer", "GroupNormApply", "GroupStats", "InterpolateUpsampleConvLayer",
+           "LazyActivation", "SlabPlan", "UpsampleConvLayer", "compute_slab", "gather", "read_rows", "run_layer",
+           "slab_ranges", "sweep_stats", "working_bytes"]

@@ -195,8 +195,8 @@ class AutoencoderKL(MonaiModule):
 
     decode(z, tile=..., max_memory=...), encode(x, tile=..., max_memory=...): the same result as the whole-volume
     call (fp32: equal to rounding), computed by depth slabs with whole-volume GroupNorm statistics; see
-    pydiffmed/partition.py for the memory this bounds (working memory) and what it keeps (each layer's full
-    activation, on `storage`)."""
+    pydiffmed/partition.py for the memory this bounds (working memory) and what it keeps (a residual block's
+    input and its output; upsampled activations are recomputed where they are read, not kept), on `storage`."""
 
     def __init__(self, spatial_dims: int, in_channels: int = 1, out_channels: int = 1,
                  num_res_blocks: Sequence[int] | int = (2, 2, 2, 2), channels: Sequence[int] = (32, 64, 64, 64),
@@ -408,7 +408,6 @@ def run_blocks_by_slabs(blocks, x: torch.Tensor, plan: "partition.SlabPlan", sto
     if consumer_groups(-1) is not None:
         stats = partition.sweep_stats(x, consumer_groups(-1), plan.tile or 1, device)
     x = x.to(storage)
-    owned = False  # x is the caller's tensor until the first layer has run
     pending_norm = None  # a bare GroupNorm, applied as the next convolution reads its input
     for i, block in enumerate(blocks):
         groups = consumer_groups(i)
@@ -428,27 +427,30 @@ def run_blocks_by_slabs(blocks, x: torch.Tensor, plan: "partition.SlabPlan", sto
             inp = x
             if isinstance(block.nin_shortcut, nn.Identity):
                 def add(a, b):
-                    return inp[:, :, a:b].to(device)
-                out = inp if owned else None  # each slab reads only its own rows of the residual: in place
+                    return partition.read_rows(inp, a, b, device)
             else:
                 def add(a, b):
-                    return conv_module(inp[:, :, a:b].to(device), block.nin_shortcut.conv)
-                out = None
+                    return conv_module(partition.read_rows(inp, a, b, device), block.nin_shortcut.conv)
+            # the result has h's shape: written over h, slab by slab
             x = layer(partition.ConvLayer(block.conv2.conv), h, norm=s2.normalizer(block.norm2, "silu"),
-                      add=add, out=out, stats=want)
+                      add=add, out=h, stats=want)
             del h, inp
         elif isinstance(block, Downsample):
             x = layer(partition.ConvLayer(block.conv.conv, pads=[(0, 1)] * dims), x, stats=want)
-        elif isinstance(block, Upsample):
-            x = layer(partition.UpsampleConvLayer(block.postconv.conv), x, stats=want)
-        elif isinstance(block, InterpolateUpsample):
-            x = layer(partition.InterpolateUpsampleConvLayer(block.postconv.conv, block.mode, x.shape[2]), x,
-                      stats=want)
-        elif isinstance(block, DeconvUpsample):
-            x = layer(partition.DeconvLayer(block.deconv), x, stats=want)
+        elif isinstance(block, (Upsample, InterpolateUpsample, DeconvUpsample)):
+            op = (partition.UpsampleConvLayer(block.postconv.conv) if isinstance(block, Upsample) else
+                  partition.InterpolateUpsampleConvLayer(block.postconv.conv, block.mode, x.shape[2])
+                  if isinstance(block, InterpolateUpsample) else partition.DeconvLayer(block.deconv))
+            if last:
+                x = layer(op, x, stats=want)
+            else:  # the level's largest activation: recomputed where it is read rather than stored
+                x = partition.LazyActivation(op, x, device)
+                if want is not None:
+                    rows = plan.rows(op, x.input, norm=False, add=False, stats=True, device=device)
+                    rows -= rows % op.align
+                    want = partition.sweep_stats(x, groups, rows, device)
         else:
             raise TypeError(f"run_blocks_by_slabs does not know {type(block).__name__}")
-        owned = True
         stats = want
     return x
 
