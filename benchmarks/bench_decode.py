@@ -13,7 +13,7 @@ with --quick, the default; 128 with --full). Rows per network and dtype (fp32, b
 * MAISI num_splits: the same weights with MAISI's memory saving, num_splits=8 along dim_split=1 and save_mem
   (norm_float16 off, so that fp32 is comparable; MAISI's bundle turns it on);
 * pydiffmed whole: pydiffmed AutoencoderKL.decode(z);
-* pydiffmed tiled: decode(z, tile=T): every layer by depth slabs of T rows (--tile T, default 4), exact
+* pydiffmed tiled: decode(z, tile=T): every layer by depth slabs of T rows (--tile T, default 2), exact
   (whole-volume GroupNorm statistics, no seams), upsampled activations recomputed rather than stored.
 
 ms: median wall time, all variants of a network and dtype timed in turn within every round
@@ -46,7 +46,7 @@ CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 6
 FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of the autoencoder
 OVERLAPS = (0.25, 0.4)
 MAISI_SPLITS = 8
-TILE = 4  # slab rows of "pydiffmed tiled" (the default of --tile)
+TILE = 2  # slab rows of "pydiffmed tiled" (the default of --tile)
 VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVERLAPS), "pydiffmed whole",
                       "pydiffmed tiled"),
             "MAISI": ("MAISI whole", "MAISI num_splits", "pydiffmed whole", "pydiffmed tiled")}

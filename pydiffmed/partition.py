@@ -17,10 +17,10 @@ host memory ("cpu") when the device is the scarce one. Two things keep that smal
 result over its first convolution's output, slab by slab (`run_layer(out=x)` saves the few input rows a later
 slab still reads), so a block holds its input and one activation of its output's size. And an upsampler's output
 — the channels of the level below at 2^dims times its voxels, the largest activation of its level — is not
-stored at all: it is a `LazyActivation`, recomputed slab by slab wherever it is
-read (its statistics sweep, the next block's first convolution and its shortcut), each row once per sweep. That
-costs three sub-pixel convolutions at the lower resolution instead of one. What the slabs bound is the
-*working* memory of every layer on the compute device: the gathered input slab with its halo, the output slab,
+stored at all: it is a `LazyActivation`, recomputed slab by slab wherever it is read (its statistics sweep, the
+next block's first convolution and its shortcut), each row once per sweep. That costs three sub-pixel
+convolutions at the lower resolution instead of one. What the slabs bound is the *working* memory of every layer
+on the compute device: the gathered input slab with its halo, the output slab,
 the residual slab, the recomputed rows and the statistics temporaries — `SlabPlan` picks each layer's slab depth
 so that this estimate stays under `max_memory`. Statistics and apply are the fused GroupNorm's two phases run
 separately (ops.group_norm_stats, ops.group_norm_apply).
@@ -154,15 +154,16 @@ class LazyActivation:
         if kept is not None and kept_from <= lo < kept_to:
             if hi <= kept_to:
                 return kept[:, :, lo - kept_from:hi - kept_from]
-            head, first = kept[:, :, lo - kept_from:], kept_to  # aligned: it falls short of the volume's end
+            head, first = kept[:, :, lo - kept_from:].clone(), kept_to  # aligned: short of the volume's end
         else:
             head, first = None, lo - lo % self.layer.align
+        self._kept = kept = None  # freed before the new rows are computed
         end = min(hi + (-hi) % self.layer.align, self.shape[2])
         new = compute_slab(self.layer, self.input, first, end, device=self.device)
+        if head is not None:
+            new, first = torch.cat([head, new], dim=2), lo
         self._kept, self._kept_from = new, first
-        if head is None:
-            return new[:, :, lo - first:hi - first]
-        return torch.cat([head, new[:, :, :hi - first]], dim=2)
+        return new[:, :, lo - first:hi - first]
 
 
 class _OverwrittenInput:

@@ -434,7 +434,7 @@ def run_blocks_by_slabs(blocks, x: torch.Tensor, plan: "partition.SlabPlan", sto
             # the result has h's shape: written over h, slab by slab
             x = layer(partition.ConvLayer(block.conv2.conv), h, norm=s2.normalizer(block.norm2, "silu"),
                       add=add, out=h, stats=want)
-            del h, inp
+            del h, inp, add
         elif isinstance(block, Downsample):
             x = layer(partition.ConvLayer(block.conv.conv, pads=[(0, 1)] * dims), x, stats=want)
         elif isinstance(block, (Upsample, InterpolateUpsample, DeconvUpsample)):
