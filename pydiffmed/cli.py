@@ -536,6 +536,8 @@ def _load_autoencoder(args, info):
                          f"instead (torchrun without --spatial-parallel)")
     if args.decode_tile is not None and args.decode_tile < 1:
         raise UsageError(f"--decode-tile must be a positive number of rows, got {args.decode_tile}")
+    if args.decode_tile is not None and args.decode_max_memory == "auto":
+        raise UsageError("--decode-max-memory auto picks the slabs itself: drop --decode-tile")
     try:
         return modelfile.load_autoencoder(args.model)
     except modelfile.ModelFileError as exc:
@@ -543,10 +545,12 @@ def _load_autoencoder(args, info):
 
 
 def _memory_size(text):
-    """--decode-max-memory: bytes, or a number with K, M, G or T (powers of 1024; an optional "iB" or "B")."""
+    """--decode-max-memory: bytes, or a number with K, M, G or T (powers of 1024; an optional "iB" or "B"), or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
     if not match:
-        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 512M or 1000000 (bytes), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a size such as 2G, 512M or 1000000 (bytes), or auto, got {text!r}")
     size = int(float(match[1]) * 1024 ** " kmgt".index(match[2].lower() or " "))
     if size < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
@@ -1453,7 +1457,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent models: decode by depth slabs of N rows per layer (same voxels, less working "
                         "memory; autoencoders without attention)")
     s.add_argument("--decode-max-memory", type=_memory_size, metavar="SIZE",
-                   help="latent models: decode by depth slabs within SIZE of working memory per layer (e.g. 2G)")
+                   help="latent models: decode by depth slabs within SIZE of working memory per layer (e.g. 2G); "
+                        "auto: whole where it fits the free memory, else the deepest slabs that fit")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_sample)
 

@@ -903,7 +903,8 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     autoencoder= (a latent model): `shape` is the latent shape (B, latent_channels, *latent spatial; see
     ModelInfo.latent_shape) and so are mask/known/init/x_T; the sampled latents are decoded as MONAI's
     LatentDiffusionInferer does, autoencoder.decode(latents / scale_factor), by depth slabs with decode_tile /
-    decode_max_memory / decode_storage (pydiffmed.latent.decode_latents); the images are returned in state_dtype."""
+    decode_max_memory / decode_storage (pydiffmed.latent.decode_latents; decode_max_memory="auto": whole where it
+    fits the free memory, else the deepest slabs that fit); the images are returned in state_dtype."""
     shape = _check_shape(shape)
     latent = _latent_options(autoencoder, scale_factor, decode_tile, decode_max_memory, decode_storage, state_dtype)
     if latent is not None and check_memory:

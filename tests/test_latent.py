@@ -474,6 +474,48 @@ def test_a_decode_that_cannot_fit_is_refused_before_sampling(latent_dir, tmp_pat
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+def test_decode_max_memory_auto_picks_whole_or_the_deepest_slabs_that_fit(latent_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """decode_max_memory="auto" (--decode-max-memory auto): the whole decode where it fits the free memory, else
+    the deepest slabs whose planned decode fits, with the same images; refused before sampling when nothing fits."""
+    from pydiffmed import latent, memory
+
+    unet, schedule, info = pydiffmed.load_model(latent_dir)
+    ae = pydiffmed.load_autoencoder(latent_dir)
+    shape = (1, 2, 16, 16, 16)  # 32³ images: big enough that slabs need less than the whole decode
+    whole_bytes = memory.decode_memory(ae, shape)[0]
+    slab_bytes = {tile: memory.decode_memory(ae, shape, tile=tile)[0] for tile in (16, 8, 4, 2, 1)}
+    assert latent.auto_decode(ae, shape) == {}  # this machine has room for a whole 32³ decode
+    free = int(min(slab_bytes.values()) / 0.95) + 1
+    assert whole_bytes > 0.95 * free
+    expected = next(tile for tile in (16, 8, 4, 2, 1) if slab_bytes[tile] <= 0.95 * free)
+    monkeypatch.setattr(memory, "available_memory", lambda device: free)
+    assert latent.auto_decode(ae, shape) == {"tile": expected}
+    options = dict(solver="ddim", num_steps=3, schedule=schedule, autoencoder=ae, scale_factor=info.scale_factor,
+                   progress=False)
+    auto = pydiffmed.sample(unet, shape, decode_max_memory="auto", **options)
+    monkeypatch.undo()
+    whole = pydiffmed.sample(unet, shape, **options)
+    assert_close(auto, whole, "auto decode")
+    out = tmp_path / "o"
+    monkeypatch.setattr(memory, "available_memory", lambda device: free)
+    code, _, err = run(capsys, "sample", "--model", latent_dir, "--out", out, "--num", 1, "--steps", 2,
+                       "--shape", 32, 32, 32, "--decode-max-memory", "auto", "--quiet")
+    assert code == 0, err
+    assert json.loads((out / "sample_0000.json").read_text())["latent"]["decode_max_memory"] == "auto"
+    monkeypatch.setattr(memory, "available_memory", lambda device: min(slab_bytes.values()) // 2)
+    calls = []
+    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(memory.InsufficientMemoryError, match="not even by one-row slabs"):
+        pydiffmed.sample(unet, shape, decode_max_memory="auto", **options)
+    assert not calls
+    code, _, err = run(capsys, "sample", "--model", latent_dir, "--out", tmp_path / "p", "--decode-tile", 2,
+                       "--decode-max-memory", "auto", "--quiet")
+    assert code == 2 and "drop --decode-tile" in err
+    with pytest.raises(ValueError, match="give no tile"):
+        latent.check_decode_options(2, "auto")
+
+
 def test_image_commands_refuse_a_latent_model(latent_dir, tmp_path, capsys):
     volume = tmp_path / "x.nii.gz"
     import nibabel
