@@ -109,9 +109,8 @@ def decode_latents(autoencoder, latents: torch.Tensor, scale_factor=1.0, *, tile
     """The images of `latents` (B, latent_channels, *spatial): autoencoder.decode(latents / scale_factor), on the
     autoencoder's device and in its dtype (the latents are moved there). tile (slab depth) / max_memory (bytes of
     working memory per layer, or "auto": `auto_decode`) / storage (where full activations live) decode by depth
-    slabs with the same result;
-    they need pydiffmed's AutoencoderKL (or any autoencoder whose `decode` takes them). Any other autoencoder
-    with MONAI's `decode_stage_2_outputs` runs whole."""
+    slabs with the same result; they need pydiffmed's AutoencoderKL (or any autoencoder whose `decode` takes
+    them). Any other autoencoder with MONAI's `decode_stage_2_outputs` runs whole."""
     scale_factor = check_scale_factor(scale_factor)
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
