@@ -16,7 +16,9 @@ scale_factor 0.5) on a latent DiffusionModelUNet (the "small" configuration with
 bench_decode's AutoencoderKL (4× downsampling), latent 1×4×(S/4)³ → image 1×1×S³ (S = 64), against
 pydiffmed.sample(UNet3D.from_monai(unet), ..., autoencoder=AutoencoderKL.from_monai(ae)) on the solver of the
 same MONAI scheduler (pydiffmed.solvers.convert.from_monai), fp32 and with both networks in half precision
-(solver state fp32), from the same latent noise.
+(solver state fp32), from the same latent noise. And the same for the bundled `demo_latent` model (its trained
+UNet and autoencoder loaded into MONAI's modules, its cosine schedule and v-prediction, its scale factor; latent
+1×4×32³ → image 128³).
 
 ms: median wall time of one whole `sample` call (cpu_ms: the process's CPU time), all variants of a model timed in
 turn within every round
@@ -127,33 +129,68 @@ def result_rows(model, volume, case, steps, dtypes, medians, last, paths, monai_
 LATENT_SCALE_FACTOR = 0.5
 
 
-def run_latent(size, device, steps, repeats, warmup):
-    """MONAI's LatentDiffusionInferer against pydiffmed.sample(..., autoencoder=) on the same networks."""
+def random_latent_networks(size, device):
+    """(MONAI latent UNet, MONAI autoencoder, latent noise, scheduler options, scale factor): the "small" UNet with
+    4 channels and bench_decode's autoencoder, random weights, for an S³ image."""
     from bench_decode import CONFIG as AE_CONFIG
     from bench_decode import FACTOR
-    from monai.inferers import LatentDiffusionInferer
     from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
     from monai.networks.nets import DiffusionModelUNet
+
+    channels = AE_CONFIG["latent_channels"]
+    torch.manual_seed(0)
+    unet = randomize_(DiffusionModelUNet(spatial_dims=3, in_channels=channels, out_channels=channels,
+                                         **CONFIGS["small"])).eval().to(device)
+    autoencoder = randomize_(MonaiAutoencoderKL(**AE_CONFIG)).eval().to(device)
+    side = size // FACTOR
+    z = torch.randn((1, channels, side, side, side), generator=torch.Generator().manual_seed(1)).to(device)
+    return unet, autoencoder, z, {}, LATENT_SCALE_FACTOR
+
+
+def demo_latent_networks(device):
+    """The same for the bundled `demo_latent` model: its trained weights loaded into MONAI's modules, its
+    schedule and prediction type, its scale factor, latent noise of its latent shape."""
+    import inspect
+
+    from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+    from monai.networks.nets import DiffusionModelUNet
+
+    import pydiffmed
+
+    unet, _, info = pydiffmed.load_model("demo_latent")
+    autoencoder = pydiffmed.load_autoencoder("demo_latent")
+
+    def monai_module(cls, args, state):
+        accepted = inspect.signature(cls).parameters
+        module = cls(**{key: value for key, value in args.items() if key in accepted})
+        module.load_state_dict(state)
+        return module.eval().to(device)
+
+    z = torch.randn((1, *info.latent_shape()), generator=torch.Generator().manual_seed(1)).to(device)
+    scheduler = {"schedule": info.config["schedule"]["beta_schedule"], "prediction_type": info.prediction_type}
+    return (monai_module(DiffusionModelUNet, info.unet, unet.state_dict()),
+            monai_module(MonaiAutoencoderKL, info.autoencoder["args"], autoencoder.state_dict()), z, scheduler,
+            info.scale_factor)
+
+
+def run_latent(model, networks, device, steps, repeats, warmup):
+    """MONAI's LatentDiffusionInferer against pydiffmed.sample(..., autoencoder=) on the same `networks`
+    (random_latent_networks or demo_latent_networks)."""
+    from monai.inferers import LatentDiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
     import pydiffmed
     from pydiffmed.models import AutoencoderKL, UNet3D
     from pydiffmed.solvers.convert import from_monai
 
-    channels = AE_CONFIG["latent_channels"]
-    torch.manual_seed(0)
-    monai_unet = randomize_(DiffusionModelUNet(spatial_dims=3, in_channels=channels, out_channels=channels,
-                                               **CONFIGS["small"])).eval().to(device)
-    monai_ae = randomize_(MonaiAutoencoderKL(**AE_CONFIG)).eval().to(device)
-    side = size // FACTOR
-    z = torch.randn((1, channels, side, side, side), generator=torch.Generator().manual_seed(1)).to(device)
-    scheduler = DDIMScheduler(clip_sample=False)
+    monai_unet, monai_ae, z, scheduler_options, scale_factor = networks
+    scheduler = DDIMScheduler(clip_sample=False, **scheduler_options)
     scheduler.set_timesteps(steps)
     solver = from_monai(scheduler)
     half = half_dtype(device)
     half_name = "fp16" if half == torch.float16 else "bf16"
-    networks = {"fp32": (UNet3D.from_monai(monai_unet), AutoencoderKL.from_monai(monai_ae))}
-    networks[half_name] = tuple(copy.deepcopy(net).to(half) for net in networks["fp32"])
+    ours = {"fp32": (UNet3D.from_monai(monai_unet), AutoencoderKL.from_monai(monai_ae))}
+    ours[half_name] = tuple(copy.deepcopy(net).to(half) for net in ours["fp32"])
     monai_label = "MONAI fp32 (monai.inferers.LatentDiffusionInferer)"
     monai_half = f"MONAI {half_name} (torch.autocast)"
     dtypes = {monai_label: "fp32", monai_half: half_name, "pydiffmed fp32": "fp32",
@@ -163,20 +200,21 @@ def run_latent(size, device, steps, repeats, warmup):
     def call(label):
         if label.startswith("MONAI"):
             with torch.autocast(device, dtype=half, enabled=label == monai_half):
-                last[label] = LatentDiffusionInferer(scheduler, scale_factor=LATENT_SCALE_FACTOR).sample(
+                last[label] = LatentDiffusionInferer(scheduler, scale_factor=scale_factor).sample(
                     z, monai_ae, monai_unet, verbose=False)
         else:
-            unet, autoencoder = networks[dtypes[label]]
+            unet, autoencoder = ours[dtypes[label]]
             last[label] = pydiffmed.sample(unet, tuple(z.shape), solver, x_T=z, autoencoder=autoencoder,
-                                           scale_factor=LATENT_SCALE_FACTOR, progress=False)
+                                           scale_factor=scale_factor, progress=False)
 
     with torch.no_grad():
         medians = interleaved_medians({label: (lambda label=label: call(label)) for label in dtypes}, device,
                                       repeats, warmup=warmup)
     paths = {label: "MONAI's loop" if label.startswith("MONAI") else "pydiffmed.sample(autoencoder=)"
              for label in dtypes}
-    return result_rows("latent small + autoencoder", f"{size}³ (latent {side}³)", "LDM DDIM, clip_sample=False",
-                       steps, dtypes, medians, last, paths, monai_half, monai_label)
+    image, side = last[monai_label].shape[2], z.shape[2]
+    return result_rows(model, f"{image}³ (latent {side}³)", "LDM DDIM, clip_sample=False", steps, dtypes, medians,
+                       last, paths, monai_half, monai_label)
 
 
 def main(argv=None):
@@ -206,7 +244,9 @@ def main(argv=None):
     rows = []
     for config_name, size in models:
         rows += run_model(config_name, size, device, steps, repeats, warmup)
-    rows += run_latent(16 if args.smoke else 64, device, steps, repeats, warmup)
+    rows += run_latent("latent small + autoencoder", random_latent_networks(16 if args.smoke else 64, device),
+                       device, steps, repeats, warmup)
+    rows += run_latent("demo_latent", demo_latent_networks(device), device, steps, repeats, warmup)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     notes = (f"`{command_line()}`: MONAI DiffusionModelUNet (bench_unet configs, random weights), batch 1, DDIM "
              f"{steps} steps from the same input_noise. ms: median of {repeats} interleaved rounds after "

@@ -187,14 +187,18 @@ def headline_scaling(rows):
 
 
 def headline_demo_quality(rows):
-    by_set = {r["volumes"].split(" ", 1)[1]: r for r in rows}
+    """One row per model (files from before the model column: the pixel demo)."""
     keys = ("demo samples", "fresh phantoms (floor)", "clipped Gaussian noise", "untrained network, same sampler")
-    if not all(k in by_set for k in keys):
-        return []
-    parts = [f"{k}: {by_set[k]['histogram_W1']:.3g} / {by_set[k]['fractions_L1']:.3g} / "
-             f"{by_set[k]['structure']:.2g}" for k in keys]
-    return [("Demo model sample quality vs unseen phantoms (histogram W1 / tissue fractions L1 / structure; "
-             "0 = alike)", "; ".join(parts))]
+    found = []
+    for model in dict.fromkeys(r.get("model", "demo") for r in rows):
+        by_set = {r["volumes"].split(" ", 1)[1]: r for r in rows if r.get("model", "demo") == model}
+        if not all(k in by_set for k in keys):
+            continue
+        parts = [f"{k}: {by_set[k]['histogram_W1']:.3g} / {by_set[k]['fractions_L1']:.3g} / "
+                 f"{by_set[k]['structure']:.2g}" for k in keys]
+        found.append((f"Demo model sample quality vs unseen phantoms (histogram W1 / tissue fractions L1 / "
+                      f"structure; 0 = alike): {model}", "; ".join(parts)))
+    return found
 
 
 def headline_inferer(rows):

@@ -52,7 +52,7 @@ INTERRUPTED = 130
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "bfloat16": "bfloat16", "bf16": "bfloat16"}
 # Bundled models the project ships once they are trained: named so that a missing one says so.
-_PLANNED_BUNDLED = ("demo", "demo_healthy")
+_PLANNED_BUNDLED = ("demo", "demo_healthy", "demo_latent")
 _MAX_VOLUMES = 100_000  # --num: bounds the per-volume bookkeeping (names, files checked: seconds per 10⁵)
 _DEBUG_ENV = "PYDIFFMED_DEBUG"  # set to 1: an unexpected error shows its traceback
 _TEMP_PREFIX = ".pdm-tmp-"  # pydiffmed.io.atomic_path's temporary names: .pdm-tmp-<12 hex>-<final name>

@@ -246,15 +246,17 @@ def test_decode_rows(tmp_path):
 def test_inferer_rows_and_headline(tmp_path):
     run_script("bench_inferer.py", ["--smoke", "--threads", "1"], tmp_path)
     rows = load(tmp_path, "bench_inferer")["rows"]
-    assert len(rows) == 12 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
+    assert len(rows) == 16 and {r["case"] for r in rows} == {"DDIM, MONAI default (clip_sample=True)",
                                                             "DDIM, clip_sample=False", "LDM DDIM, clip_sample=False"}
-    latent = {r["variant"]: r for r in rows if r["case"].startswith("LDM")}
-    assert list(latent) == ["MONAI fp32 (monai.inferers.LatentDiffusionInferer)", "MONAI bf16 (torch.autocast)",
-                            "pydiffmed fp32", "pydiffmed bf16 networks"]
-    fp32 = latent["pydiffmed fp32"]  # the same decoded sample as MONAI's
-    assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"])
-    assert latent["pydiffmed bf16 networks"]["speedup_vs_MONAI_same_dtype"] == pytest.approx(
-        latent["MONAI bf16 (torch.autocast)"]["ms"] / latent["pydiffmed bf16 networks"]["ms"])
+    for model in ("latent small + autoencoder", "demo_latent"):  # random networks; the bundled latent demo
+        latent = {r["variant"]: r for r in rows if r["case"].startswith("LDM") and r["model"] == model}
+        assert list(latent) == ["MONAI fp32 (monai.inferers.LatentDiffusionInferer)", "MONAI bf16 (torch.autocast)",
+                                "pydiffmed fp32", "pydiffmed bf16 networks"]
+        fp32 = latent["pydiffmed fp32"]  # the same decoded sample as MONAI's
+        assert fp32["max_abs_diff_vs_MONAI"] <= 1e-4 * max(1.0, fp32["MONAI_max_abs"]), model
+        assert latent["pydiffmed bf16 networks"]["speedup_vs_MONAI_same_dtype"] == pytest.approx(
+            latent["MONAI bf16 (torch.autocast)"]["ms"] / latent["pydiffmed bf16 networks"]["ms"])
+    assert {r["volume"] for r in rows if r["model"] == "demo_latent"} == {"128³ (latent 32³)"}
     for case in {r["case"] for r in rows} - {"LDM DDIM, clip_sample=False"}:
         by_variant = {r["variant"]: r for r in rows if r["case"] == case}
         monai = by_variant.pop("MONAI fp32 (monai.inferers.DiffusionInferer)")
@@ -277,7 +279,7 @@ def test_inferer_rows_and_headline(tmp_path):
         sys.path.remove(BENCH)
     [(subject, result)] = results_md.headline_inferer(rows)
     assert "DDIM 2 steps" in subject and "LatentDiffusionInferer" in subject
-    assert result.count("small 8³") == 2 and result.count("fp32 max |Δ|") == 3 and "latent 4³" in result
+    assert result.count("small 8³") == 2 and result.count("fp32 max |Δ|") == 4 and "latent 4³" in result
 
 
 def test_distributed_rows_and_headline(tmp_path):

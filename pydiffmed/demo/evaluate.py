@@ -4,7 +4,8 @@
 
 prints the distances of `compare_to_phantoms` for the model's samples and, as yardsticks, for a second set of
 fresh phantoms (the floor), for clipped Gaussian noise and for the samples of an untrained network of the same
-architecture (the ceilings). The reference phantoms are family 1, which training (family 0) never sees.
+architecture (the ceilings; for a latent model the untrained UNet's latents go through the trained autoencoder).
+The reference phantoms are family 1, which training (family 0) never sees.
 """
 from __future__ import annotations
 
@@ -31,30 +32,33 @@ def compare_to_phantoms(volumes, reference) -> dict:
             "structure": float((largest[0] - largest[1]).abs().mean())}
 
 
-def sample_volumes(model, schedule, info, num, solver="dpmpp_2m", steps=20, seed=0, dtype=None):
+def sample_volumes(model, schedule, info, num, solver="dpmpp_2m", steps=20, seed=0, dtype=None, autoencoder=None):
+    """`num` volumes of the model; a latent model's (info.is_latent) are decoded by `autoencoder`."""
     from ..engine import sample
 
-    shape = (num, info.channels, *info.volume_shape)
-    return sample(model, shape=shape, solver=solver, num_steps=steps, schedule=schedule, seed=seed,
-                  prediction_type=info.prediction_type, clip=info.clip_sample, dtype=dtype, progress=False)
+    latent = {} if autoencoder is None else {"autoencoder": autoencoder, "scale_factor": info.scale_factor}
+    return sample(model, shape=(num, *info.latent_shape()), solver=solver, num_steps=steps, schedule=schedule,
+                  seed=seed, prediction_type=info.prediction_type, clip=info.clip_sample, dtype=dtype,
+                  progress=False, **latent)
 
 
 def evaluate(model_name="demo", num=8, solver="dpmpp_2m", steps=20, seed=0, dtype=None) -> dict:
     """compare_to_phantoms for the model's samples and for the yardsticks (see the module docstring)."""
-    from ..modelfile import load_model
+    from ..modelfile import load_autoencoder, load_model
     from ..models import UNet3D
 
     model, schedule, info = load_model(model_name)
+    autoencoder = load_autoencoder(model_name, dtype=dtype) if info.is_latent else None
     shape = tuple(info.volume_shape)
     reference = data.phantoms(num, seed=REFERENCE_FAMILY, shape=shape)
     torch.manual_seed(seed)
     untrained = UNet3D(**info.unet).eval()
     noise = torch.randn((num, 1, *shape), generator=torch.Generator().manual_seed(seed)).clamp(-1, 1)
     candidates = {
-        "model": sample_volumes(model, schedule, info, num, solver, steps, seed, dtype),
+        "model": sample_volumes(model, schedule, info, num, solver, steps, seed, dtype, autoencoder),
         "phantoms": data.phantoms(num, seed=REFERENCE_FAMILY, shape=shape, start=num),
         "noise": noise,
-        "untrained": sample_volumes(untrained, schedule, info, num, solver, steps, seed, dtype),
+        "untrained": sample_volumes(untrained, schedule, info, num, solver, steps, seed, dtype, autoencoder),
     }
     return {name: compare_to_phantoms(volumes, reference) for name, volumes in candidates.items()}
 

@@ -78,23 +78,37 @@ def train(out: str = DEFAULT_OUT, iterations: int = 2600, batch: int = 4, lr: fl
         model.load_state_dict(load_model(init)[0].state_dict())
     ema = UNet3D(**(unet or UNET)).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    started = time.perf_counter()
+
+    def save(step, final_loss):
+        source = {"script": "python -m pydiffmed.demo.train", "iterations": step, "batch": batch, "lr": lr,
+                  "ema_decay": ema_decay, "seed": seed, "bf16_autocast": bf16, "init": init,
+                  "data": f"pydiffmed.data phantom family {seed}, indices 0..{step * batch - 1}"
+                  + ("" if lesions else ", without lesions"), "seconds": round(time.perf_counter() - started),
+                  "final_loss": final_loss, "torch": torch.__version__, "commit": _git_commit()}
+        name = os.path.basename(os.path.normpath(out)).removesuffix(".safetensors")
+        save_model(out, ema, model_config(ema, size, source, name, lesions), overwrite=True)
+
+    fit_denoiser(model, ema, lambda step: data.phantoms(batch, seed=seed, shape=size, start=step * batch,
+                                                        lesions=lesions),
+                 iterations, lr, ema_decay, seed, bf16, save, save_every, log)
+    log(f"saved {out} after {iterations} iterations, {time.perf_counter() - started:.0f} s")
+    return ema
+
+
+def fit_denoiser(model, ema, draw_batch, iterations: int, lr: float, ema_decay: float, seed: int, bf16: bool, save,
+                 save_every: int, log) -> None:
+    """The demo models' training loop: v-prediction MSE at uniform timesteps of SCHEDULE on the clean batches
+    `draw_batch(step)`, AdamW with `learning_rate`, gradient clipping, an EMA of the weights in `ema`;
+    `save(step, smoothed_loss)` every `save_every` steps and at the end."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = build_schedule(SCHEDULE)
     alphas_cumprod = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     started, running_loss = time.perf_counter(), None
-
-    def save(step):
-        source = {"script": "python -m pydiffmed.demo.train", "iterations": step, "batch": batch, "lr": lr,
-                  "ema_decay": ema_decay, "seed": seed, "bf16_autocast": bf16, "init": init,
-                  "data": f"pydiffmed.data phantom family {seed}, indices 0..{step * batch - 1}"
-                  + ("" if lesions else ", without lesions"), "seconds": round(time.perf_counter() - started),
-                  "final_loss": running_loss, "torch": torch.__version__, "commit": _git_commit()}
-        name = os.path.basename(os.path.normpath(out)).removesuffix(".safetensors")
-        save_model(out, ema, model_config(ema, size, source, name, lesions), overwrite=True)
-
     for step in range(iterations):
-        x0 = data.phantoms(batch, seed=seed, shape=size, start=step * batch, lesions=lesions)
+        x0 = draw_batch(step)
+        batch = x0.shape[0]
         t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1, 1)
@@ -119,10 +133,8 @@ def train(out: str = DEFAULT_OUT, iterations: int = 2600, batch: int = 4, lr: fl
             log(f"step {step:5d}/{iterations}  loss {value:.4f}  (smoothed {running_loss:.4f})  "
                 f"lr {learning_rate(step, iterations, lr):.2e}  {time.perf_counter() - started:7.0f} s")
         if save_every and (step + 1) % save_every == 0 and step + 1 < iterations:
-            save(step + 1)
-    save(iterations)
-    log(f"saved {out} after {iterations} iterations, {time.perf_counter() - started:.0f} s")
-    return ema
+            save(step + 1, running_loss)
+    save(iterations, running_loss)
 
 
 def main(argv=None) -> int:
