@@ -23,7 +23,14 @@ shows how much). peak_MB: memory one more decode
 adds above what is in use before it, each variant in a fresh subprocess after one warm-up decode (CPU: VmHWM after
 clear_refs with malloc's mmap threshold at 64 KiB, as bench_scaling.py; GPU: max_memory_allocated).
 
+--architecture maisi is the GPU row of issue 14: MAISI's released autoencoder architecture (channels 64, 128,
+256; two res blocks per level; random weights) decoding a 128³ latent to 512³ (--size 512, the default in this
+mode), MAISI's own memory-saving path (num_splits, the baseline) against pydiffmed's slabs, bf16 and fp16 under
+autocast for MAISI, max_abs_diff against MAISI's output in the same dtype; written to bench_decode_maisi_<device>.json.
+Targets: peak ≤ 16 GB and time_ratio ≤ 1.
+
     python benchmarks/bench_decode.py [--quick | --full | --smoke] [--size S] [--repeats R] [--threads N]
+                                      [--architecture small|maisi]
 """
 from __future__ import annotations
 
@@ -43,21 +50,26 @@ from bench_unet import DTYPE_NAMES, randomize_  # noqa: E402
 CONFIG = dict(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64, 64), latent_channels=4,
               num_res_blocks=1, attention_levels=(False, False, False), norm_num_groups=32,
               with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False)
-FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of the autoencoder
+# MAISI's released autoencoder (its bundle's autoencoder_def): the GPU row of --architecture maisi
+MAISI_CONFIG = dict(CONFIG, channels=(64, 128, 256), num_res_blocks=2)
+ARCHITECTURES = {"small": CONFIG, "maisi": MAISI_CONFIG}
+FACTOR = 2 ** (len(CONFIG["channels"]) - 1)  # spatial downsampling of both autoencoders
 OVERLAPS = (0.25, 0.4)
 MAISI_SPLITS = 8
 TILE = 2  # slab rows of "pydiffmed tiled" (the default of --tile)
 VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVERLAPS), "pydiffmed whole",
                       "pydiffmed tiled"),
             "MAISI": ("MAISI whole", "MAISI num_splits", "pydiffmed whole", "pydiffmed tiled")}
+# --architecture maisi: MAISI's own memory-saving path is the baseline (a whole 512³ decode does not fit a GPU)
+MAISI_SCALE_VARIANTS = {"MAISI": ("MAISI num_splits", "pydiffmed tiled")}
 MIB = 2.0 ** 20
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def maisi_arguments(num_splits):
-    return dict(spatial_dims=3, in_channels=1, out_channels=1, num_channels=CONFIG["channels"],
-                latent_channels=CONFIG["latent_channels"], num_res_blocks=(CONFIG["num_res_blocks"],) * 3,
-                attention_levels=CONFIG["attention_levels"], norm_num_groups=CONFIG["norm_num_groups"],
+def maisi_arguments(num_splits, config=CONFIG):
+    return dict(spatial_dims=3, in_channels=1, out_channels=1, num_channels=config["channels"],
+                latent_channels=config["latent_channels"], num_res_blocks=(config["num_res_blocks"],) * 3,
+                attention_levels=config["attention_levels"], norm_num_groups=config["norm_num_groups"],
                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, norm_float16=False,
                 num_splits=num_splits, dim_split=1, save_mem=num_splits > 1)
 
@@ -68,9 +80,9 @@ def maisi_splits(size):
     return max(1, min(MAISI_SPLITS, size // FACTOR // 4))
 
 
-def build(network, device, size):
-    """[baseline, other reference modules..., pydiffmed AutoencoderKL] of `network` with the same random
-    weights, fp32, eval mode: MONAI: [MONAI AutoencoderKL, ours]; MAISI: [AutoencoderKlMaisi, the same with
+def build(network, device, size, config=CONFIG):
+    """[whole-decode module, other reference modules..., pydiffmed AutoencoderKL] of `network` with the same
+    random weights, fp32, eval mode: MONAI: [MONAI AutoencoderKL, ours]; MAISI: [AutoencoderKlMaisi, the same with
     num_splits (for an output of side `size`), ours]."""
     from pydiffmed.models import AutoencoderKL
 
@@ -78,12 +90,12 @@ def build(network, device, size):
     if network == "MONAI":
         from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
 
-        monai = randomize_(MonaiAutoencoderKL(**CONFIG)).eval().to(device)
+        monai = randomize_(MonaiAutoencoderKL(**config)).eval().to(device)
         return [monai, AutoencoderKL.from_monai(monai).eval().to(device)]
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-    maisi = randomize_(AutoencoderKlMaisi(**maisi_arguments(1))).eval().to(device)
-    split = AutoencoderKlMaisi(**maisi_arguments(maisi_splits(size))).eval().to(device)
+    maisi = randomize_(AutoencoderKlMaisi(**maisi_arguments(1, config))).eval().to(device)
+    split = AutoencoderKlMaisi(**maisi_arguments(maisi_splits(size), config)).eval().to(device)
     split.load_state_dict(maisi.state_dict())
     return [maisi, split, AutoencoderKL.from_maisi(maisi).eval().to(device)]
 
@@ -94,12 +106,12 @@ def latent(size, device):
     return torch.randn(1, CONFIG["latent_channels"], side, side, side, generator=gen).to(device)
 
 
-def decoders(network, device, size, dtype, tile):
+def decoders(network, device, size, dtype, tile, config=CONFIG):
     """{variant: decode(z)} of `network` in `dtype`: MONAI's module and ours cast to it; MAISI's modules (which
     mix fp32 into their forward and fail cast to bf16) stay fp32 under torch.autocast, as MAISI's scripts run."""
     from monai.inferers import SlidingWindowInferer
 
-    *reference, mine = build(network, device, size)
+    *reference, mine = build(network, device, size, config)
     mine = mine.to(dtype)
     if network == "MONAI":
         monai = reference[0].to(dtype)
@@ -121,13 +133,13 @@ def decoders(network, device, size, dtype, tile):
     return fns
 
 
-def worker(network, variant, dtype_name, size, device, tile) -> dict:
+def worker(network, variant, dtype_name, size, device, tile, architecture="small") -> dict:
     """Peak memory of one more decode by `variant` of `network` (run in a fresh process on the CPU)."""
     from bench_scaling import forward_peak_bytes
 
     dtype = DTYPES[dtype_name]
     z = latent(size, device).to(dtype)
-    decode = decoders(network, device, size, dtype, tile)[variant]
+    decode = decoders(network, device, size, dtype, tile, ARCHITECTURES[architecture])[variant]
     with torch.no_grad():
         decode(z)  # warm-up: one-time costs (oneDNN primitives, libraries) are not counted
         sync(device)
@@ -135,9 +147,9 @@ def worker(network, variant, dtype_name, size, device, tile) -> dict:
     return {"peak_MB": peak / MIB, "memory_method": method}
 
 
-def peak_subprocess(network, variant, dtype_name, size, threads, tile, timeout_s=600) -> dict:
+def peak_subprocess(network, variant, dtype_name, size, threads, tile, architecture, timeout_s=600) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{network},{variant},{dtype_name}", "--size",
-           str(size), "--tile", str(tile)]
+           str(size), "--tile", str(tile), "--architecture", architecture]
     cmd += ["--threads", str(threads)] if threads else []
     return run_worker(cmd, timeout_s)
 
@@ -152,42 +164,58 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--tile", type=int, default=TILE, help="slab rows of the pydiffmed tiled decode")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="small",
+                        help="maisi: MAISI's released autoencoder, 512³ output by default, MAISI num_splits against "
+                             "pydiffmed tiled in bf16/fp16 (the GPU row)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "network,variant,dtype": one peak
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    size = args.size or (16 if args.smoke else 128 if args.full else 64)
+    maisi_scale = args.architecture == "maisi"
+    config = ARCHITECTURES[args.architecture]
+    size = args.size or (16 if args.smoke else 512 if maisi_scale else 128 if args.full else 64)
     if size % (4 * FACTOR):
         parser.error(f"--size must be a multiple of {4 * FACTOR}")
 
     if args.worker:
         network, variant, dtype_name = args.worker.split(",")
-        print(json.dumps(worker(network, variant, dtype_name, size, device, args.tile)), flush=True)
+        print(json.dumps(worker(network, variant, dtype_name, size, device, args.tile, args.architecture)),
+              flush=True)
         return
 
     repeats = args.repeats or (1 if args.smoke else 3)
     warmup = 0 if args.smoke else 1
-    dtypes = ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
+    if maisi_scale:
+        variant_sets, dtypes = MAISI_SCALE_VARIANTS, ["bf16"] + (["fp16"] if device == "cuda" else [])
+    else:
+        variant_sets, dtypes = VARIANTS, ["fp32", "bf16"] + (["fp16"] if device == "cuda" else [])
     z32 = latent(size, device)
     rows = []
-    for network, variants in VARIANTS.items():
-        with torch.no_grad():
-            reference = build(network, device, size)[0].decode(z32).float()
+    for network, variants in variant_sets.items():
+        reference = None
+        if not maisi_scale:
+            with torch.no_grad():
+                reference = build(network, device, size, config)[0].decode(z32).float()
         for dtype_name in dtypes:
             z = z32.to(DTYPES[dtype_name])
-            fns = decoders(network, device, size, DTYPES[dtype_name], args.tile)
+            fns = decoders(network, device, size, DTYPES[dtype_name], args.tile, config)
+            fns = {name: fns[name] for name in variants}
             with torch.no_grad():
                 times = interleaved_medians({name: (lambda f=f: f(z)) for name, f in fns.items()}, device, repeats,
                                             warmup=warmup)
-                diffs = {name: (f(z).float() - reference).abs().max().item() for name, f in fns.items()}
+                outputs = {name: f(z).float() for name, f in fns.items()}
             del fns
+            same_dtype_reference = outputs[variants[0]] if maisi_scale else reference
+            diffs = {name: (out - same_dtype_reference).abs().max().item() for name, out in outputs.items()}
+            del outputs
             block = []
             for variant in variants:
                 if device == "cpu":
-                    peak = peak_subprocess(network, variant, dtype_name, size, args.threads, args.tile)
+                    peak = peak_subprocess(network, variant, dtype_name, size, args.threads, args.tile,
+                                           args.architecture)
                 else:
-                    peak = worker(network, variant, dtype_name, size, device, args.tile)
+                    peak = worker(network, variant, dtype_name, size, device, args.tile, args.architecture)
                     torch.cuda.empty_cache()
                 row = {"network": network, "variant": variant, "dtype": dtype_name, "device": device,
                        "output": f"{size}³", "ms": times[variant][0] * 1e3, "max_abs_diff": diffs[variant]}
@@ -203,19 +231,27 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     method = next((r["memory_method"] for r in rows if "memory_method" in r), "none")
     latent_side = size // FACTOR
-    notes = (f"`{command_line()}`: latent 1×{CONFIG['latent_channels']}×{latent_side}³ → 1×1×{size}³; autoencoder "
-             f"channels {CONFIG['channels']}, num_res_blocks {CONFIG['num_res_blocks']}, no attention, random "
-             f"weights, as MONAI's AutoencoderKL and as MAISI's AutoencoderKlMaisi. Sliding window: roi "
-             f"{max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant blend. MAISI num_splits: "
-             f"{maisi_splits(size)} splits along dim_split 1, save_mem, norm_float16 off. Tiled: decode(z, "
-             f"tile={args.tile}). ms: median of {repeats} interleaved rounds; time_ratio / memory_ratio vs the "
-             f"network's whole decode (MONAI whole, MAISI whole) of the same dtype; max_abs_diff vs that decode in "
-             f"fp32; "
-             f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "
-             f"process, by {method}. torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+    described = (f"`{command_line()}`: latent 1×{config['latent_channels']}×{latent_side}³ → 1×1×{size}³; "
+                 f"autoencoder channels {config['channels']}, num_res_blocks {config['num_res_blocks']}, no "
+                 f"attention, random weights")
+    measured = (f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "
+                f"process, by {method}. torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+    splits = (f"MAISI num_splits: {maisi_splits(size)} splits along dim_split 1, save_mem, norm_float16 off. Tiled: "
+              f"decode(z, tile={args.tile}). ms: median of {repeats} interleaved rounds; ")
+    if maisi_scale:
+        name = "bench_decode_maisi"
+        notes = (f"{described}, MAISI's released architecture (AutoencoderKlMaisi). {splits}time_ratio / "
+                 f"memory_ratio vs MAISI num_splits (MAISI's own path, under autocast) of the same dtype; "
+                 f"max_abs_diff vs its output. Targets (issue 14): peak_MB ≤ 16384 and time_ratio ≤ 1. {measured}")
+    else:
+        name = "bench_decode"
+        notes = (f"{described}, as MONAI's AutoencoderKL and as MAISI's AutoencoderKlMaisi. Sliding window: roi "
+                 f"{max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant blend. {splits}"
+                 f"time_ratio / memory_ratio vs the network's whole decode (MONAI whole, MAISI whole) of the same "
+                 f"dtype; max_abs_diff vs that decode in fp32; {measured}")
     columns = ["network", "variant", "dtype", "device", "output", "ms", "time_ratio", "peak_MB", "memory_ratio",
                "max_abs_diff", "error"]
-    print(save("bench_decode", rows, columns, notes))
+    print(save(name, rows, columns, notes))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 # them all): env (python, torch, CUDA check), build (C++ extension in place), nvidia_smi, info (pydiffmed info),
 # gpu_tests (pytest -m gpu, junit xml in OUTDIR/gpu_tests.xml, skip reasons in the log), one step per GPU
 # benchmark at --quick sizes with its own time limit (about 9 minutes in all), bench_distributed (the N-GPU form:
-# 1 GPU against all visible GPUs, NCCL; skipped, saying why, with fewer than 2), results_md (regenerated
+# 1 GPU against all visible GPUs, NCCL; skipped, saying why, with fewer than 2), bench_decode_maisi (issue 14's
+# 512³ MAISI-architecture decode), results_md (regenerated
 # RESULTS.md and README.md's benchmarks block). The benchmarks' *_cuda.json and *_cuda.png files written during
 # this run, RESULTS.md and README.md are copied to OUTDIR/results/. A failing step does not stop the later ones; the exit status is 1 if any step failed.
 #
@@ -63,6 +64,10 @@ TESTS_TIMEOUT=900
 # skips at once, on W >= 2 GPUs it runs 1 GPU against W with both modes in one launch per configuration).
 NGPU_LIMIT=240
 NGPU_BENCH=(benchmarks/bench_distributed.py --quick --device cuda --one-launch)
+# Issue 14's GPU row (after the N-GPU step, also not counted in the 9 minutes): MAISI's released autoencoder
+# architecture decoding to 512³, MAISI's num_splits against pydiffmed's slabs (bench_decode_maisi_cuda.json).
+MAISI_DECODE_LIMIT=300
+MAISI_DECODE_BENCH=(benchmarks/bench_decode.py --architecture maisi --repeats 1)
 
 SUMMARY="$OUTDIR/summary.txt"
 START_MARK="$OUTDIR/.suite_started"
@@ -179,6 +184,7 @@ if [ $DRY_RUN -eq 1 ]; then
     done
     run_step bench_distributed_help 120 "$PY" benchmarks/bench_distributed.py --help
     echo "  would run: timeout $NGPU_LIMIT $PY ${NGPU_BENCH[*]}" >> "$SUMMARY"
+    echo "  would run: timeout $MAISI_DECODE_LIMIT $PY ${MAISI_DECODE_BENCH[*]}" >> "$SUMMARY"
 else
     run_step gpu_tests "$TESTS_TIMEOUT" "$PY" -m pytest -m gpu tests -q -rs \
         --junitxml="$OUTDIR/gpu_tests.xml"
@@ -188,6 +194,7 @@ else
     # N-GPU form: one process per visible GPU (torchrun, NCCL) against one GPU; with fewer than 2 GPUs it prints
     # why it skipped and exits 0 in seconds.
     run_step bench_distributed "$NGPU_LIMIT" "$PY" "${NGPU_BENCH[@]}"
+    run_step bench_decode_maisi "$MAISI_DECODE_LIMIT" "$PY" "${MAISI_DECODE_BENCH[@]}"
     run_step results_md 120 "$PY" benchmarks/results_md.py
     mkdir -p "$OUTDIR/results"
     # Only results written by this run: older *_cuda.json files may come from another commit or machine.

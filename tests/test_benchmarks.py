@@ -243,6 +243,17 @@ def test_decode_rows(tmp_path):
     assert len(exact) == 5 and all(r["max_abs_diff"] < 1e-3 for r in exact)
 
 
+def test_decode_maisi_architecture_rows(tmp_path):
+    """The GPU row's mode (MAISI's released architecture, MAISI num_splits as the baseline), at a smoke size."""
+    run_script("bench_decode.py", ["--smoke", "--architecture", "maisi"], tmp_path)
+    result = load(tmp_path, "bench_decode_maisi")
+    assert "channels (64, 128, 256), num_res_blocks 2" in result["notes"]
+    rows = result["rows"]
+    assert [(r["variant"], r["dtype"]) for r in rows] == [("MAISI num_splits", "bf16"), ("pydiffmed tiled", "bf16")]
+    assert rows[0]["time_ratio"] == 1 and rows[0]["max_abs_diff"] == 0
+    assert rows[1]["peak_MB"] > 0 and 0 < rows[1]["max_abs_diff"] < 0.1  # bf16 rounding apart, the same decode
+
+
 def test_inferer_rows_and_headline(tmp_path):
     run_script("bench_inferer.py", ["--smoke", "--threads", "1"], tmp_path)
     rows = load(tmp_path, "bench_inferer")["rows"]
@@ -366,6 +377,7 @@ def test_gpu_suite_cpu_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert proc.returncode == 0, summary + proc.stdout[-3000:]
     assert "bench_determinism_help" in summary and "CPU dry run passed" in summary
+    assert "bench_decode.py --architecture maisi --repeats 1" in summary
 
 
 def test_contention_rows(tmp_path):
