@@ -5,15 +5,21 @@ started by the benchmark for the length of one timing and stopped after it (they
 `--load-seconds`). Every variant runs in a fresh worker process, because the OpenMP wait setting it tests is read
 once, when torch loads its OpenMP runtime:
 
-* pydiffmed UNet3D with pydiffmed's wait setting (GOMP_SPINCOUNT=1000, what `import pydiffmed` sets before torch:
-  pydiffmed/_openmp.py), and with libgomp's default (GOMP_SPINCOUNT=300000 given explicitly, what torch runs
-  with when nothing is set);
+* pydiffmed UNet3D with adaptive threads: each forward run as one step of the engine's CPU loop
+  (pydiffmed.cpu_threads.AdaptiveThreads, the default of Sampler/sample: fewer threads while the process gets
+  fewer cores than it asks for);
+* pydiffmed UNet3D at a fixed thread count, with pydiffmed's wait setting (GOMP_SPINCOUNT=1000, what
+  `import pydiffmed` sets before torch: pydiffmed/_openmp.py), and with libgomp's default (GOMP_SPINCOUNT=300000
+  given explicitly, what torch runs with when nothing is set);
 * OpenVINO fp32 / bf16 (benchmarks/peers.py) and MONAI eager, same weights and input, same thread count.
 
 Configuration "small" of bench_unet.py (channels (32, 64, 64), attention at the last level), batch 1. Rounds:
 quiet and loaded timings alternate, variant by variant, `--passes` times over; each timing is the median of
 `--repeats` forwards after a warm-up. slowdown = loaded / quiet of the same variant; vs_fastest_peer_loaded =
-the fastest peer's loaded time at the same precision / ours (> 1: we are faster under the same load).
+the fastest peer's loaded time at the same precision / ours (> 1: we are faster under the same load);
+threads_quiet / threads_loaded: the thread count of the timed forwards of the last pass. The busy processes run
+in sessions of their own, as other users' jobs do: with Linux's autogroups each session gets its share of the
+cores.
 
     python benchmarks/bench_contention.py [--quick] [--size N] [--repeats N] [--passes N] [--load N]
 """
@@ -33,6 +39,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 # (name, worker kind, environment the worker starts with)
 VARIANTS = [
+    ("pydiffmed UNet3D (adaptive threads)", "unet3d_adaptive", {}),
     ("pydiffmed UNet3D (pydiffmed's OpenMP wait)", "unet3d", {}),
     ("pydiffmed UNet3D (libgomp default wait)", "unet3d", {"GOMP_SPINCOUNT": "300000"}),
     ("MONAI eager", "monai", {"GOMP_SPINCOUNT": "300000"}),
@@ -57,10 +64,17 @@ def worker(kind: str, dtype_name: str, size: int, repeats: int, threads: int) ->
     monai = randomize_(DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, **CONFIGS["small"]).eval())
     x = torch.randn(1, 1, size, size, size, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([500])
-    if kind == "unet3d":
+    governor = None
+    if kind.startswith("unet3d"):
         model = UNet3D.from_monai(monai).to(dtype).eval()
         xin = x.to(dtype)
         fn = lambda: model(xin, t)  # noqa: E731
+        if kind == "unet3d_adaptive":  # each forward one step of a sampling loop (the engine's default on CPU)
+            from pydiffmed.cpu_threads import AdaptiveThreads
+
+            governor = AdaptiveThreads(threads)
+            forward = fn
+            fn = lambda: governor.run(forward)  # noqa: E731
     elif kind == "monai":
         model = monai.to(dtype)
         xin = x.to(dtype)
@@ -80,8 +94,19 @@ def worker(kind: str, dtype_name: str, size: int, repeats: int, threads: int) ->
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-    return {"ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times),
+    used = governor.history[-repeats:] if governor else [torch.get_num_threads()] * repeats
+    return {"ms": 1e3 * statistics.median(times), "max_ms": 1e3 * max(times), "threads_used": used,
             "spin": os.environ.get("GOMP_SPINCOUNT"), "wait_set_by_pydiffmed": pydiffmed.OPENMP_WAIT_POLICY_SET}
+
+
+def _threads_summary(counts) -> str | None:
+    """The thread counts of the timed forwards of the last pass, e.g. "2" or "1 (2 in 1 of 7)"."""
+    if not counts:
+        return None
+    common = max(set(counts), key=counts.count)
+    others = [c for c in counts if c != common]
+    return str(common) + (f" ({'/'.join(map(str, sorted(set(others))))} in {len(others)} of {len(counts)})"
+                          if others else "")
 
 
 def start_load(count: int, seconds: float) -> list:
@@ -146,8 +171,9 @@ def main(argv=None):
                         entry["error"] = out["error"]
                         break
                     entry["loaded" if load else "quiet"].append(out["ms"])
+                    entry["threads_loaded" if load else "threads_quiet"] = out["threads_used"]
                     print(f"{name} {dtype} {'loaded' if load else 'quiet'}: {out['ms']:.0f} ms "
-                          f"(slowest forward {out['max_ms']:.0f} ms)", flush=True)
+                          f"(slowest forward {out['max_ms']:.0f} ms, threads {out['threads_used']})", flush=True)
     rows = []
     for (name, dtype), entry in results.items():
         quiet = statistics.median(entry["quiet"]) if entry["quiet"] else None
@@ -156,6 +182,8 @@ def main(argv=None):
                      "quiet_ms": None if quiet is None else round(quiet, 1),
                      "loaded_ms": None if loaded is None else round(loaded, 1),
                      "slowdown": None if not (quiet and loaded) else round(loaded / quiet, 2),
+                     "threads_quiet": _threads_summary(entry.get("threads_quiet")),
+                     "threads_loaded": _threads_summary(entry.get("threads_loaded")),
                      "error": entry["error"]})
     for row in rows:
         if row["variant"].startswith("pydiffmed") and row["loaded_ms"]:
@@ -165,8 +193,8 @@ def main(argv=None):
             row["target"] = ("slowdown <= 3: " + ("met" if row["slowdown"] <= 3 else "NOT met")
                              + ("; ahead of every peer under load: " + ("met" if row["vs_fastest_peer_loaded"] > 1
                                                                          else "NOT met") if peers else ""))
-    columns = ["variant", "dtype", "size", "quiet_ms", "loaded_ms", "slowdown", "vs_fastest_peer_loaded", "target",
-               "error"]
+    columns = ["variant", "dtype", "size", "quiet_ms", "loaded_ms", "slowdown", "threads_quiet", "threads_loaded",
+               "vs_fastest_peer_loaded", "target", "error"]
     load_avg = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     notes = (f"`{' '.join(['python', 'benchmarks/bench_contention.py', *(argv or sys.argv[1:])])}`: small UNet "
              f"config, batch 1, {args.size}³, {args.threads} threads; loaded = while {args.load} busy Python "

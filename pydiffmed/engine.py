@@ -21,6 +21,7 @@ in (given a model that treats samples independently).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import warnings
@@ -29,6 +30,7 @@ import weakref
 import torch
 
 from . import backends, ops
+from .cpu_threads import AdaptiveThreads
 from .inverse import samplers
 from .memory import InsufficientMemoryError, MemoryEstimate, available_memory, estimate_memory
 from .ops._checks import dtype_name
@@ -311,12 +313,17 @@ class Sampler:
       halves of a guidance batch; on CUDA the full and the shallow evaluations get one graph each. 1: every
       evaluation is full (the same samples as without). An approximation: the samples change a little
       (benchmarks/bench_feature_cache.py measures speed and quality). `cache_schedule()` lists the kinds.
+    adaptive_threads: on the CPU, lower torch's thread count for the following evaluations while this process
+      gets fewer cores than its threads ask for (other jobs on the same cores), and raise it again when they
+      free up (pydiffmed.cpu_threads; the count is set back after each run, `thread_history` lists it per
+      evaluation). The samples are the same bits whatever the count. False: torch's count stays as it is.
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
                  check_memory=True, batch_invariant=False, measurement=None, posterior=None,
-                 posterior_options=None, slab=None, feature_cache=None, cache_branch=None, **solver_options):
+                 posterior_options=None, slab=None, feature_cache=None, cache_branch=None, adaptive_threads=True,
+                 **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
         self.shape = _check_shape(shape)
@@ -338,6 +345,8 @@ class Sampler:
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.nan_check = bool(nan_check)
         self.batch_invariant = bool(batch_invariant)
+        self.adaptive_threads = bool(adaptive_threads)
+        self.thread_history = []  # CPU: torch's thread count at each model evaluation of the last run
 
         # host side of the plan: validated on the CPU, then the tables move to the device once
         plan = self.solver.plan("cpu")
@@ -780,10 +789,13 @@ class Sampler:
             if self.device.type == "cpu":  # reading the flags costs nothing here: fail before the run
                 self._raise_if_bad_inputs()
             bar = progress_bar(self.num_model_evals - self.start_index, progress)
+            threads = AdaptiveThreads() if self.adaptive_threads and self.device.type == "cpu" else None
             try:
                 for e in range(self.start_index, self.num_model_evals):
                     if graphs:
                         self._graphs[(kinds[e], preview)].replay()
+                    elif threads is not None:
+                        threads.run(functools.partial(self._step, *kinds[e], preview), kinds[e])
                     else:
                         self._step(*kinds[e], preview)
                     if bar is not None:
@@ -793,6 +805,9 @@ class Sampler:
             finally:
                 if bar is not None:
                     bar.close()
+                if threads is not None:
+                    threads.restore()
+                    self.thread_history = threads.history
             return self.buffers[self.plan.output].clone()
 
     def _start(self, seeds, init, x_T):
@@ -887,7 +902,7 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
            check_memory=True, batch_invariant=False, measurement=None, posterior=None, posterior_options=None,
            distributed=False, feature_cache=None, cache_branch=None, autoencoder=None, scale_factor=1.0,
-           decode_tile=None, decode_max_memory=None, decode_storage=None, **solver_options):
+           decode_tile=None, decode_max_memory=None, decode_storage=None, adaptive_threads=True, **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
@@ -897,6 +912,7 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan.
     measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept).
     feature_cache=N (cache_branch=k): DeepCache-style feature caching of a UNet3D, off by default (see `Sampler`).
+    adaptive_threads=False: keep torch's CPU thread count fixed (see `Sampler`).
     distributed=True (inside an initialised torch.distributed process group): every rank calls sample with the same
     arguments; rank r samples volumes r, r + world_size, ... of the batch and every rank returns the whole batch,
     equal to what one process would sample (pydiffmed.distributed).
@@ -919,12 +935,14 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
             mask=mask, known=known, init=init, strength=strength, x_T=x_T, callback=callback, progress=progress,
             nan_check=nan_check, check_memory=check_memory, batch_invariant=batch_invariant,
             measurement=measurement, posterior=posterior, posterior_options=posterior_options,
-            feature_cache=feature_cache, cache_branch=cache_branch, **solver_options)))
+            feature_cache=feature_cache, cache_branch=cache_branch, adaptive_threads=adaptive_threads,
+            **solver_options)))
     solver = _solver_from(solver, schedule, num_steps, solver_options)
     device = torch.device(device) if device is not None else _model_device(model)
     options = dict(device=device, dtype=dtype, state_dtype=state_dtype, guidance_scale=guidance_scale,
                    strength=strength, cuda_graph=cuda_graph, nan_check=nan_check, check_memory=check_memory,
-                   batch_invariant=batch_invariant, feature_cache=feature_cache, cache_branch=cache_branch)
+                   batch_invariant=batch_invariant, feature_cache=feature_cache, cache_branch=cache_branch,
+                   adaptive_threads=adaptive_threads)
     cacheable = cuda_graph and device.type == "cuda" and measurement is None
     sampler = None
     if cacheable:

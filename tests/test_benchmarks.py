@@ -384,10 +384,12 @@ def test_contention_rows(tmp_path):
     run_script("bench_contention.py", ["--size", "8", "--repeats", "1", "--passes", "1", "--dtypes", "fp32",
                                        "--load", "1", "--load-seconds", "120", "--variants", "pydiffmed"], tmp_path)
     rows = load(tmp_path, "bench_contention")["rows"]
-    assert [r["variant"] for r in rows] == ["pydiffmed UNet3D (pydiffmed's OpenMP wait)",
+    assert [r["variant"] for r in rows] == ["pydiffmed UNet3D (adaptive threads)",
+                                            "pydiffmed UNet3D (pydiffmed's OpenMP wait)",
                                             "pydiffmed UNet3D (libgomp default wait)"]
     for r in rows:
         assert not r["error"], r
+        assert r["threads_quiet"] and r["threads_loaded"]
         assert r["quiet_ms"] > 0 and r["loaded_ms"] > 0
         assert r["slowdown"] == pytest.approx(r["loaded_ms"] / r["quiet_ms"], rel=0.01)
         assert r["vs_fastest_peer_loaded"] is None  # no peer ran
