@@ -15,8 +15,8 @@ such as feature caching's shallow evaluations, wait for one of theirs); each pro
 steps to the next one (up to MAX_WAIT). A quiet run at the starting count that gets its cores never probes, so it
 pays only two clock reads per step. The first step of each kind at each count is not judged: it carries one-time
 costs (warm-up, oneDNN's kernels for that count). Results do not depend on the thread count: pydiffmed's
-CPU kernels and oneDNN's convolutions give the same bits with one thread or several
-(tests/test_cpu_threads.py checks whole sampling runs).
+CPU kernels and oneDNN's convolutions give the same bits with one thread or several (tests/test_cpu_threads.py
+checks whole sampling runs), which `keeps_bits` names; the engine adapts by default only there.
 """
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ FIRST_WAIT = 1    # steps before the first probe (a run that starts under load l
 RESET_WAIT = 4    # after a kept probe
 MAX_WAIT = 64
 MAX_PROBE_STEPS = 4  # a probe whose steps have no same-kind step at the previous count to compare with ends
+
+
+def keeps_bits(model) -> bool:
+    """Whether sampling with `model` gives the same bits at any CPU thread count: a pydiffmed UNet3D or a model
+    passed through pydiffmed.accelerate (oneDNN convolutions, pydiffmed's GroupNorm and attention, per-sample
+    GEMMs). MONAI's own modules do not (their sampling runs ended 8e-5 apart with one thread and with two)."""
+    from .models import UNet3D
+
+    return isinstance(model, UNet3D) or bool(getattr(model, "_pdm_accelerated", False))
 
 
 class AdaptiveThreads:

@@ -29,8 +29,7 @@ import weakref
 
 import torch
 
-from . import backends, ops
-from .cpu_threads import AdaptiveThreads
+from . import backends, cpu_threads, ops
 from .inverse import samplers
 from .memory import InsufficientMemoryError, MemoryEstimate, available_memory, estimate_memory
 from .ops._checks import dtype_name
@@ -316,13 +315,16 @@ class Sampler:
     adaptive_threads: on the CPU, lower torch's thread count for the following evaluations while this process
       gets fewer cores than its threads ask for (other jobs on the same cores), and raise it again when they
       free up (pydiffmed.cpu_threads; the count is set back after each run, `thread_history` lists it per
-      evaluation). The samples are the same bits whatever the count. False: torch's count stays as it is.
+      evaluation). None (the default): on where the samples are the same bits at any count, a pydiffmed UNet3D
+      or an accelerate()d model without a posterior data step (cpu_threads.keeps_bits); off otherwise (MONAI's
+      own modules and the MRI data steps' FFTs round differently with another count: 1e-7 to 1e-4 apart).
+      True: on anyway; False: torch's count stays as it is.
     """
 
     def __init__(self, model, solver, shape, *, num_steps=None, schedule=None, device=None, dtype=None,
                  state_dtype=torch.float32, guidance_scale=None, strength=None, cuda_graph=True, nan_check=True,
                  check_memory=True, batch_invariant=False, measurement=None, posterior=None,
-                 posterior_options=None, slab=None, feature_cache=None, cache_branch=None, adaptive_threads=True,
+                 posterior_options=None, slab=None, feature_cache=None, cache_branch=None, adaptive_threads=None,
                  **solver_options):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, t, **cond), got {type(model).__name__}")
@@ -345,8 +347,6 @@ class Sampler:
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.nan_check = bool(nan_check)
         self.batch_invariant = bool(batch_invariant)
-        self.adaptive_threads = bool(adaptive_threads)
-        self.thread_history = []  # CPU: torch's thread count at each model evaluation of the last run
 
         # host side of the plan: validated on the CPU, then the tables move to the device once
         plan = self.solver.plan("cpu")
@@ -391,6 +391,10 @@ class Sampler:
         if self.data_step is not None:  # the posterior's data step (inverse/samplers.py), checked against the plan
             self.data_step.bind(solver=self.solver, rows=self._rows, times=self._times, shape=self.shape,
                                 device=self.device, state_dtype=self.state_dtype, model=self.model)
+        self.adaptive_threads = self.device.type == "cpu" and (
+            cpu_threads.keeps_bits(self.model) and self.data_step is None if adaptive_threads is None
+            else bool(adaptive_threads))
+        self.thread_history = []  # with adaptive_threads: torch's thread count at each evaluation of the last run
         self.use_cuda_graph = bool(cuda_graph) and self.device.type == "cuda" and not (
             self.data_step is not None and self.data_step.differentiates)  # DPS's backward is not captured
         self.graph_failure = None      # why capture failed (then sampling is eager), or None
@@ -789,7 +793,7 @@ class Sampler:
             if self.device.type == "cpu":  # reading the flags costs nothing here: fail before the run
                 self._raise_if_bad_inputs()
             bar = progress_bar(self.num_model_evals - self.start_index, progress)
-            threads = AdaptiveThreads() if self.adaptive_threads and self.device.type == "cpu" else None
+            threads = cpu_threads.AdaptiveThreads() if self.adaptive_threads else None
             try:
                 for e in range(self.start_index, self.num_model_evals):
                     if graphs:
@@ -902,7 +906,7 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
            known=None, init=None, strength=None, x_T=None, callback=None, progress=True, nan_check=True,
            check_memory=True, batch_invariant=False, measurement=None, posterior=None, posterior_options=None,
            distributed=False, feature_cache=None, cache_branch=None, autoencoder=None, scale_factor=1.0,
-           decode_tile=None, decode_max_memory=None, decode_storage=None, adaptive_threads=True, **solver_options):
+           decode_tile=None, decode_max_memory=None, decode_storage=None, adaptive_threads=None, **solver_options):
     """Sample `shape` = (B, C, *spatial) volumes from `model` in one call; returns them in state_dtype.
 
     See `Sampler` for the arguments (solver by name with num_steps (default 20), schedule and solver options such as
@@ -912,7 +916,8 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     next call with the same model (same tensors, weights unchanged), shape, dtypes and solver plan.
     measurement=, posterior=, posterior_options=: posterior sampling (see `Sampler`; such a Sampler is not kept).
     feature_cache=N (cache_branch=k): DeepCache-style feature caching of a UNet3D, off by default (see `Sampler`).
-    adaptive_threads=False: keep torch's CPU thread count fixed (see `Sampler`).
+    adaptive_threads: the CPU thread count follows the cores this process gets (see `Sampler`; default: where
+    that leaves the samples' bits unchanged).
     distributed=True (inside an initialised torch.distributed process group): every rank calls sample with the same
     arguments; rank r samples volumes r, r + world_size, ... of the batch and every rank returns the whole batch,
     equal to what one process would sample (pydiffmed.distributed).

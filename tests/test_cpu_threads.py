@@ -110,11 +110,26 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sampling_gives_the_same_bits_whatever_count_the_loop_picks(monkeypatch, two_threads, dtype):
+def small_unet3d():
     torch.manual_seed(0)
-    model = UNet3D(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64), attention_levels=(False, True),
-                   num_res_blocks=1, num_head_channels=16).eval()
+    return UNet3D(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64), attention_levels=(False, True),
+                  num_res_blocks=1, num_head_channels=16).eval()
+
+
+def small_monai_unet():
+    from monai.networks.nets import DiffusionModelUNet
+
+    torch.manual_seed(0)
+    return DiffusionModelUNet(spatial_dims=3, in_channels=1, out_channels=1, channels=(32, 64),
+                              attention_levels=(False, True), num_res_blocks=1, num_head_channels=16,
+                              norm_num_groups=32).eval()
+
+
+@pytest.mark.parametrize("network", ["UNet3D", "accelerated MONAI"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sampling_gives_the_same_bits_whatever_count_the_loop_picks(monkeypatch, two_threads, network, dtype):
+    model = small_unet3d() if network == "UNet3D" else pydiffmed.accelerate(small_monai_unet())
+    assert cpu_threads.keeps_bits(model)
     options = dict(shape=(2, 1, 12, 12, 12), solver="dpmpp_2m", num_steps=6, seed=3, dtype=dtype, progress=False)
     fixed = pydiffmed.sample(model, adaptive_threads=False, **options)
     assert torch.get_num_threads() == 2
@@ -125,6 +140,7 @@ def test_sampling_gives_the_same_bits_whatever_count_the_loop_picks(monkeypatch,
 
     monkeypatch.setattr(cpu_threads, "STARVED", 10.0)  # every step at two threads counts as starved
     sampler = pydiffmed.Sampler(model, options["solver"], options["shape"], num_steps=6, dtype=dtype)
+    assert sampler.adaptive_threads  # the default for these models
     adaptive = sampler(seed=3)
     history = sampler.thread_history
     assert len(history) == 6 and history[0] == 2 and 1 in history  # a run at both counts
@@ -135,3 +151,25 @@ def test_sampling_gives_the_same_bits_whatever_count_the_loop_picks(monkeypatch,
                               adaptive_threads=False)
     quiet(seed=3)
     assert quiet.thread_history == []
+
+
+def test_adapts_by_default_only_where_the_bits_stay(two_threads):
+    """MONAI's own modules and the MRI data steps round differently with another thread count: the default leaves
+    the count alone there, adaptive_threads=True adapts anyway."""
+    from pydiffmed.inverse import Masking, Measurement
+
+    shape = (1, 1, 8, 8, 8)
+    monai = small_monai_unet()
+    assert not cpu_threads.keeps_bits(monai)
+    assert not pydiffmed.Sampler(monai, "ddim", shape, num_steps=2).adaptive_threads
+    assert pydiffmed.Sampler(monai, "ddim", shape, num_steps=2, adaptive_threads=True).adaptive_threads
+    unet = small_unet3d()
+    assert pydiffmed.Sampler(unet, "ddim", shape, num_steps=2).adaptive_threads
+    mask = torch.zeros(shape[2:], dtype=torch.bool)
+    mask[..., ::2] = True
+    operator = Masking(mask)
+    measurement = Measurement(operator, operator.forward(torch.zeros(shape)), 0.0)
+    assert not pydiffmed.Sampler(unet, "ddim", shape, num_steps=2, measurement=measurement,
+                                 posterior="projection").adaptive_threads
+    if torch.cuda.is_available():
+        assert not pydiffmed.Sampler(unet.cuda(), "ddim", shape, num_steps=2).adaptive_threads
