@@ -6,8 +6,8 @@ started by the benchmark for the length of one timing and stopped after it (they
 once, when torch loads its OpenMP runtime:
 
 * pydiffmed UNet3D with adaptive threads: each forward run as one step of the engine's CPU loop
-  (pydiffmed.cpu_threads.AdaptiveThreads, the default of Sampler/sample: fewer threads while the process gets
-  fewer cores than it asks for);
+  (pydiffmed.cpu_threads.AdaptiveThreads, what Sampler/sample do by default with a UNet3D: fewer threads while
+  the process gets fewer cores than it asks for);
 * pydiffmed UNet3D at a fixed thread count, with pydiffmed's wait setting (GOMP_SPINCOUNT=1000, what
   `import pydiffmed` sets before torch: pydiffmed/_openmp.py), and with libgomp's default (GOMP_SPINCOUNT=300000
   given explicitly, what torch runs with when nothing is set);

@@ -3,10 +3,12 @@
 On cores that other jobs also want, the scheduler gives this process a share of them, not its thread count:
 with Linux's autogroups (one group per session) or cgroups (containers, batch systems), two threads of ours next
 to two busy jobs on two cores get about two thirds of one core between them. Every torch op ends with a barrier,
-so each thread keeps waiting for its descheduled partner, and a forward ran 6.5× slower than quiet where one
-thread ran it 3–4× slower (small UNet, 48³, bf16; README "Shared machines"). No thread count is right for every
-case, so the loop measures: each step's process CPU time against its wall time says whether the threads got the
-cores they ask for, and a step run at another count (a probe) says whether that count is faster.
+so each thread keeps waiting for its descheduled partner (benchmarks/bench_contention.py, small UNet at 48³ in
+bf16: two threads 4.8× slower than quiet, this loop, on one thread, 3.8×; README "Shared machines"). When the
+other jobs share our session instead, the scheduler shares per thread and two threads beat one: no thread count
+is right for every case, so the loop measures: each step's process CPU time against its wall time says whether
+the threads got the cores they ask for, and a step run at another count (a probe) says whether that count is
+faster.
 
 Policy, per step: at n threads, a step that got less than STARVED·n cores tries fewer threads (about as many as it
 got) on the next step; below the starting count it tries one thread more from time to time. A probe is kept only

@@ -24,6 +24,12 @@ class Cores:
         self.calls.append(n)
         self.current = n
 
+    def run(self, count):
+        """A governor started on this machine, after `count` steps."""
+        governor = self.governor()
+        self.steps(governor, count)
+        return governor
+
     def steps(self, governor, count, kind=None):
         for _ in range(count):
             n = governor.threads
@@ -33,8 +39,7 @@ class Cores:
 
 def test_quiet_run_never_changes_the_count():
     cores = Cores(wall={2: 0.16}, share={2: 1.55})
-    governor = cores.governor()
-    cores.steps(governor, 50)
+    governor = cores.run(50)
     assert governor.history == [2] * 50 and cores.calls == []
     governor.restore()
     assert cores.current == 2
@@ -43,8 +48,7 @@ def test_quiet_run_never_changes_the_count():
 def test_starved_threads_drop_to_one_and_probe_back_ever_more_rarely():
     # two busy jobs in other sessions: two threads of ours get 0.53 cores and run 1.05 s, one thread 0.5 s
     cores = Cores(wall={2: 1.05, 1: 0.5}, share={2: 0.53, 1: 0.6})
-    governor = cores.governor()
-    cores.steps(governor, 40)
+    governor = cores.run(40)
     history = governor.history
     # the first step at each count only warms up; the second at two threads is enough to leave them
     assert history[:4] == [2, 2, 1, 1]
@@ -59,16 +63,14 @@ def test_starved_threads_drop_to_one_and_probe_back_ever_more_rarely():
 def test_a_lower_count_that_is_not_faster_is_not_kept():
     # one busy job: two threads get about one core, and one thread is no faster
     cores = Cores(wall={2: 0.28, 1: 0.27}, share={2: 0.98, 1: 1.0})
-    governor = cores.governor()
-    cores.steps(governor, 30)
+    governor = cores.run(30)
     assert governor.history[:5] == [2, 2, 1, 1, 2]
     assert governor.history.count(1) <= 5 and governor.history[-1] == 2
 
 
 def test_the_count_comes_back_when_the_cores_free_up():
     cores = Cores(wall={2: 1.05, 1: 0.5}, share={2: 0.53, 1: 0.6})
-    governor = cores.governor()
-    cores.steps(governor, 10)
+    governor = cores.run(10)
     assert governor.threads == 1
     cores.wall, cores.share = {2: 0.16, 1: 0.25}, {2: 1.55, 1: 1.0}  # the other jobs end
     cores.steps(governor, 70)
