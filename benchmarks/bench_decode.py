@@ -4,7 +4,8 @@ Networks: a MONAI-like AutoencoderKL (channels 32, 64, 64; latent_channels 4; nu
 4× downsampling), MONAI's module with random non-zero weights (bench_unet.randomize_) and pydiffmed's
 AutoencoderKL.from_monai of it; and the same layout as MAISI's AutoencoderKlMaisi (trilinear upsampling), random
 weights, with pydiffmed's AutoencoderKL.from_maisi of it. One latent batch 1×4×(S/4)³ decoded to 1×1×S³ (S = 64
-with --quick, the default; 128 with --full). Rows per network and dtype (fp32, bf16; GPU: fp16 too):
+with --quick, the default; 128 with --full; --size 256 for the 256³ table, written to bench_decode_256_<device>.json
+next to the --full one). Rows per network and dtype (fp32, bf16; GPU: fp16 too):
 * MONAI whole: MONAI AutoencoderKL.decode on the whole latent (the baseline of the MONAI network's ratios);
 * MONAI sliding window: monai.inferers.SlidingWindowInferer(roi = latent side / 2, overlap 0.25 and 0.4,
   constant blend) over MONAI's decode, windows taken on the latent (the output is ×4 larger: MONAI infers the
@@ -244,7 +245,8 @@ def main(argv=None):
                  f"memory_ratio vs MAISI num_splits (MAISI's own path, under autocast) of the same dtype; "
                  f"max_abs_diff vs its output. Targets (issue 14): peak_MB ≤ 16384 and time_ratio ≤ 1. {measured}")
     else:
-        name = "bench_decode"
+        # a size other than the mode's (--size 256: the 256³ table) keeps its own results file
+        name = "bench_decode" if args.size is None else f"bench_decode_{size}"
         notes = (f"{described}, as MONAI's AutoencoderKL and as MAISI's AutoencoderKlMaisi. Sliding window: roi "
                  f"{max(1, latent_side // 2)}³ on the latent, overlap 0.25 / 0.4, constant blend. {splits}"
                  f"time_ratio / memory_ratio vs the network's whole decode (MONAI whole, MAISI whole) of the same "

@@ -232,8 +232,9 @@ def test_determinism_rows(tmp_path):
 
 
 def test_decode_rows(tmp_path):
-    run_script("bench_decode.py", ["--smoke"], tmp_path)
-    rows = load(tmp_path, "bench_decode")["rows"]
+    run_script("bench_decode.py", ["--smoke", "--size", "16"], tmp_path)
+    assert not (tmp_path / "bench_decode_cpu.json").exists()  # an explicit size keeps its own results file
+    rows = load(tmp_path, "bench_decode_16")["rows"]
     assert [(r["network"], r["dtype"]) for r in rows] == [("MONAI", "fp32")] * 5 + [("MONAI", "bf16")] * 5 + \
         [("MAISI", "fp32")] * 4 + [("MAISI", "bf16")] * 4
     for r in rows:
