@@ -38,9 +38,13 @@ SPACING_MM = 7.0  # a ~180 mm head spans ~26 of the 32 voxels
 INTENSITY = {"scale": 500.0, "offset": 500.0, "clip": [0.0, 1000.0]}  # model [-1, 1] → 0…1000 a.u.
 
 
+def parameters_in_millions(module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
 def model_config(model: UNet3D, size: int, source: dict, name: str = "demo", lesions: bool = True) -> dict:
     """The pydiffmed model config of the demo model (everything but the network arguments)."""
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    millions = parameters_in_millions(model)
     spacing = SPACING_MM * VOLUME_SIZE / size
     phantoms = "head phantoms" if lesions else "head phantoms without lesions"
     return {"name": name, "description": f"UNet3D ({millions:.1f} M parameters) trained on pydiffmed.data {phantoms}, "

@@ -25,7 +25,7 @@ import torch
 from .. import data
 from ..modelfile import MODELS_DIR, load_autoencoder, save_model
 from ..models import AutoencoderKL, UNet3D
-from .train import UNET, _git_commit, fit_denoiser, learning_rate, model_config
+from .train import UNET, _git_commit, fit_denoiser, learning_rate, model_config, parameters_in_millions
 
 DEFAULT_OUT = os.path.join(MODELS_DIR, "demo_latent")
 VOLUME_SIZE = 128
@@ -140,9 +140,10 @@ def train_latent(out: str = DEFAULT_OUT, *, size: int = VOLUME_SIZE, autoencoder
         name = os.path.basename(os.path.normpath(out))
         config = model_config(ema, size, source, name)
         config["clip_sample"] = None  # latents of unit variance: clipping x0 to [-1, 1] would cut them
+        unet_size, autoencoder_size = parameters_in_millions(ema), parameters_in_millions(autoencoder)
         config["description"] = (f"latent diffusion of pydiffmed.data head phantoms, {size}^3 at "
-                                 f"{config['spacing'][0]:g} mm: UNet3D ({_millions(ema):.1f} M parameters) on the "
-                                 f"{latent_size}^3 latents of a {factor}x AutoencoderKL ({_millions(autoencoder):.2f} "
+                                 f"{config['spacing'][0]:g} mm: UNet3D ({unet_size:.1f} M parameters) on the "
+                                 f"{latent_size}^3 latents of a {factor}x AutoencoderKL ({autoencoder_size:.2f} "
                                  f"M parameters)")
         config["autoencoder"] = {"scale_factor": scale_factor}
         save_model(out, ema, config, autoencoder=autoencoder, overwrite=True)
@@ -151,10 +152,6 @@ def train_latent(out: str = DEFAULT_OUT, *, size: int = VOLUME_SIZE, autoencoder
                  unet_iterations, lr, ema_decay, seed, bf16, save, save_every, log)
     log(f"saved {out}, {time.perf_counter() - started:.0f} s")
     return ema, autoencoder
-
-
-def _millions(module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def main(argv=None) -> int:
