@@ -22,7 +22,8 @@ ms: median wall time, all variants of a network and dtype timed in turn within e
 max_abs_diff: max |output - the baseline in fp32| (for bf16 rows it includes bf16 rounding; the baseline's bf16 row
 shows how much). peak_MB: memory one more decode
 adds above what is in use before it, each variant in a fresh subprocess after one warm-up decode (CPU: VmHWM after
-clear_refs with malloc's mmap threshold at 64 KiB, as bench_scaling.py; GPU: max_memory_allocated).
+clear_refs with malloc's mmap threshold at 64 KiB, as bench_scaling.py; GPU: max_memory_allocated). On the CPU from
+256³ on (minutes per decode) no warm-up decode or round precedes the timed one.
 
 --architecture maisi is the GPU row of issue 14: MAISI's released autoencoder architecture (channels 64, 128,
 256; two res blocks per level; random weights) decoding a 128³ latent to 512³ (--size 512, the default in this
@@ -64,6 +65,14 @@ VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVER
 # --architecture maisi: MAISI's own memory-saving path is the baseline (a whole 512³ decode does not fit a GPU)
 MAISI_SCALE_VARIANTS = {"MAISI": ("MAISI num_splits", "pydiffmed tiled")}
 MIB = 2.0 ** 20
+# On the CPU a decode to 256³ or more takes minutes; its one-time costs (oneDNN primitives, libraries: milliseconds,
+# megabytes) vanish in it, so those sizes skip the warm-up decodes, which would double the run (hours on 2 cores).
+# A GPU keeps them: its first call compiles Triton kernels.
+NO_WARM_UP_FROM = 256
+
+
+def warm_ups(size: int, device: str, smoke: bool = False) -> int:
+    return 0 if smoke or (device == "cpu" and size >= NO_WARM_UP_FROM) else 1
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
@@ -142,7 +151,8 @@ def worker(network, variant, dtype_name, size, device, tile, architecture="small
     z = latent(size, device).to(dtype)
     decode = decoders(network, device, size, dtype, tile, ARCHITECTURES[architecture])[variant]
     with torch.no_grad():
-        decode(z)  # warm-up: one-time costs (oneDNN primitives, libraries) are not counted
+        for _ in range(warm_ups(size, device)):
+            decode(z)  # one-time costs (oneDNN primitives, libraries) are not counted
         sync(device)
         peak, method = forward_peak_bytes(lambda: decode(z), device)
     return {"peak_MB": peak / MIB, "memory_method": method}
@@ -186,7 +196,7 @@ def main(argv=None):
         return
 
     repeats = args.repeats or (1 if args.smoke else 3)
-    warmup = 0 if args.smoke else 1
+    warmup = warm_ups(size, device, args.smoke)
     if maisi_scale:
         variant_sets, dtypes = MAISI_SCALE_VARIANTS, ["bf16"] + (["fp16"] if device == "cuda" else [])
     else:
@@ -242,9 +252,11 @@ def main(argv=None):
                  f"autoencoder channels {config['channels']}, num_res_blocks {config['num_res_blocks']}, no "
                  f"attention, random weights")
     measured = (f"peak_MB: memory one more decode adds above what is in use before it, each variant in a fresh "
-                f"process, by {method}. torch threads {torch.get_num_threads()}, 1-min load average {load:.2f}.")
+                f"process after {warm_ups(size, device)} warm-up decode(s), by {method}. torch threads "
+                f"{torch.get_num_threads()}, 1-min load average {load:.2f}.")
     splits = (f"MAISI num_splits: {maisi_splits(size)} splits along dim_split 1, save_mem, norm_float16 off. Tiled: "
-              f"decode(z, tile={args.tile}). ms: median of {repeats} interleaved rounds; ")
+              f"decode(z, tile={args.tile}). ms: median of {repeats} interleaved rounds after {warmup} warm-up "
+              f"round(s); ")
     if maisi_scale:
         name = "bench_decode_maisi"
         notes = (f"{described}, MAISI's released architecture (AutoencoderKlMaisi). {splits}time_ratio / "

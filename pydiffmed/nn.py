@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import ops
+from .models.layers import norm_affine
 
 
 class GroupNorm3d(nn.GroupNorm):
@@ -12,7 +13,7 @@ class GroupNorm3d(nn.GroupNorm):
     act = None
 
     def forward(self, x, bias_nc=None, token_major=False):
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, act=self.act,
+        return ops.group_norm(x, self.num_groups, *norm_affine(self), self.eps, act=self.act,
                               bias_nc=bias_nc, token_major=token_major)
 
 

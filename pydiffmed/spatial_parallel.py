@@ -457,7 +457,7 @@ class SpatialParallelUNet(_SlabModule):
             if block.down:
                 x, h = avg_pool_2x(x), avg_pool_2x(h)
             h = self._conv(h, block.conv1.conv)
-        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
+        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias, owner=block.time_emb_proj)
         h = self._group_norm(h, block.norm2, act="silu", bias_nc=temb)
         skip = block.skip_connection
         residual = x if isinstance(skip, nn.Identity) else self._conv(x, skip.conv)

@@ -310,6 +310,43 @@ def test_upsample_conv_equals_interpolate_then_conv(dims, dtype):
     assert_close_by_rule(out, ref, plain, floor=1e-5, what=f"upsample_conv {dims}-D {dtype}")
 
 
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [5, 32])
+def test_interleave_phases_kernel_equals_torch_copy(dims, dtype, channels):
+    """The C++ interleave of upsample_conv's phase blocks is a copy: bit-equal to torch's strided copy, for run
+    lengths with a fixed-size copy (32 channels) and without (5), batch 2, odd sizes."""
+    assert layers._cpu_interleave() is not None, "pydiffmed._C lacks subpixel_interleave (run `make build`)"
+    gen = torch.Generator().manual_seed(11)
+    z = layers.to_channels_last(torch.randn(2, 2 ** dims * channels, *(4, 3, 6)[:dims], generator=gen).to(dtype))
+    got = layers.interleave_phases(z, channels)
+    want = layers._interleave_phases_torch(z, channels)
+    assert got.shape == (2, channels, *(6, 4, 10)[:dims])
+    assert got.is_contiguous(memory_format=layers.channels_last_format(got.ndim))
+    assert torch.equal(got, want)
+
+
+def test_float32_parameters_are_cached_until_changed():
+    """A half-precision GroupNorm's affine parameters are cast to fp32 once, not per call; an in-place update
+    gives fresh copies; fp32 parameters pass through; with autograd the copies stay differentiable."""
+    norm = nn.GroupNorm(2, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, -2.0, 0.25, 3.0]))
+    with torch.no_grad():
+        weight, bias = layers.norm_affine(norm)
+        assert weight.dtype == bias.dtype == torch.float32
+        assert torch.equal(weight, norm.weight.float()) and torch.equal(bias, norm.bias.float())
+        again = layers.norm_affine(norm)
+        assert again[0] is weight and again[1] is bias
+        norm.weight.mul_(2)
+        assert torch.equal(layers.norm_affine(norm)[0], weight * 2)
+    assert layers.norm_affine(norm)[0].requires_grad  # autograd on: rebuilt each call, differentiable
+    layers.norm_affine(norm)[0].sum().backward()
+    assert torch.equal(norm.weight.grad, torch.ones(4, dtype=torch.bfloat16))
+    plain = nn.GroupNorm(2, 4)
+    assert layers.norm_affine(plain)[0] is plain.weight
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("with_add", [False, True])
 def test_convolution_into_rows_of_an_output(batch, with_add):

@@ -35,7 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
-from .layers import add_linear_, channels_last_format, linear
+from .layers import add_linear_, channels_last_format, linear, norm_affine
 
 
 class SpatialSelfAttention(nn.Module):
@@ -160,7 +160,7 @@ class SpatialAttentionBlock(nn.Module):
         b, c = x.shape[:2]
         n = math.prod(x.shape[2:])
         norm, attn = self.norm, self.attn
-        h = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, token_major=True)
+        h = ops.group_norm(x, norm.num_groups, *norm_affine(norm), norm.eps, token_major=True)
         out = attn.attend(h).view(b * n, c)
         y = torch.empty_like(x, memory_format=channels_last_format(x.ndim))
         y_tokens = y.movedim(1, -1).view(b, n, c)  # y's own memory, token-major

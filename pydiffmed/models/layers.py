@@ -152,14 +152,15 @@ def per_sample(fn, *tensors):
 _FEW_ROWS = 4
 
 
-def linear(x, weight, bias=None):
+def linear(x, weight, bias=None, owner: nn.Module | None = None):
     """F.linear(x, weight, bias) for x of shape B×…×C_in, each sample's rows in a GEMM of their own on the CPU.
     There a bf16/fp16 GEMM of a few rows (the time-embedding projections: one row) costs ~30 µs of call overhead
     and an fp32 one a few, so those run in fp32 (the same products, accumulated in fp32 as the half GEMM does)
-    and round to x's dtype once."""
+    and round to x's dtype once. owner: the module holding weight and bias, which then keeps their fp32 copies
+    (`float32_parameters`)."""
     if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() <= _FEW_ROWS * x.shape[0] * x.shape[-1]):
-        weight32, bias32 = weight.float(), None if bias is None else bias.float()
+        weight32, bias32 = float32_parameters(owner, weight, bias)
         return per_sample(lambda sample: F.linear(sample.float(), weight32, bias32), x).to(x.dtype)
     return per_sample(lambda sample: F.linear(sample, weight, bias), x)
 
@@ -169,7 +170,7 @@ class PerSampleLinear(nn.Linear):
     this class in place (same parameters, same state-dict keys)."""
 
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, owner=self)
 
 
 def add_linear_(out_rows, x, weight, batch: int):
@@ -196,6 +197,26 @@ def derived(owner: nn.Module, name: str, sources, build):
         cached = (key, build())
         owner.__dict__[name] = cached
     return cached[1]
+
+
+def float32_parameters(owner: nn.Module | None, weight, bias=None):
+    """(weight, bias) as fp32 (None stays None). Half-precision parameters are cast once and the copies cached
+    on `owner` (`derived`), not cast in every call: a bf16 UNet forward has about a hundred such small casts
+    (GroupNorm affines, time projections). Without an owner they are cast each call."""
+    if weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        return weight, bias
+    build = lambda: (weight.float(), None if bias is None else bias.float())  # noqa: E731
+    if owner is None:
+        return build()
+    return derived(owner, "_pdm_float32_parameters", (weight,) if bias is None else (weight, bias), build)
+
+
+def norm_affine(norm: nn.Module):
+    """A GroupNorm module's (weight, bias) as fp32, cached for a half-precision model (`float32_parameters`);
+    (None, None) without affine parameters."""
+    if norm.weight is None:
+        return None, None
+    return float32_parameters(norm, norm.weight, norm.bias)
 
 
 # --- nearest ×2 upsampling fused with the following 3×3(×3) convolution -----------------------------------------
@@ -225,7 +246,6 @@ def upsample_conv(x, conv: nn.Module, padding=1):
     """conv(nearest_upsample_×2(x)) for a 3×3(×3), stride-1, padding-1 `conv`, without the upsampled tensor.
     padding (int or one per axis) is the low-resolution padding: 0 on an axis means x carries one extra row at
     each end of it (a halo: the tiled decode's depth slabs) and the output covers only the rows between."""
-    dims = x.ndim - 2
     if _needs_autograd(x, conv.weight, conv.bias):
         if padding != 1:
             raise ValueError("upsample_conv with a halo (padding != 1) is inference-only")
@@ -233,9 +253,38 @@ def upsample_conv(x, conv: nn.Module, padding=1):
     weight, bias = derived(conv, "_pdm_subpixel", (conv.weight, conv.bias) if conv.bias is not None
                            else (conv.weight,), lambda: _subpixel_weights(conv.weight, conv.bias))
     z = convolution(to_channels_last(x), weight, bias, 1, padding)  # B × (2^dims·C) × (n+1)^dims, channels_last
-    b, c = x.shape[0], conv.weight.shape[0]
+    return interleave_phases(to_channels_last(z), conv.weight.shape[0])
+
+
+@functools.cache
+def _cpu_interleave():
+    """pydiffmed._C.subpixel_interleave; None where the extension is not built (torch's copy then does it)."""
+    try:
+        from .. import _C
+    except ImportError:
+        return None
+    return getattr(_C, "subpixel_interleave", None)
+
+
+def interleave_phases(z, channels: int):
+    """The upsampled volume from upsample_conv's phase convolution z (channels-last, B × (2^dims·C) × (n+1)^dims):
+    B × C × (2n)^dims, channels-last. On the CPU one pass of pydiffmed._C; elsewhere torch's 8-D strided copy."""
+    kernel = _cpu_interleave() if z.device.type == "cpu" and z.element_size() in (2, 4) else None
+    if kernel is None:
+        return _interleave_phases_torch(z, channels)
+    low = [size - 1 for size in z.shape[2:]]
+    depth = low[0] if z.ndim == 5 else 1
+    out = torch.empty((z.shape[0], channels, *(2 * n for n in low)), dtype=z.dtype,
+                      memory_format=channels_last_format(z.ndim))
+    kernel(z.data_ptr(), out.data_ptr(), z.element_size(), z.shape[0], depth, low[-2], low[-1], channels,
+           z.ndim == 5, torch.get_num_threads())
+    return out
+
+
+def _interleave_phases_torch(z, c: int):
+    dims = z.ndim - 2
+    b = z.shape[0]
     low = [size - 1 for size in z.shape[2:]]  # n low-resolution rows per axis give n + 1 rows of z
-    z = to_channels_last(z)
     zs = z.stride()
     spatial_strides = [zs[2 + i] for i in range(dims)]
     # Phase (a, b, c) lives at channel block ((a·2 + b)·2 + c); its value for low-res voxel i sits at z[i + a].
@@ -247,8 +296,8 @@ def upsample_conv(x, conv: nn.Module, padding=1):
     sizes.append(c)
     strides.append(1)
     interleaved = z.as_strided(sizes, strides)
-    out = torch.empty((b, c, *(2 * n for n in low)), dtype=x.dtype, device=x.device,
-                      memory_format=channels_last_format(x.ndim))
+    out = torch.empty((b, c, *(2 * n for n in low)), dtype=z.dtype, device=z.device,
+                      memory_format=channels_last_format(z.ndim))
     out_view = out.movedim(1, -1).view(sizes)
     out_view.copy_(interleaved)
     return out
@@ -270,5 +319,5 @@ def avg_pool_2x(x):
 
 
 __all__ = ["Conv", "FastConv2d", "FastConv3d", "PerSampleLinear", "add_linear_", "avg_pool_2x", "channels_last_format",
-           "conv_module", "convolution", "derived", "linear", "per_sample", "to_channels_last", "upsample_conv",
-           "upsample_nearest"]
+           "conv_module", "convolution", "derived", "float32_parameters", "linear", "norm_affine", "per_sample",
+           "to_channels_last", "upsample_conv", "upsample_nearest"]

@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
-from .layers import Conv, PerSampleLinear, add_linear_, channels_last_format, derived, linear
+from .layers import Conv, PerSampleLinear, add_linear_, channels_last_format, derived, linear, norm_affine
 
 
 def _heads_view(t, heads):
@@ -171,7 +171,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x, context=None):
         b, c = x.shape[:2]
         norm = self.norm
-        tokens = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, token_major=True)
+        tokens = ops.group_norm(x, norm.num_groups, *norm_affine(norm), norm.eps, token_major=True)
         w_in = self.proj_in.conv.weight
         tokens = linear(tokens, w_in.reshape(w_in.shape[0], -1), self.proj_in.conv.bias)
         for block in self.transformer_blocks:

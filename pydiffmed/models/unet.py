@@ -28,7 +28,7 @@ from .. import ops
 from ..nn import GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
 from .checkpoint import MonaiModule
-from .layers import Conv, avg_pool_2x, conv_module, linear, per_sample, upsample_conv, upsample_nearest
+from .layers import Conv, avg_pool_2x, conv_module, linear, norm_affine, per_sample, upsample_conv, upsample_nearest
 from .transformer import SpatialTransformer
 
 
@@ -56,7 +56,7 @@ def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) ->
     """MONAI's `DiffusionUNetResnetBlock` math on the fused ops. `block` has MONAI's attribute names (norm1, conv1,
     time_emb_proj, norm2, conv2, skip_connection, up, down); silu_emb = SiLU(time embedding), B×temb."""
     norm1, norm2 = block.norm1, block.norm2
-    h = ops.group_norm(x, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps, act="silu")
+    h = ops.group_norm(x, norm1.num_groups, *norm_affine(norm1), norm1.eps, act="silu")
     if block.up:
         x = upsample_nearest(x)
         h = upsample_conv(h, block.conv1.conv)
@@ -64,8 +64,8 @@ def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) ->
         if block.down:
             x, h = avg_pool_2x(x), avg_pool_2x(h)
         h = conv_module(h, block.conv1.conv)
-    temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias)
-    h = ops.group_norm(h, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps, act="silu", bias_nc=temb)
+    temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias, owner=block.time_emb_proj)
+    h = ops.group_norm(h, norm2.num_groups, *norm_affine(norm2), norm2.eps, act="silu", bias_nc=temb)
     skip = block.skip_connection
     residual = x if isinstance(skip, nn.Identity) else conv_module(x, skip.conv)
     return conv_module(h, block.conv2.conv, add=residual)
@@ -325,7 +325,7 @@ class UNet3D(MonaiModule):
         for level in self.up_blocks:
             h = level(h, silu_emb, context, skips)
         norm = self.out[0]
-        h = ops.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, act="silu")
+        h = ops.group_norm(h, norm.num_groups, *norm_affine(norm), norm.eps, act="silu")
         return self.out[2](h).contiguous()
 
     # --- feature caching (DeepCache, Ma et al. 2023) -------------------------------------------------------------
@@ -472,7 +472,7 @@ class UNet3D(MonaiModule):
 
     def _output(self, h):
         norm = self.out[0]
-        h = ops.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps, act="silu")
+        h = ops.group_norm(h, norm.num_groups, *norm_affine(norm), norm.eps, act="silu")
         return self.out[2](h).contiguous()
 
     def _check_input(self, x, context, class_labels):
