@@ -65,6 +65,7 @@ VARIANTS = {"MONAI": ("MONAI whole", *(f"MONAI sliding window {o}" for o in OVER
 # --architecture maisi: MAISI's own memory-saving path is the baseline (a whole 512³ decode does not fit a GPU)
 MAISI_SCALE_VARIANTS = {"MAISI": ("MAISI num_splits", "pydiffmed tiled")}
 MIB = 2.0 ** 20
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 # On the CPU a decode to 256³ or more takes minutes; its one-time costs (oneDNN primitives, libraries: milliseconds,
 # megabytes) vanish in it, so those sizes skip the warm-up decodes, which would double the run (hours on 2 cores).
 # A GPU keeps them: its first call compiles Triton kernels.
@@ -73,7 +74,6 @@ NO_WARM_UP_FROM = 256
 
 def warm_ups(size: int, device: str, smoke: bool = False) -> int:
     return 0 if smoke or (device == "cpu" and size >= NO_WARM_UP_FROM) else 1
-DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 def maisi_arguments(num_splits, config=CONFIG):
