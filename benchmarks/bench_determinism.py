@@ -35,13 +35,17 @@ def _batched_add_linear_(out_rows, x, weight, batch):
     return out_rows.addmm_(x, weight.t())
 
 
+def _batched_linear(x, weight, bias=None, owner=None):
+    return F.linear(x, weight, bias)
+
+
 @contextlib.contextmanager
 def batched_small_gemms():
     """The per-sample ops of models/layers.py replaced by their batched forms (for the baseline only)."""
     replacements = {(layers, "per_sample"): lambda fn, *tensors: fn(*tensors),
                     (unet, "per_sample"): lambda fn, *tensors: fn(*tensors)}
     for module in (layers, unet, attention_block, transformer):
-        replacements[(module, "linear")] = F.linear
+        replacements[(module, "linear")] = _batched_linear
     for module in (attention_block, transformer):
         replacements[(module, "add_linear_")] = _batched_add_linear_
     saved = {key: getattr(*key) for key in replacements}
