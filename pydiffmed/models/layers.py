@@ -252,8 +252,9 @@ def upsample_conv(x, conv: nn.Module, padding=1):
         return conv_module(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv)
     weight, bias = derived(conv, "_pdm_subpixel", (conv.weight, conv.bias) if conv.bias is not None
                            else (conv.weight,), lambda: _subpixel_weights(conv.weight, conv.bias))
-    z = convolution(to_channels_last(x), weight, bias, 1, padding)  # B × (2^dims·C) × (n+1)^dims, channels_last
-    return interleave_phases(to_channels_last(z), conv.weight.shape[0])
+    # B × (2^dims·C) × (n+1)^dims; one name, so that a copy to channels-last frees the convolution's own output
+    z = to_channels_last(convolution(to_channels_last(x), weight, bias, 1, padding))
+    return interleave_phases(z, conv.weight.shape[0])
 
 
 @functools.cache
