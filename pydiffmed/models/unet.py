@@ -324,9 +324,7 @@ class UNet3D(MonaiModule):
             h = h + mid_block_additional_residual
         for level in self.up_blocks:
             h = level(h, silu_emb, context, skips)
-        norm = self.out[0]
-        h = ops.group_norm(h, norm.num_groups, *norm_affine(norm), norm.eps, act="silu")
-        return self.out[2](h).contiguous()
+        return self._output(h)
 
     # --- feature caching (DeepCache, Ma et al. 2023) -------------------------------------------------------------
     #
