@@ -26,9 +26,10 @@ dtype, channels_last, summed (vs_floor = ms / floor_ms). For pydiffmed's UNet3D 
 own calls of pydiffmed.models.layers.convolution (its fused upsampling convolutions are ~3× cheaper than MONAI's,
 so MONAI's would be a floor it does not have to reach); for MONAI's rows, MONAI+accelerate and the peers, they are
 the inputs of MONAI's Conv3d modules, captured with forward pre-hooks. Each distinct convolution is timed once
-(and counted as often as the forward calls it), by whichever of two oneDNN calls was faster in a short probe:
-aten.mkldnn_convolution (allocating its output) or mkldnn._convolution_pointwise_ adding into a preallocated
-output; 1-channel inputs (and 3-channel ones in bf16/fp16) get the zero channel UNet3D adds (layers.conv_module).
+(and counted as often as the forward calls it), by whichever of three oneDNN calls was fastest in a short probe:
+aten.mkldnn_convolution (allocating its output), mkldnn._convolution_pointwise_ adding into a preallocated
+output, or mkldnn._convolution_pointwise on a weight packed beforehand (as UNet3D does); 1-channel inputs (and
+3-channel ones in bf16/fp16) get the zero channel UNet3D adds (layers.conv_module).
 
 On the CPU the process keeps freed memory for reuse (pydiffmed.host_memory.keep_freed_memory, as the
 `pydiffmed sample` command does; every torch-based variant gains alike, OpenVINO and ONNX Runtime have their own
@@ -161,9 +162,9 @@ def monai_conv_calls(model, x, t) -> list:
 def conv_floor_fns(calls, dtype, tag, pad_thin=False):
     """{name: fn} timing each distinct convolution of `calls` alone (oneDNN, channels_last, dtype) and {name: how
     many times the forward calls it}. pad_thin: give 1-channel inputs (3-channel ones below fp32) the zero
-    channel UNet3D gives them (oneDNN is 2-10× slower on them). Each fn is the faster, in a short probe, of
-    aten.mkldnn_convolution (allocates its output) and mkldnn._convolution_pointwise_ adding into a
-    preallocated output."""
+    channel UNet3D gives them (oneDNN is 2-10× slower on them). Each fn is the fastest, in a short probe, of
+    aten.mkldnn_convolution (allocates its output), mkldnn._convolution_pointwise_ adding into a preallocated
+    output, and mkldnn._convolution_pointwise on a weight packed beforehand (as UNet3D's layers.packed_weight)."""
     import statistics
 
     from pydiffmed.models.layers import to_channels_last
@@ -193,8 +194,16 @@ def conv_floor_fns(calls, dtype, tag, pad_thin=False):
                 return torch.ops.mkldnn._convolution_pointwise_.binary(out, x, w, b, *args, "add", None, None, [],
                                                                        None)
 
+            candidates = [alloc, prealloc]
+            if layers._HAS_WEIGHT_PACKING:
+                packed_w = torch.ops.mkldnn._reorder_convolution_weight(w, *args, list(x.shape))
+
+                def packed(x=x, w=packed_w, b=b, args=args):
+                    return torch.ops.mkldnn._convolution_pointwise(x, w, b, *args, "none", [], "")
+
+                candidates.append(packed)
             probes = {}
-            for fn in (alloc, prealloc):
+            for fn in candidates:
                 try:
                     fn()
                 except RuntimeError:
@@ -413,7 +422,8 @@ def main():
                   "it failed.")
     if args.floor and device == "cpu":
         notes += (" floor_ms = the forward's convolutions, each distinct one timed alone through oneDNN "
-                  "(channels_last, the row's dtype, the faster of an allocating and a preallocated-output call), "
+                  "(channels_last, the row's dtype, the fastest of an allocating, a preallocated-output and a "
+                  "packed-weight call), "
                   "summed over the calls; floor_of = whose convolutions: UNet3D's own calls of "
                   "layers.convolution for the UNet3D rows (its upsampling convolutions are ~3× cheaper than "
                   "MONAI's), MONAI's Conv3d inputs (forward pre-hooks) for the others; vs_floor = ms / floor_ms.")

@@ -367,9 +367,18 @@ def select(op: str, backend: str | None, tensors, **inputs) -> str:
     name = _SELECTIONS.get(key)
     if name is None:
         name = _pick(op, forced, facts, inputs)
-        if all(impl.reasons is None for impl in _REGISTRY.get(op, {}).values()):
+        if _decided_by_declarations(op, name, forced, facts):
             _SELECTIONS[key] = name
     return name
+
+
+def _decided_by_declarations(op: str, name: str, forced: str | None, facts: tuple) -> bool:
+    """Whether _pick's answer `name` depends on the key's facts alone: no backend it considered (those before
+    `name` in priority, and `name`) got as far as its input-dependent `reasons` callable."""
+    impls = _REGISTRY.get(op, {})
+    considered = [forced] if forced is not None else PRIORITY[:PRIORITY.index(name) + 1]
+    return all(impls.get(n) is None or impls[n].reasons is None
+               or _declared_reasons(impls[n], *facts, forced is not None) for n in considered)
 
 
 def choose(op: str, *, device, dtype: torch.dtype | None = None, layout: str | None = None,

@@ -52,18 +52,22 @@ class MemoryEstimate:
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the tensors created by the ops run under it (views and in-place results not counted)."""
+    """Peak bytes of the tensors created by the ops run under it (views and in-place results not counted), and
+    apart from them the bytes of oneDNN's packed weight copies made (layers.packed_weight: opaque tensors that
+    stay cached with the weights, a cost of the parameters rather than of the activations)."""
 
     def __init__(self):
         super().__init__()
-        self.live = self.peak = 0
+        self.live = self.peak = self.packed = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         schema = getattr(func, "_schema", None)
         if schema is None or all(r.alias_info is None for r in schema.returns):
             for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and t.is_mkldnn:
+                    self.packed += t.numel() * t.element_size()
+                elif isinstance(t, torch.Tensor):
                     nbytes = t.untyped_storage().nbytes()
                     self.live += nbytes
                     weakref.finalize(t, self._free, nbytes)
@@ -84,25 +88,28 @@ def _forward_peak(model, shape, dtype, device, cond):
     del out
     # what is still alive is what the model cached on itself during the call (e.g. converted weights): that is
     # not an activation, and it would be gone from the next call's count
-    return tracker.peak - tracker.live
+    return tracker.peak - tracker.live, tracker.packed
 
 
 def _activation_bytes(model, shape, dtype, device, cond):
     """Peak activation bytes of one forward at `shape`, extrapolated from batch-1 forwards on two small proxy
     volumes: bytes(V) = a·V + c·V² per sample (the V² term catches attention that materialises N×N scores).
-    Returns (bytes or None, note)."""
+    Returns (bytes or None, packed weight bytes, note): the packed copies the larger proxy's forward made (each
+    weight keeps one, for the input shape it last saw, so that forward packs every weight it uses anew)."""
     if not isinstance(model, torch.nn.Module):
-        return None, "activations not measured (the model is not an nn.Module)"
+        return None, 0, "activations not measured (the model is not an nn.Module)"
     spatial = shape[2:]
     volume = math.prod(spatial)
     last_error = None
     for small, large in ((8, 16), (16, 32), (32, 64)):
         proxies = [tuple(min(s, small) for s in spatial), tuple(min(s, large) for s in spatial)]
         try:
-            peaks = [_forward_peak(model, (1, shape[1], *p), dtype, device, cond) for p in proxies]
+            (peak_small, _), (peak_large, packed) = (_forward_peak(model, (1, shape[1], *p), dtype, device, cond)
+                                                     for p in proxies)
         except Exception as exc:  # the model rejects this proxy size (e.g. divisibility); try larger ones
             last_error = exc
             continue
+        peaks = [peak_small, peak_large]
         v1, v2 = (math.prod(p) for p in proxies)
         if v1 == v2 or v2 == volume:
             per_sample = peaks[1] * volume / v2
@@ -110,16 +117,17 @@ def _activation_bytes(model, shape, dtype, device, cond):
             c = max((peaks[1] / v2 - peaks[0] / v1) / (v2 - v1), 0.0)
             a = max(peaks[1] / v2 - c * v2, 0.0)
             per_sample = a * volume + c * volume * volume
-        return int(per_sample * shape[0]), ""
-    return None, f"activations not measured (proxy forwards failed: {type(last_error).__name__}: {last_error})"
+        return int(per_sample * shape[0]), packed, ""
+    return None, 0, f"activations not measured (proxy forwards failed: {type(last_error).__name__}: {last_error})"
 
 
 def _decode_peak(autoencoder, z):
+    """(peak bytes of a whole decode of z, bytes of the packed weight copies it made), as _forward_peak."""
     tracker = _LiveBytes()
     with torch.no_grad(), tracker:
         out = autoencoder.decode(z)
     del out
-    return tracker.peak - tracker.live
+    return tracker.peak - tracker.live, tracker.packed
 
 
 def decode_memory(autoencoder, latent_shape, dtype=None, *, tile=None, max_memory=None, storage=None):
@@ -146,7 +154,8 @@ def decode_memory(autoencoder, latent_shape, dtype=None, *, tile=None, max_memor
         peaks = []
         proxies = [tuple(min(s, edge) for s in spatial) for edge in (4, 8)]
         for proxy in proxies:
-            peaks.append(_decode_peak(autoencoder, torch.zeros(1, channels, *proxy, device=device, dtype=own_dtype)))
+            peaks.append(_decode_peak(autoencoder, torch.zeros(1, channels, *proxy, device=device,
+                                                               dtype=own_dtype))[0])
         v1, v2 = (math.prod(p) for p in proxies)
         if v1 == v2:
             per_sample = peaks[1] * volume / v2
@@ -166,6 +175,16 @@ def decode_memory(autoencoder, latent_shape, dtype=None, *, tile=None, max_memor
         return tracker.peak, 0, ""
     return plan.peak_estimate, tracker.peak, (f"by slabs: the full decoder activations live on {storage}, the "
                                               f"device holds the slabs")
+
+
+def _decoder_packed_bytes(autoencoder, dtype) -> int:
+    """Bytes of the packed weight copies a decode makes (on the CPU: layers.packed_weight), from the decode of a
+    2³ latent, scaled to `dtype`."""
+    weight = autoencoder.post_quant_conv.conv.weight
+    z = torch.zeros(1, autoencoder.post_quant_conv.conv.in_channels, *(2,) * (weight.ndim - 2), device=weight.device,
+                    dtype=weight.dtype)
+    size, own_size = (torch.tensor([], dtype=d).element_size() for d in (dtype, weight.dtype))
+    return _decode_peak(autoencoder, z)[1] * size // own_size
 
 
 def available_memory(device) -> Optional[int]:
@@ -191,9 +210,11 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
                     decode_max_memory=None, decode_storage=None, cache_branch=None) -> MemoryEstimate:
     """Memory one sampling run of `model` at `shape` = (B, C, *spatial) needs on its device.
 
-    parameters: the model's parameters and buffers in `dtype`; state: the solver's state buffers (its plan's
-    buffer count; 4 when no solver is given), the model input in `dtype` (2·B with classifier-free
-    `guidance`), a preview buffer and, with `inpaint`, the known volume, its re-noised copy and the mask;
+    parameters: the model's parameters and buffers in `dtype`, and the copies of its convolution weights that
+    oneDNN packs on the CPU (measured in the proxy forwards; an autoencoder's in a 2³ decode); state: the
+    solver's state buffers (its plan's buffer count; 4 when no solver is given), the model input in `dtype`
+    (2·B with classifier-free `guidance`), a preview buffer and, with `inpaint`, the known volume, its re-noised
+    copy and the mask;
     activations: the peak of one model forward on the model batch, measured on two small proxy volumes (with
     the model where and as it is, scaled by the element size of `dtype`) and extrapolated (linear + quadratic
     in the voxel count), None for a model that is not an nn.Module or rejects the proxy sizes (a model that
@@ -224,13 +245,16 @@ def estimate_memory(model, shape, dtype=None, *, solver=None, state_dtype=torch.
         state += math.prod(model.cache_feature_shape((model_batch, *shape[1:]), cache_branch)) * size
     # measured on the model as it is (no converted copy), scaled from its dtype to `dtype`
     own_dtype = _model_dtype(model)
-    activations, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model), cond)
+    own_size = torch.tensor([], dtype=own_dtype).element_size()
+    activations, packed, note = _activation_bytes(model, (model_batch, *shape[1:]), own_dtype, _model_device(model),
+                                                  cond)
+    parameters += packed * size // own_size
     if activations is not None:
-        activations = activations * size // torch.tensor([], dtype=own_dtype).element_size()
+        activations = activations * size // own_size
     if autoencoder is None:
         return MemoryEstimate(int(parameters), int(state), activations, device, note)
     parameters += sum(t.numel() * (size if t.is_floating_point() else t.element_size())
-                      for t in _tensors_of(autoencoder))
+                      for t in _tensors_of(autoencoder)) + _decoder_packed_bytes(autoencoder, dtype)
     decode, stored, decode_note = decode_memory(autoencoder, shape, dtype, tile=decode_tile,
                                                 max_memory=decode_max_memory, storage=decode_storage)
     note = "; ".join(text for text in (note, decode_note) if text)

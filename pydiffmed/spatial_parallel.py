@@ -58,7 +58,7 @@ from .models.autoencoder import Upsample as AEUpsample
 from .models.layers import (Conv, add_linear_, avg_pool_2x, channels_last_format, conv_module, linear,
                             to_channels_last, upsample_conv, upsample_nearest)
 from .models.transformer import SpatialTransformer, _add_projected, _attend
-from .models.unet import Downsample, Upsample, UNet3D
+from .models.unet import Downsample, Upsample, UNet3D, time_projection
 from .nn import GroupNorm3d
 from .partition import GroupStats
 
@@ -457,8 +457,7 @@ class SpatialParallelUNet(_SlabModule):
             if block.down:
                 x, h = avg_pool_2x(x), avg_pool_2x(h)
             h = self._conv(h, block.conv1.conv)
-        temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias, owner=block.time_emb_proj)
-        h = self._group_norm(h, block.norm2, act="silu", bias_nc=temb)
+        h = self._group_norm(h, block.norm2, act="silu", bias_nc=time_projection(block, silu_emb))
         skip = block.skip_connection
         residual = x if isinstance(skip, nn.Identity) else self._conv(x, skip.conv)
         return self._conv(h, block.conv2.conv, add=residual)

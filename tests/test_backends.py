@@ -134,6 +134,36 @@ def test_declared_dtypes_steer_dispatch(request):
     assert "probe_fp32_op" not in backends.ops()
 
 
+def test_selections_are_remembered_only_when_no_input_dependent_reasons_decided_them(request):
+    """select() remembers an answer per (devices, dtypes, layout, limits) unless a backend it considered got as
+    far as its `reasons` callable: a cpu kernel that refuses odd sizes is asked on every call, while a reasons
+    callable of a backend the declarations already exclude (triton's, on CPU tensors) is never asked."""
+    request.addfinalizer(lambda: backends.unregister("probe_reasons_op"))
+    asked = []
+
+    def even_only(x):
+        asked.append("cpu")
+        return [] if x.shape[0] % 2 == 0 else ["odd size"]
+
+    def gpu_reasons(x):
+        asked.append("triton")
+        return []
+
+    backends.register("probe_reasons_op", "torch", dtypes=None, layouts=None)(lambda: "torch")
+    backends.register("probe_reasons_op", "cpu", layouts=None, reasons=even_only)(lambda: "cpu")
+    backends.register("probe_reasons_op", "triton", layouts=None, reasons=gpu_reasons)(lambda: "triton")
+    for size, expected in ((2, "cpu"), (3, "torch"), (4, "cpu"), (5, "torch")):
+        x = torch.zeros(size)
+        assert backends.select("probe_reasons_op", None, (x,), x=x) == expected
+    assert asked == ["cpu"] * 4
+    backends.unregister("probe_reasons_op", "cpu")
+    asked.clear()
+    for size in (3, 4):
+        x = torch.zeros(size)
+        assert backends.select("probe_reasons_op", None, (x,), x=x) == "torch"
+    assert asked == []
+
+
 def test_command_reports_a_backend_for_every_op_without_tensors(monkeypatch):
     def no_select(*args, **kwargs):
         raise AssertionError("the command must answer from the declarations")

@@ -510,7 +510,7 @@ def test_estimate_memory_components_and_extrapolation():
     assert est.parameters == params
     numel = math.prod(shape)
     assert est.state == (2 + 1) * numel * 4 + numel * 4       # x, h0, preview + the model input
-    measured = 2 * memory._forward_peak(model, (1, *shape[1:]), torch.float32, torch.device("cpu"), None)
+    measured = 2 * memory._forward_peak(model, (1, *shape[1:]), torch.float32, torch.device("cpu"), None)[0]
     assert measured > 16 * numel // 2 * 4                      # at least the 16-channel hidden activation
     assert 0.7 * measured <= est.activations <= 1.5 * measured, (est.activations, measured)
     assert est.total == est.parameters + est.state + est.activations and "GiB" in str(est)

@@ -347,6 +347,67 @@ def test_float32_parameters_are_cached_until_changed():
     assert layers.norm_affine(plain)[0] is plain.weight
 
 
+@pytest.mark.skipif(not layers._HAS_WEIGHT_PACKING or torch.bfloat16 not in layers._onednn_dtypes(),
+                    reason="this torch build has no oneDNN weight packing (convolutions reorder per call)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_give_the_same_bits_and_follow_the_weight(monkeypatch, dtype):
+    """The UNet forward with packed convolution weights equals, bit for bit, the one that reorders weights per
+    call; each weight keeps one packed copy, made anew for a new input shape or an in-place change; the model
+    stays deep-copyable and its state dict savable; estimate_memory counts the copies with the parameters."""
+    gen = torch.Generator().manual_seed(4)
+    net = randomize_(MonaiUNet(spatial_dims=3, in_channels=1, out_channels=1, **CONFIGS["attn_last_level"][0]))
+    model = UNet3D.from_monai(net).to(dtype).eval()
+    x = torch.randn(1, 1, 8, 16, 8, generator=gen)
+    t = torch.tensor([321])
+    with torch.no_grad():
+        packed = model(x, t)
+        weight = model.down_blocks[0].resnets[0].conv1.conv.weight
+        first = layers._packed_weights[weight]
+        assert first[1].is_mkldnn and model(x, t) is not None and layers._packed_weights[weight] is first
+        monkeypatch.setattr(layers, "_HAS_WEIGHT_PACKING", False)
+        assert torch.equal(model(x, t), packed)
+        monkeypatch.setattr(layers, "_HAS_WEIGHT_PACKING", True)
+        model(torch.randn(1, 1, 16, 8, 8, generator=gen), t)
+        second = layers._packed_weights[weight]
+        assert second[0] != first[0]  # a new input shape: packed anew, the old copy dropped
+        weight.mul_(0.5)
+        assert not torch.equal(model(x, t), packed) and layers._packed_weights[weight][0] != second[0]
+    copy.deepcopy(model)
+    pickle.dumps(model.state_dict())
+    conv_bytes = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Conv3d))
+    estimate = pydiffmed.estimate_memory(model, (1, 1, 8, 16, 8))
+    plain = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert conv_bytes <= estimate.parameters - plain <= 4 * conv_bytes, (estimate.parameters - plain, conv_bytes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_time_projections_in_one_gemm_equal_the_per_resnet_ones(monkeypatch, dtype):
+    """Without autograd, every resnet's time projection comes from one stacked GEMM (unet.project_time) and the
+    forward equals the one where each resnet projects its own (batch 2: per-sample rows, non-contiguous parts);
+    with autograd each resnet projects its own again (nothing kept on the blocks)."""
+    from pydiffmed.models import unet as unet_module
+
+    gen = torch.Generator().manual_seed(5)
+    net = randomize_(MonaiUNet(spatial_dims=3, in_channels=1, out_channels=1,
+                               **CONFIGS["attn_two_levels_2res_updown"][0]))
+    model = UNet3D.from_monai(net).to(dtype).eval()
+    x, t = torch.randn(2, 1, 8, 8, 8, generator=gen), torch.tensor([321, 17])
+    with torch.no_grad():
+        stacked = model(x, t)
+        block = model._resnets[-1]
+        silu_emb = block.__dict__["_pdm_time_projection"][0]
+        proj = block.time_emb_proj
+        assert torch.equal(unet_module.time_projection(block, silu_emb),
+                           layers.linear(silu_emb, proj.weight, proj.bias, owner=proj))
+        monkeypatch.setattr(unet_module, "project_time", lambda *args: None)
+        for b in model._resnets:
+            b.__dict__.pop("_pdm_time_projection")
+        assert torch.equal(model(x, t), stacked)
+    monkeypatch.undo()
+    model(x, t).float().sum().backward()
+    assert all("_pdm_time_projection" not in b.__dict__ for b in model._resnets)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("with_add", [False, True])
 def test_convolution_into_rows_of_an_output(batch, with_add):

@@ -7,7 +7,8 @@ What differs from MONAI's forward, and why (CPU measurements in benchmarks/bench
   small-volume levels on its slow im2col path) and cuDNN in channels_last on GPU.
 * Every GroupNorm→SiLU pair is one `ops.group_norm(act="silu")`; the resnet's time-embedding add is that
   kernel's `bias_nc` input (no separate broadcast add); the resnet's residual add is the second convolution's
-  epilogue (oneDNN binary post-op on CPU).
+  epilogue (oneDNN binary post-op on CPU). The time projections of all resnets are one GEMM per forward
+  (`project_time`), not one small GEMM per resnet.
 * Nearest ×2 upsampling + 3×3×3 convolution is one 2×2×2 convolution over the low-resolution input plus a
   phase interleave (layers.upsample_conv): ~3× fewer FLOPs, no upsampled intermediate.
 * Attention is `ops.attention` (flash-style, no N×N matrix) on fused QKV projections, reading token-major
@@ -28,7 +29,8 @@ from .. import ops
 from ..nn import GroupNormSiLU
 from .attention_block import SpatialAttentionBlock
 from .checkpoint import MonaiModule
-from .layers import Conv, avg_pool_2x, conv_module, linear, norm_affine, per_sample, upsample_conv, upsample_nearest
+from .layers import (Conv, avg_pool_2x, conv_module, derived, float32_parameters, linear, norm_affine, per_sample,
+                     upsample_conv, upsample_nearest)
 from .transformer import SpatialTransformer
 
 
@@ -64,11 +66,39 @@ def resnet_forward(block: nn.Module, x: torch.Tensor, silu_emb: torch.Tensor) ->
         if block.down:
             x, h = avg_pool_2x(x), avg_pool_2x(h)
         h = conv_module(h, block.conv1.conv)
-    temb = linear(silu_emb, block.time_emb_proj.weight, block.time_emb_proj.bias, owner=block.time_emb_proj)
-    h = ops.group_norm(h, norm2.num_groups, *norm_affine(norm2), norm2.eps, act="silu", bias_nc=temb)
+    h = ops.group_norm(h, norm2.num_groups, *norm_affine(norm2), norm2.eps, act="silu",
+                       bias_nc=time_projection(block, silu_emb))
     skip = block.skip_connection
     residual = x if isinstance(skip, nn.Identity) else conv_module(x, skip.conv)
     return conv_module(h, block.conv2.conv, add=residual)
+
+
+def time_projection(block: nn.Module, silu_emb: torch.Tensor) -> torch.Tensor:
+    """block.time_emb_proj(silu_emb): what `project_time` made for this very silu_emb, else computed here."""
+    made = block.__dict__.get("_pdm_time_projection")
+    if made is not None and made[0] is silu_emb:
+        return made[1]
+    proj = block.time_emb_proj
+    return linear(silu_emb, proj.weight, proj.bias, owner=proj)
+
+
+def project_time(net: nn.Module, resnets: Sequence[nn.Module], silu_emb: torch.Tensor) -> None:
+    """Every resnet's time projection of silu_emb as one GEMM on the resnets' stacked weights (cached on `net`),
+    each handed to its resnet for `time_projection`. A per-resnet projection is a GEMM of one row per sample,
+    mostly call overhead: measured ~40 µs each on the CPU, and a forward has one per resnet. The same products
+    as `linear` computes (fp32 accumulation, one rounding to the model's dtype)."""
+    projections = [block.time_emb_proj for block in resnets]
+    sources = [t for proj in projections for t in (proj.weight, proj.bias)]
+
+    def stack():
+        weights, biases = zip(*(float32_parameters(None, proj.weight, proj.bias) if silu_emb.device.type == "cpu"
+                                else (proj.weight, proj.bias) for proj in projections))
+        return torch.cat(weights), torch.cat(biases)
+
+    weight, bias = derived(net, "_pdm_time_projections", sources, stack)
+    rows = per_sample(lambda sample: F.linear(sample.to(weight.dtype), weight, bias), silu_emb).to(silu_emb.dtype)
+    for block, part in zip(resnets, rows.split([proj.out_features for proj in projections], dim=1)):
+        block.__dict__["_pdm_time_projection"] = (silu_emb, part.contiguous())
 
 
 class ResnetBlock(nn.Module):
@@ -296,6 +326,7 @@ class UNet3D(MonaiModule):
         # Convolution weights live channels_last like the activations: oneDNN would otherwise copy every weight
         # into that layout on every call (loading and .to(dtype) keep a parameter's layout).
         self.to(memory_format=_channels_last(spatial_dims + 2))
+        self._resnets = [m for m in self.modules() if isinstance(m, ResnetBlock)]  # project_time's, in a plain list
 
     # --- loading ---------------------------------------------------------------------------------------------
 
@@ -446,6 +477,8 @@ class UNet3D(MonaiModule):
         silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
                               _timesteps(timesteps, batch, weight.device),
                               class_labels if self.num_class_embeds is not None else None)
+        if not torch.is_grad_enabled():  # with autograd (DPS, training) each resnet projects its own, as MONAI
+            project_time(self, self._resnets, silu_emb)
         return h, silu_emb
 
     def _down_unit(self, index, j, h, silu_emb, context):
@@ -627,4 +660,5 @@ def monai_unet_config(model: nn.Module) -> dict:
     return config
 
 
-__all__ = ["UNet3D", "ResnetBlock", "monai_unet_config", "resnet_forward", "silu_time_embedding", "timestep_embedding"]
+__all__ = ["UNet3D", "ResnetBlock", "monai_unet_config", "project_time", "resnet_forward", "silu_time_embedding",
+           "time_projection", "timestep_embedding"]
