@@ -31,7 +31,7 @@ from .layers import (Conv, _onednn_path, _pads_input_channels, channels_last_for
                      to_channels_last)
 from .transformer import SpatialTransformer
 from .unet import (_ARGUMENT_TYPES, MidLevel, ResnetBlock, _check_types, _per_level, _positive_int, _positive_ints,
-                   _timesteps, _validate, block_makers, down_level, silu_time_embedding)
+                   _timesteps, _validate, block_makers, down_level, project_time, silu_time_embedding)
 
 _HAS_CONV_UNARY = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
@@ -172,6 +172,7 @@ class ControlNet3D(MonaiModule):
         silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
                               _timesteps(timesteps, x.shape[0], weight.device),
                               class_labels if self.num_class_embeds is not None else None)
+        project_time(self, silu_emb)
         cond = self.controlnet_cond_embedding(controlnet_cond.to(**layout))
         if cond.shape[0] != x.shape[0]:
             cond = cond.expand(x.shape[0], *cond.shape[1:])

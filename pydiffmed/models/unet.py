@@ -82,11 +82,17 @@ def time_projection(block: nn.Module, silu_emb: torch.Tensor) -> torch.Tensor:
     return linear(silu_emb, proj.weight, proj.bias, owner=proj)
 
 
-def project_time(net: nn.Module, resnets: Sequence[nn.Module], silu_emb: torch.Tensor) -> None:
-    """Every resnet's time projection of silu_emb as one GEMM on the resnets' stacked weights (cached on `net`),
-    each handed to its resnet for `time_projection`. A per-resnet projection is a GEMM of one row per sample,
-    mostly call overhead: measured ~40 µs each on the CPU, and a forward has one per resnet. The same products
-    as `linear` computes (fp32 accumulation, one rounding to the model's dtype)."""
+def project_time(net: nn.Module, silu_emb: torch.Tensor) -> None:
+    """Every resnet's time projection of silu_emb as one GEMM on the stacked weights of net's resnets (cached on
+    `net`), each handed to its resnet for `time_projection`. A per-resnet projection is a GEMM of one row per
+    sample, mostly call overhead: measured ~40 µs each on the CPU, and a forward has one per resnet. The same
+    products as `linear` computes (fp32 accumulation, one rounding to the model's dtype). Nothing is done with
+    autograd on (DPS, training): then each resnet projects its own, as MONAI, and the blocks keep no graph."""
+    if torch.is_grad_enabled():
+        return
+    resnets = net.__dict__.get("_pdm_resnets")
+    if resnets is None:  # a plain list, not a registered submodule list: no state-dict keys
+        resnets = net.__dict__["_pdm_resnets"] = [m for m in net.modules() if isinstance(m, ResnetBlock)]
     projections = [block.time_emb_proj for block in resnets]
     sources = [t for proj in projections for t in (proj.weight, proj.bias)]
 
@@ -326,7 +332,6 @@ class UNet3D(MonaiModule):
         # Convolution weights live channels_last like the activations: oneDNN would otherwise copy every weight
         # into that layout on every call (loading and .to(dtype) keep a parameter's layout).
         self.to(memory_format=_channels_last(spatial_dims + 2))
-        self._resnets = [m for m in self.modules() if isinstance(m, ResnetBlock)]  # project_time's, in a plain list
 
     # --- loading ---------------------------------------------------------------------------------------------
 
@@ -477,8 +482,7 @@ class UNet3D(MonaiModule):
         silu_emb = per_sample(lambda t, labels: silu_time_embedding(self, t, labels),
                               _timesteps(timesteps, batch, weight.device),
                               class_labels if self.num_class_embeds is not None else None)
-        if not torch.is_grad_enabled():  # with autograd (DPS, training) each resnet projects its own, as MONAI
-            project_time(self, self._resnets, silu_emb)
+        project_time(self, silu_emb)
         return h, silu_emb
 
     def _down_unit(self, index, j, h, silu_emb, context):
