@@ -11,14 +11,17 @@ the threads got the cores they ask for, and a step run at another count (a probe
 faster.
 
 Policy, per step: at n threads, a step that got less than STARVED·n cores tries fewer threads (about as many as it
-got) on the next step; below the starting count it tries one thread more from time to time. A probe is kept only
-if its step takes at most KEEP of the last step of the same kind at the previous count (steps of another kind,
-such as feature caching's shallow evaluations, wait for one of theirs); each probe that is not kept doubles the
-steps to the next one (up to MAX_WAIT). A quiet run at the starting count that gets its cores never probes, so it
-pays only two clock reads per step. The first step of each kind at each count is not judged: it carries one-time
-costs (warm-up, oneDNN's kernels for that count). Results do not depend on the thread count: pydiffmed's
-CPU kernels and oneDNN's convolutions give the same bits with one thread or several (tests/test_cpu_threads.py
-checks whole sampling runs), which `keeps_bits` names; the engine adapts by default only there.
+got) on the next step; below the starting count it tries one thread more from time to time. A probe is kept only if
+its step takes at most KEEP of the lower median of the last RECENT steps of the same kind at the previous count
+(steps of another kind, such as feature caching's shallow evaluations, wait for one of theirs): one step slowed by a
+passing hiccup (the hypervisor taking the CPU away for 0.1 s, measured on this machine: a 31 ms step took 137 ms)
+makes the loop try fewer threads, but it does not make a slower count look faster than the usual one. Each probe
+that is not kept doubles the steps to the next one (up to MAX_WAIT). A quiet run at the starting count that gets its
+cores never probes, so it pays only two clock reads per step. The first step of each kind at each count is not
+judged: it carries one-time costs (warm-up, oneDNN's kernels for that count). Results do not depend on the thread
+count: pydiffmed's CPU kernels and oneDNN's convolutions give the same bits with one thread or several
+(tests/test_cpu_threads.py checks whole sampling runs), which `keeps_bits` names; the engine adapts by default only
+there.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ FIRST_WAIT = 1    # steps before the first probe (a run that starts under load l
 RESET_WAIT = 4    # after a kept probe
 MAX_WAIT = 64
 MAX_PROBE_STEPS = 4  # a probe whose steps have no same-kind step at the previous count to compare with ends
+RECENT = 3        # steps per (kind, count) a probe is judged against
 
 
 def keeps_bits(model) -> bool:
@@ -59,7 +63,7 @@ class AdaptiveThreads:
         self.threads = self.max_threads
         if self.threads != self._initial:
             self._set(self.threads)
-        self._last = {}        # (step kind, threads) -> wall seconds of the latest such step
+        self._recent = {}      # (step kind, threads) -> wall seconds of the latest RECENT such steps
         self._warm = set()     # (step kind, threads) run at least once: later ones are measures
         self._probe_from = None  # the count a probe left, until the probe is judged
         self._probe_steps = 0
@@ -85,9 +89,11 @@ class AdaptiveThreads:
                 if self._probe_steps >= MAX_PROBE_STEPS:
                     self._end_probe(kept=False, judged=False)
             return
-        self._last[key] = wall
+        recent = self._recent.setdefault(key, [])
+        recent[:] = [*recent[-(RECENT - 1):], wall]
         if self._probe_from is not None:
-            reference = self._last.get((kind, self._probe_from))
+            before = sorted(self._recent.get((kind, self._probe_from), ()))
+            reference = before[(len(before) - 1) // 2] if before else None
             self._probe_steps += 1
             if reference is None and self._probe_steps < MAX_PROBE_STEPS:
                 return  # no step of this kind ran at the previous count yet: judge on a later one

@@ -68,6 +68,16 @@ def test_a_lower_count_that_is_not_faster_is_not_kept():
     assert governor.history.count(1) <= 5 and governor.history[-1] == 2
 
 
+def test_one_slow_step_on_a_quiet_machine_costs_one_short_probe():
+    # the hypervisor takes the CPU away once (measured: a 31 ms step took 137 ms and got 0.55 of 2 cores): the
+    # loop tries one thread, but judges it against its usual two-thread steps, not against the slow one
+    cores = Cores(wall={2: 0.031, 1: 0.048}, share={2: 1.95, 1: 1.0})
+    governor = cores.run(9)
+    governor.observe(None, 0.137, 0.55 * 0.137)
+    cores.steps(governor, 20)
+    assert governor.history[:12] == [2] * 10 + [1, 1] and governor.history[12:] == [2] * 18
+
+
 def test_the_count_comes_back_when_the_cores_free_up():
     cores = Cores(wall={2: 1.05, 1: 0.5}, share={2: 0.53, 1: 0.6})
     governor = cores.run(10)
