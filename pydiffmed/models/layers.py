@@ -85,7 +85,7 @@ def convolution(x, weight, bias=None, stride=1, padding=0, add=None, out=None):
     return y if add is None else y + add
 
 
-# weight -> (data_ptr, _version, dtype, input shape, padding, stride, oneDNN's packed copy): one copy per weight,
+# weight -> ((data_ptr, _version, dtype, input shape, padding, stride), oneDNN's packed copy): one copy per weight,
 # for the input shape it last saw (a sampler's shape does not change; a tiled decode repacks for its last slab),
 # so packing costs at most the convolution weights' bytes once more (memory.estimate_memory counts it). A side
 # table, not an attribute of the weight or its module: packed (opaque) tensors can be neither copied nor saved,
