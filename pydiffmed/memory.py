@@ -179,8 +179,12 @@ def decode_memory(autoencoder, latent_shape, dtype=None, *, tile=None, max_memor
 
 def _decoder_packed_bytes(autoencoder, dtype) -> int:
     """Bytes of the packed weight copies a decode makes (on the CPU: layers.packed_weight), from the decode of a
-    2³ latent, scaled to `dtype`."""
+    2³ latent, scaled to `dtype`; 0 without a decode where nothing is packed (off the CPU)."""
+    from .models import layers
+
     weight = autoencoder.post_quant_conv.conv.weight
+    if weight.device.type != "cpu" or not layers._HAS_WEIGHT_PACKING:
+        return 0
     z = torch.zeros(1, autoencoder.post_quant_conv.conv.in_channels, *(2,) * (weight.ndim - 2), device=weight.device,
                     dtype=weight.dtype)
     size, own_size = (torch.tensor([], dtype=d).element_size() for d in (dtype, weight.dtype))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import check_float_tensor, check_same_device, dtype_name
+from ._checks import check_float_tensor, check_same_device, dtype_name, needs_custom_op
 
 LAYOUTS = ("bhnd", "bnhd")
 
@@ -58,10 +58,9 @@ def attention(q, k, v, *, scale=None, layout="bhnd", backend=None):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     name = backends.select("attention", backend, (q, k, v), q=qh, k=kh, v=vh)
     args = (q, k, v, float(scale), layout == "bnhd", name)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        # torch.compile must see one op; autograd needs the op's registered backward
+    if needs_custom_op(q, k, v):
         return torch.ops.pydiffmed.attention(*args)
-    return _attention_run(*args)  # eager: skip the custom-op layer's per-call overhead (~75 µs)
+    return _attention_run(*args)
 
 
 def _layout_words(layout):

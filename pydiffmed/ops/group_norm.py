@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
-from ._checks import as_float32, check_float_tensor, check_same_device, check_shape, layout_of
+from ._checks import as_float32, check_float_tensor, check_same_device, check_shape, layout_of, needs_custom_op
 from . import reference
 
 ACTIVATIONS = (None, "silu")
@@ -50,11 +50,9 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, act=None, bia
     tensors = (x, weight, bias, bias_nc)
     name = backends.select("group_norm", backend, tensors, x=x, num_groups=num_groups, act=act)
     args = (x, num_groups, weight, bias, eps, act or "", bias_nc, bool(token_major), name)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling() or needs_grad:
-        # torch.compile must see one op; autograd needs the op's registered backward
+    if needs_custom_op(*tensors):
         return torch.ops.pydiffmed.group_norm(*args)
-    return _group_norm_run(*args)  # eager: skip the custom-op layer's per-call overhead (~0.1 ms)
+    return _group_norm_run(*args)
 
 
 def _check_input(x):
