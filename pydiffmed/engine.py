@@ -32,7 +32,7 @@ import torch
 from . import backends, cpu_threads, ops
 from .inverse import samplers
 from .memory import InsufficientMemoryError, MemoryEstimate, available_memory, estimate_memory
-from .ops._checks import dtype_name
+from .ops._checks import dtype_name, tensor_state
 from .ops.fused_step import COEF_NAMES, philox_keys
 
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -952,7 +952,7 @@ def sample(model, shape, solver="dpmpp_2m", num_steps=None, schedule=None, seed=
     sampler = None
     if cacheable:
         # a Sampler holding a converted copy must not outlive in-place changes of the caller's weights
-        versions = tuple(t._version for t in _tensors_of(model)) \
+        versions = tuple(tensor_state(t) for t in _tensors_of(model)) \
             if _needs_copy(model, device, dtype or _model_dtype(model)) else ()
         key = (id(model), _model_signature(model), versions, shape,
                tuple(sorted((k, str(v)) for k, v in options.items())), _plan_key(solver))

@@ -245,6 +245,10 @@ def test_prepared_sampler_is_reused_until_the_weights_change():
     assert_close(again, ref, what="after the weights changed")
     assert max_abs_err(again, first) > 1e-3 * first.abs().max().item()
 
+    with torch.inference_mode():  # a MONAI script's usual wrapper: tensors made there have no version counter
+        assert torch.equal(inferer.sample(x, model, verbose=False), again)
+        assert torch.equal(dropin.DiffusionInferer(make()).sample(x, copy.deepcopy(model), verbose=False), again)
+
 
 def test_bf16_within_design_rule():
     """bf16 network, fp32 state: the error against MONAI fp32 is at most twice that of MONAI run in bf16."""

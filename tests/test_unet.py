@@ -380,6 +380,51 @@ def test_packed_weights_give_the_same_bits_and_follow_the_weight(monkeypatch, dt
     assert conv_bytes <= estimate.parameters - plain <= 4 * conv_bytes, (estimate.parameters - plain, conv_bytes)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_bf16_weight_gradients_of_a_volume_shallower_than_the_kernel(autocast, depth):
+    """layers.convolution's bf16 weight gradients with autograd, input depth below the kernel's or not, bf16
+    tensors or CPU autocast: close to the fp32 ones (torch's own bf16 kernel got the depth-2 case wrong on an AMD
+    Zen 4, see layers._wrong_bf16_weight_gradient), and the output stays bf16."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 32, depth, 4, 4, generator=gen)
+    weight = torch.randn(32, 32, 3, 3, 3, generator=gen) * 0.05
+    bias = torch.randn(32, generator=gen)
+    grad = torch.randn(2, 32, depth, 4, 4, generator=gen)
+    want = [t.clone().double().requires_grad_() for t in (x, weight, bias)]
+    layers.convolution(*want, padding=1).backward(grad.double())
+    half = [t.clone().requires_grad_() for t in ((x, weight, bias) if autocast else
+                                                 (x.bfloat16(), weight.bfloat16(), bias.bfloat16()))]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layers.convolution(*half, padding=1)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad.bfloat16())
+    for name, got, ref in zip(("input", "weight", "bias"), half, want):
+        error = (got.grad.double() - ref.grad).abs().max() / ref.grad.abs().max()
+        assert error < 0.02, f"{name} gradient, relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_mode_gives_the_same_bits_as_no_grad(dtype):
+    """Under torch.inference_mode (where tensors carry no version counter, which the caches of packed and padded
+    weights and fp32 parameter copies key on) the forward and a whole sampling run equal those under no_grad,
+    for a model built normally and for one built and loaded under inference_mode."""
+    gen = torch.Generator().manual_seed(6)
+    net = randomize_(MonaiUNet(spatial_dims=3, in_channels=1, out_channels=1, **CONFIGS["attn_last_level"][0]))
+    model = UNet3D.from_monai(net).to(dtype).eval()
+    x, t = torch.randn(1, 1, 8, 8, 8, generator=gen).to(dtype), torch.tensor([321])
+    with torch.no_grad():
+        ref = model(x, t)
+        sampled = pydiffmed.sample(model, (1, 1, 8, 8, 8), "dpmpp_2m", 3, seed=2, progress=False)
+    with torch.inference_mode():
+        assert torch.equal(model(x, t), ref) and torch.equal(model(x, t), ref)
+        built_here = UNet3D.from_monai(net).to(dtype).eval()
+        assert torch.equal(built_here(x, t), ref)
+        assert torch.equal(pydiffmed.sample(model, (1, 1, 8, 8, 8), "dpmpp_2m", 3, seed=2, progress=False), sampled)
+        assert torch.equal(pydiffmed.sample(built_here, (1, 1, 8, 8, 8), "dpmpp_2m", 3, seed=2, progress=False),
+                           sampled)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_time_projections_in_one_gemm_equal_the_per_resnet_ones(monkeypatch, dtype):
     """Without autograd, every resnet's time projection comes from one stacked GEMM (unet.project_time) and the

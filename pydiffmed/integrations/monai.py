@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - MONAI is what this module integ
 
 from ..accelerate import accelerate as _accelerate
 from ..engine import Sampler
+from ..ops._checks import tensor_state
 from ..ops.fused_step import philox_keys
 from ..solvers.convert import _check_grid, from_monai
 from ..solvers.ddpm import DDPM
@@ -158,14 +159,14 @@ class _EngineSampling:
                                                             if p.is_floating_point()):
             return call, dtype
         key = (id(diffusion_model), id(controlnet), device, dtype,
-               tuple((t.data_ptr(), t._version) for t in tensors))
+               tuple(tensor_state(t) for t in tensors))
         if self._prepared is None or self._prepared[0] != key:
             self._prepared = (key, copy.deepcopy(call).to(device=device, dtype=dtype))
         return self._prepared[1], dtype
 
     def _sampler_for(self, model, solver, shape, dtype, guidance, device):
         tensors = [*model.parameters(), *model.buffers()]
-        key = (id(model), tuple((t.data_ptr(), t._version) for t in tensors), shape, dtype, guidance, device,
+        key = (id(model), tuple(tensor_state(t) for t in tensors), shape, dtype, guidance, device,
                solver.plan("cpu").identity(), type(solver).__name__)
         if self._sampler is None or self._sampler[0] != key:
             self._sampler = None

@@ -35,6 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import GroupNorm3d
+from ..ops._checks import tensor_state
 from .layers import add_linear_, channels_last_format, linear, norm_affine
 
 
@@ -77,7 +78,7 @@ class SpatialSelfAttention(nn.Module):
         sources = self._sources()
         if torch.is_grad_enabled() and any(p.requires_grad for p in sources):
             return self._build_fused(sources, dtype, device)  # differentiable, never cached
-        key = (dtype, device, *((p.data_ptr(), p._version, p.dtype, p.device) for p in sources))
+        key = (dtype, device, *(tensor_state(p) for p in sources))
         if key != self._fused_key:
             self._fused = self._build_fused(sources, dtype, device)
             self._fused_key = key

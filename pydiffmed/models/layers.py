@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ..ops._checks import channels_last_format
+from ..ops._checks import channels_last_format, tensor_state
 
 _HAS_CONV_ADD = hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 _HAS_WEIGHT_PACKING = _HAS_CONV_ADD and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
@@ -80,12 +80,30 @@ def convolution(x, weight, bias=None, stride=1, padding=0, add=None, out=None):
             y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, pads, strides, dilation, 1, "none", [], "")
         else:
             y = torch.ops.aten.mkldnn_convolution(x, weight, bias, pads, strides, dilation, 1)
+    elif _wrong_bf16_weight_gradient(x, weight):
+        with torch.autocast("cpu", enabled=False):
+            y = F.conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride,
+                         padding).to(torch.bfloat16)
     else:
         y = (F.conv3d if dims == 3 else F.conv2d)(x, weight, bias, stride, padding)
     return y if add is None else y + add
 
 
-# weight -> ((data_ptr, _version, dtype, input shape, padding, stride), oneDNN's packed copy): one copy per weight,
+def _wrong_bf16_weight_gradient(x, weight) -> bool:
+    """Whether torch's CPU convolution would compute this weight's gradient wrong: in bf16 (bf16 input or CPU
+    autocast to bf16), 3-D, input depth below the kernel's (the 2³ deepest level of a UNet trained on 8³ volumes).
+    Measured with torch 2.13 (oneDNN 3.12, kernel jit_bf16:avx512_core_bf16) on an AMD Zen 4: such gradients were
+    wrong in every trial, NaN in some, for 16 channels and more; fp32 and fp16 were right. The convolution then runs
+    in fp32 (the volume is tiny) and its output is rounded to bf16, as the bf16 one would be."""
+    if x.device.type != "cpu" or x.ndim != 5 or x.shape[2] >= weight.shape[2]:
+        return False
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+# weight -> ((tensor_state, input shape, padding, stride), oneDNN's packed copy): one copy per weight,
 # for the input shape it last saw (a sampler's shape does not change; a tiled decode repacks for its last slab),
 # so packing costs at most the convolution weights' bytes once more (memory.estimate_memory counts it). A side
 # table, not an attribute of the weight or its module: packed (opaque) tensors can be neither copied nor saved,
@@ -100,7 +118,7 @@ def packed_weight(weight, pads, strides, x_shape):
     (64→64 at 32³: 2.70 against 2.64 ms). The same kernel runs either way, so the results are the same bits."""
     if not _HAS_WEIGHT_PACKING:
         return weight
-    key = (weight.data_ptr(), weight._version, weight.dtype, tuple(x_shape), tuple(pads), tuple(strides))
+    key = (tensor_state(weight), tuple(x_shape), tuple(pads), tuple(strides))
     entry = _packed_weights.get(weight)
     if entry is None or entry[0] != key:
         entry = _packed_weights[weight] = (key, None)  # the old copy is freed before the new one is made
@@ -221,7 +239,7 @@ def derived(owner: nn.Module, name: str, sources, build):
     With autograd active on a source the result is rebuilt every call (so it stays differentiable)."""
     if _needs_autograd(*sources):
         return build()
-    key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    key = tuple(tensor_state(t) for t in sources)
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         cached = (key, build())

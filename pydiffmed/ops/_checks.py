@@ -50,6 +50,13 @@ def needs_custom_op(*tensors) -> bool:
                                              and any(t is not None and t.requires_grad for t in tensors))
 
 
+def tensor_state(t) -> tuple:
+    """What a cache of something derived from `t` must compare: (data_ptr, version, dtype, device). A tensor made
+    under torch.inference_mode has no version counter (reading it raises); its version reads -1, so an in-place
+    change of such a tensor, itself only possible under inference_mode, goes unseen by these caches."""
+    return t.data_ptr(), (-1 if t.is_inference() else t._version), t.dtype, t.device
+
+
 def as_float32(t):
     """t as a contiguous fp32 tensor (t itself when it already is one; kernels only read its data)."""
     if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
