@@ -423,6 +423,10 @@ def test_inference_mode_gives_the_same_bits_as_no_grad(dtype):
         assert torch.equal(pydiffmed.sample(model, (1, 1, 8, 8, 8), "dpmpp_2m", 3, seed=2, progress=False), sampled)
         assert torch.equal(pydiffmed.sample(built_here, (1, 1, 8, 8, 8), "dpmpp_2m", 3, seed=2, progress=False),
                            sampled)
+        other = UNet3D.from_monai(randomize_(MonaiUNet(spatial_dims=3, in_channels=1, out_channels=1,
+                                                       **CONFIGS["attn_last_level"][0]), seed=9)).to(dtype).eval()
+        built_here.load_state_dict(other.state_dict())  # in place, and unversioned: no cache may keep old weights
+        assert torch.equal(built_here(x, t), other(x, t)) and not torch.equal(built_here(x, t), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -52,9 +52,10 @@ def needs_custom_op(*tensors) -> bool:
 
 def tensor_state(t) -> tuple:
     """What a cache of something derived from `t` must compare: (data_ptr, version, dtype, device). A tensor made
-    under torch.inference_mode has no version counter (reading it raises); its version reads -1, so an in-place
-    change of such a tensor, itself only possible under inference_mode, goes unseen by these caches."""
-    return t.data_ptr(), (-1 if t.is_inference() else t._version), t.dtype, t.device
+    under torch.inference_mode has no version counter (reading it raises), so an in-place change of it (a
+    load_state_dict there) cannot be seen: its state then equals no other, and a cache keyed on it is rebuilt at
+    every call. A model made or loaded under inference_mode is right but misses these caches."""
+    return t.data_ptr(), (object() if t.is_inference() else t._version), t.dtype, t.device
 
 
 def as_float32(t):
