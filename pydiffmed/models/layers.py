@@ -99,8 +99,9 @@ def _wrong_bf16_weight_gradient(x, weight) -> bool:
         return False
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return False
-    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return x.dtype == weight.dtype == torch.bfloat16  # mixed dtypes: F.conv3d's own error
 
 
 # weight -> ((tensor_state, input shape, padding, stride), oneDNN's packed copy): one copy per weight,
