@@ -97,7 +97,7 @@ def _wrong_bf16_weight_gradient(x, weight) -> bool:
     in fp32 (the volume is tiny) and its output is rounded to bf16, as the bf16 one would be."""
     if x.device.type != "cpu" or x.ndim != 5 or x.shape[2] >= weight.shape[2]:
         return False
-    if not (torch.is_grad_enabled() and weight.requires_grad):
+    if not _needs_autograd(weight):
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
