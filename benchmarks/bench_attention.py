@@ -6,14 +6,16 @@ softmax(q·kᵀ)·v in the input dtype. TFLOP/s = 4·B·N²·heads·d / t; `vs_s
 `of_matmul_peak` = achieved rate / the same run's fp16/bf16 matmul rate; peak memory = the call's extra
 allocation over its inputs.
 
-CPU: what `ops.attention` runs on CPU is torch SDPA, so the comparison is SDPA vs naive only, at small N in
-fp32 and bf16 (peak memory is not measured on CPU).
+CPU: rows for `ops.attention` (what dispatch picks: pydiffmed's bf16 kernel where `cpu_kernel_declines` says
+nothing against it, else torch SDPA), the bf16 kernel called directly (on any CPU with AVX-512 BF16, so that an
+AMX machine measures it too), torch SDPA and the naive math, in fp32 and bf16 (peak memory is not measured on CPU).
 
     python benchmarks/bench_attention.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -23,10 +25,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import median_time, save  # noqa: E402
-from pydiffmed import ops  # noqa: E402
+from pydiffmed import _C, ops  # noqa: E402
+
+ATTENTION_OPS = importlib.import_module("pydiffmed.ops.attention")  # the module; ops.attention is the function
 
 BATCH = 1
 HEAD_DIM = 64
+
+
+def cpu_kernel(q, k, v):
+    out = torch.empty_like(q)
+    ATTENTION_OPS.cpu_kernel(q, k, v, out, q.shape[-1] ** -0.5)
+    return out
 
 
 def naive(q, k, v):
@@ -120,14 +130,17 @@ def main():
         device = "cpu"
         sizes = [512] if args.quick else [512, 4096]
         dtypes = [torch.float32, torch.bfloat16]
-        candidates = {"sdpa (= ops.attention on CPU)": lambda q, k, v: ops.attention(q, k, v), "naive": naive}
+        candidates = {"ops.attention": lambda q, k, v: ops.attention(q, k, v), "pydiffmed cpu kernel": cpu_kernel,
+                      "sdpa": F.scaled_dot_product_attention, "naive": naive}
         repeats, matmul_size = 5, 2048
     for dtype in dtypes:
+        kernel_runs = dtype == torch.bfloat16 and _C.attention_bf16_supported()
+        runnable = {name: fn for name, fn in candidates.items() if name != "pydiffmed cpu kernel" or kernel_runs}
         limit = matmul_rate(dtype, device, matmul_size)
         print(f"{dtype} matmul {matmul_size}²: {limit / 1e12:.3f} TFLOP/s", flush=True)
         for n in sizes:
             for heads in (1, 4):
-                for row in run_config(n, heads, dtype, device, candidates, repeats, limit):
+                for row in run_config(n, heads, dtype, device, runnable, repeats, limit):
                     row["matmul_TFLOP/s"] = limit / 1e12
                     rows.append(row)
     columns = ["N", "heads×d", "dtype", "backend", "ms", "TFLOP/s", "of_matmul_peak", "sdpa_best_ms",
@@ -135,7 +148,9 @@ def main():
     notes = (f"B={BATCH}, d={HEAD_DIM}. TFLOP/s = 4·B·N²·heads·d / t. of_matmul_peak: against a {matmul_size}² "
              f"matmul at the same dtype, same run. vs_sdpa_best > 1: faster than the best SDPA backend.")
     if device == "cpu":
-        notes += " CPU: ops.attention is torch SDPA here; vs_sdpa_best of the naive rows = its slowdown."
+        kernel_off = ATTENTION_OPS.cpu_kernel_declines(torch.zeros(1, 1, 1, HEAD_DIM, dtype=torch.bfloat16), 1.0)
+        notes += (" CPU: ops.attention in bf16 runs " + ("pydiffmed's kernel" if kernel_off is None else
+                  f"torch SDPA ({kernel_off})") + " on this machine, SDPA in fp32.")
     print(save("bench_attention", rows, columns, notes))
 
 

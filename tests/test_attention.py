@@ -1,4 +1,5 @@
 """ops.attention (triton under the interpreter, torch SDPA) and the fused SpatialAttentionBlock vs MONAI's."""
+import importlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pydiffmed.triton_kernels.attention import attention_launch
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+attention_ops = importlib.import_module("pydiffmed.ops.attention")  # the module: ops.attention is the function
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -122,6 +124,131 @@ def test_empty_query_or_batch():
         q, k, v = (torch.randn(s, device=DEVICE) for s in (shape_q, shape_kv, shape_kv))
         for backend in ("triton", "torch"):
             assert ops.attention(q, k, v, backend=backend).shape == shape_q
+
+
+# --- the CPU bf16 kernel (pydiffmed._C, csrc/cpu/attention.cpp) ----------------------------------------------
+
+def _cpu_kernel_supported():
+    from pydiffmed import _C
+
+    return _C.attention_bf16_supported()
+
+
+needs_avx512_bf16 = pytest.mark.skipif(not _cpu_kernel_supported(),
+                                       reason="this CPU lacks AVX-512 BF16, which the CPU attention kernel needs "
+                                              "(it is compiled all the same; ops.attention runs SDPA here)")
+
+
+def cpu_bf16_qkv(batch, heads, n_q, n_kv, d, magnitude=1.0, seed=0):
+    torch.manual_seed(seed)
+    return qkv(batch, heads, n_q, n_kv, d, torch.bfloat16, device="cpu", magnitude=magnitude)
+
+
+def check_cpu_kernel(q, k, v, scale=None, what=""):
+    """The CPU kernel into a canary-guarded output against the float64 oracle, by the §6 rule (torch SDPA in bf16
+    is the plain-torch error)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, buf = canary_like(q)
+    attention_ops.cpu_kernel(q, k, v, out, scale)
+    assert canary_intact(out, buf), f"{what}: write outside the output or NaN"
+    sdpa = torch.empty_like(q)
+    run_backend("attention", "torch", q, k, v, sdpa, scale)
+    assert_close_by_rule(out, float64_reference(q, k, v, scale), sdpa, what=what)
+    return out
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("d", [1, 17, 64, 128])
+@pytest.mark.parametrize("n_q, n_kv", [(1, 1), (7, 300), (64, 128), (129, 129), (200, 5)])
+def test_cpu_kernel_matches_float64(n_q, n_kv, d):
+    """Query counts around the 64-row task and key counts around the 128-key block and its 16-key vectors, with
+    odd and full head dimensions."""
+    check_cpu_kernel(*cpu_bf16_qkv(2, 3, n_q, n_kv, d), what=f"n_q={n_q} n_kv={n_kv} d={d}")
+
+
+@needs_avx512_bf16
+def test_cpu_kernel_strided_and_token_major_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 20, 16).bfloat16().transpose(0, 1)
+    k = torch.randn(2, 3, 16, 150).bfloat16().transpose(-1, -2)
+    v = torch.randn(2, 3, 150, 40).bfloat16()[..., 5:21]
+    check_cpu_kernel(q, k, v, scale=0.3, what="strided")
+    fused = torch.randn(2, 45, 3, 2, 64).bfloat16()
+    q, k, v = fused.unbind(2)
+    out = ops.attention(q, k, v, layout="bnhd", backend="cpu")
+    expected = check_cpu_kernel(*(t.transpose(1, 2) for t in (q, k, v)), what="fused qkv")
+    if attention_ops.cpu_kernel_declines(q, 0.125) is None:
+        assert torch.equal(out.transpose(1, 2), expected)
+
+
+@needs_avx512_bf16
+def test_cpu_kernel_large_logits_and_nan_rows():
+    q, k, v = cpu_bf16_qkv(1, 2, 40, 300, 64, magnitude=30.0)
+    assert (q.double() @ k.double().transpose(-1, -2)).abs().max() / 8 > 1e3
+    check_cpu_kernel(q, k, v, what="large logits")
+    q[0, 1, 5, 3] = float("nan")
+    out = torch.empty_like(q)
+    attention_ops.cpu_kernel(q, k, v, out, 0.125)
+    nan_rows = torch.isnan(out).any(-1)
+    assert nan_rows[0, 1, 5] and nan_rows.sum() == 1 and torch.isnan(out[0, 1, 5]).all()
+
+
+@needs_avx512_bf16
+def test_cpu_kernel_bits_do_not_depend_on_threads():
+    q, k, v = cpu_bf16_qkv(1, 2, 200, 300, 64)
+    outs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.empty_like(q))
+            attention_ops.cpu_kernel(q, k, v, outs[-1], 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_cpu_backend_runs_the_kernel_only_where_it_is_the_faster_one(monkeypatch):
+    q, k, v = cpu_bf16_qkv(1, 2, 70, 90, 64)
+    declines = attention_ops.cpu_kernel_declines
+    assert "bf16 only" in declines(q.float(), 0.125)
+    assert "d = 130" in declines(torch.zeros(1, 1, 2, 130, dtype=torch.bfloat16), 0.125)
+    assert "not positive" in declines(q, -0.5)
+    attention_ops._cpu_kernel_isa_reason.cache_clear()
+    try:
+        monkeypatch.setattr(backends, "cpu_bf16_feature", lambda: "amx_bf16")
+        assert "AMX" in declines(q, 0.125) or not _cpu_kernel_supported()
+        monkeypatch.setattr(backends, "cpu_bf16_feature", lambda: "avx512_bf16")
+        attention_ops._cpu_kernel_isa_reason.cache_clear()
+        assert (declines(q, 0.125) is None) == _cpu_kernel_supported()
+        sdpa = torch.empty_like(q)
+        run_backend("attention", "torch", q, k, v, sdpa, 0.125)
+        out = ops.attention(q, k, v, scale=0.125, backend="cpu")
+        if _cpu_kernel_supported():
+            kernel = torch.empty_like(q)
+            attention_ops.cpu_kernel(q, k, v, kernel, 0.125)
+            assert torch.equal(out, kernel) and not torch.equal(out, sdpa)
+        else:
+            assert torch.equal(out, sdpa)
+        assert torch.equal(ops.attention(q.float(), k.float(), v.float(), scale=0.125, backend="cpu"),
+                           ops.attention(q.float(), k.float(), v.float(), scale=0.125, backend="torch"))
+    finally:
+        attention_ops._cpu_kernel_isa_reason.cache_clear()
+
+
+@needs_avx512_bf16
+def test_cpu_kernel_refuses_what_it_cannot_run():
+    q, k, v = cpu_bf16_qkv(1, 1, 4, 4, 16)
+    out = torch.empty_like(q)
+    with pytest.raises(TypeError, match="k is float32"):
+        attention_ops.cpu_kernel(q, k.float(), v, out, 0.25)
+    big = torch.zeros(1, 1, 4, 130, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="d = 130"):
+        attention_ops.cpu_kernel(big, big, big, torch.empty_like(big), 0.25)
+    with pytest.raises(ValueError, match="scale"):
+        attention_ops.cpu_kernel(q, k, v, out, 0.0)
+    with pytest.raises(ValueError, match="d-stride"):
+        attention_ops.cpu_kernel(q, k, v, torch.empty(1, 1, 16, 4, dtype=torch.bfloat16).transpose(-1, -2), 0.25)
 
 
 # --- dispatch and errors -------------------------------------------------------------------------------------

@@ -32,12 +32,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define PDM_HAVE_AVX512_PATH 1
-#endif
-
 #include "common/group_norm.h"
+#include "cpu/avx512_exp.h"
 
 namespace py = pybind11;
 
@@ -290,15 +286,6 @@ struct Generic {
 // AVX-512 loops (16 fp32 lanes; tails through masks)
 // =============================================================================================================
 #if defined(PDM_HAVE_AVX512_PATH)
-#define PDM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
-bool avx512_supported() {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-}
-
 PDM_AVX512 inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << n) - 1u); }  // n < 16
 
 // Sixteen elements of dtype D <-> fp32 lanes. fp16 and bf16 use the hardware conversions (round to nearest
@@ -346,29 +333,16 @@ struct V16<pdm::kBFloat16> {
     static PDM_AVX512 inline void stream(T* p, __m512 v) { _mm256_stream_si256((__m256i*)p, pack(v)); }
 };
 
-// silu(v) = v / (1 + e^-v). e^-v = 2^t with t = -v*log2(e); with u = t + 1/2 and g = u - floor(u) in [0, 1)
-// (one vreduceps), 2^t = 2^(g - 1/2) * 2^floor(u): the first factor by a polynomial in g, the second by
-// vscalefps(p, u), which scales by 2^floor(u) and gives exact 0 and inf at the ends of the range. The
-// polynomials are minimax fits of 2^(g - 1/2) on [0, 1] (relative error 1.9e-7 at degree 5 for fp32 outputs,
-// 2.7e-6 at degree 4 for fp16, 7.5e-5 at degree 3 for bf16, each below half an ulp of the output, with fp32
-// Horner rounding). The reciprocal: for fp32 a division, which runs on its own unit beside the FMAs (faster than
-// rcp14 with a Newton step on the development machine); for 16-bit outputs rcp14 alone (relative error < 2^-14,
-// an eighth of an fp16 ulp), faster still there. Neither needs a clamp: for v < -88, 1 + e^-v is inf, and
-// v / inf = v * rcp14(inf) = -0.
+// silu(v) = v / (1 + e^-v), with e^-v = 2^(u - 1/2) for u = 1/2 - v*log2(e) (pdm_cpu::exp2_minus_half; degree 5
+// for fp32 outputs, 4 for fp16, 3 for bf16). The reciprocal: for fp32 a division, which runs on its own unit beside
+// the FMAs (faster than rcp14 with a Newton step on the development machine); for 16-bit outputs rcp14 alone
+// (relative error < 2^-14, an eighth of an fp16 ulp), faster still there. Neither needs a clamp: for v < -88,
+// 1 + e^-v is inf, and v / inf = v * rcp14(inf) = -0.
 template <int D>
 PDM_AVX512 inline __m512 silu16(__m512 v) {
     constexpr int degree = D == pdm::kFloat32 ? 5 : (D == pdm::kFloat16 ? 4 : 3);
-    static const float coef5[6] = {7.071067095e-01f, 4.901332259e-01f, 1.698142439e-01f,
-                                   3.947516903e-02f, 6.356423255e-03f, 1.327647129e-03f};
-    static const float coef4[5] = {7.071086168e-01f, 4.900276959e-01f, 1.707258075e-01f, 3.677765653e-02f,
-                                   9.570101276e-03f};
-    static const float coef3[4] = {7.070538998e-01f, 4.920286238e-01f, 1.598536223e-01f, 5.517166853e-02f};
-    const float* coef = degree == 5 ? coef5 : (degree == 4 ? coef4 : coef3);
     const __m512 u = _mm512_fmadd_ps(v, _mm512_set1_ps(-1.44269504088896341f), _mm512_set1_ps(0.5f));
-    const __m512 g = _mm512_reduce_ps(u, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(coef[degree]);
-    for (int k = degree - 1; k >= 0; --k) p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(coef[k]));
-    const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, u), _mm512_set1_ps(1.0f));
+    const __m512 d = _mm512_add_ps(pdm_cpu::exp2_minus_half<degree>(u), _mm512_set1_ps(1.0f));
     if (D == pdm::kFloat32) return _mm512_div_ps(v, d);
     return _mm512_mul_ps(v, _mm512_rcp14_ps(d));
 }
@@ -1018,7 +992,7 @@ bool use_avx512 = false;
 
 bool init_isa() {
 #if defined(PDM_HAVE_AVX512_PATH)
-    use_avx512 = avx512_supported();
+    use_avx512 = pdm_cpu::avx512_bf16_supported();
 #endif
     return use_avx512;
 }
@@ -1121,7 +1095,7 @@ std::string set_isa(const std::string& name) {
         use_avx512 = false;
     } else if (name == "avx512") {
 #if defined(PDM_HAVE_AVX512_PATH)
-        if (!avx512_supported())
+        if (!pdm_cpu::avx512_bf16_supported())
             throw std::invalid_argument("group_norm_set_isa: this CPU lacks AVX-512 F/BW/VL/DQ/BF16");
         use_avx512 = true;
 #else

@@ -5,12 +5,14 @@ q, k and v may be strided views into one B×N×3×heads×d tensor, and the outpu
 token-major activation). Both are handled as strided views, never copied. Self- and cross-attention
 (N_q ≠ N_kv). fp16/bf16/fp32 in, output in the input dtype, softmax and accumulation in fp32.
 
-Backends: `triton` (FlashAttention-2-style kernel, triton_kernels/attention.py) for CUDA tensors; torch SDPA
-for everything else (`cpu` and `torch`: on CPU, SDPA is torch's own fused flash kernel). `cuda` has no
-attention kernel: Triton is the CUDA path for this op.
+Backends: `triton` (FlashAttention-2-style kernel, triton_kernels/attention.py) for CUDA tensors; `cpu`: the
+bf16 flash attention of pydiffmed._C (csrc/cpu/attention.cpp) where it is the faster kernel (`cpu_kernel_declines`
+says where not), else torch SDPA, torch's own fused flash kernel on CPU; `torch`: SDPA. `cuda` has no attention
+kernel: Triton is the CUDA path for this op.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -123,7 +125,55 @@ def _run_sdpa(q, k, v, out, scale):
 
 
 backends.register("attention", "torch", dtypes=None, layouts=None)(_run_sdpa)
-backends.register("attention", "cpu", layouts=None)(_run_sdpa)
+
+CPU_KERNEL_MAX_HEAD_DIM = 128
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kernel_isa_reason() -> str | None:
+    from pydiffmed import _C
+
+    if not _C.attention_bf16_supported():
+        return "this CPU lacks AVX-512 BF16"
+    if backends.cpu_bf16_feature() == "amx_bf16":
+        # SDPA's bf16 products run on AMX tiles there (oneDNN brgemm); the kernel's AVX-512 dot products have not
+        # been measured against them
+        return "this CPU has AMX, which torch SDPA uses"
+    return None
+
+
+def cpu_kernel_declines(q, scale) -> str | None:
+    """Why the `cpu` backend runs torch SDPA rather than pydiffmed._C's bf16 flash attention on these inputs;
+    None: it runs the kernel (bf16, d <= 128, scale > 0, a CPU with AVX-512 BF16 and without AMX)."""
+    if q.dtype != torch.bfloat16:
+        return f"the kernel is bf16 only, not {dtype_name(q.dtype)}"
+    if q.shape[-1] > CPU_KERNEL_MAX_HEAD_DIM:
+        return f"head dimension d = {q.shape[-1]} > {CPU_KERNEL_MAX_HEAD_DIM}"
+    if scale <= 0:
+        return f"scale = {scale} is not positive"
+    return _cpu_kernel_isa_reason()
+
+
+def cpu_kernel(q, k, v, out, scale):
+    """pydiffmed._C's bf16 flash attention on B×heads×N×d views (any strides; out's d-stride 1), whatever
+    cpu_kernel_declines says of its speed; the `cpu` backend and bench_attention call it."""
+    from pydiffmed import _C
+
+    for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            raise TypeError(f"cpu_kernel takes bf16 CPU tensors; {name} is {dtype_name(t.dtype)} on {t.device}")
+    batch, heads, n_q, head_dim = q.shape
+    _C.attention_bf16(q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(), out.data_ptr(),
+                      out.stride(), batch, heads, n_q, k.shape[2], head_dim, scale, torch.get_num_threads())
+
+
+@backends.register("attention", "cpu", layouts=None, symbols=("attention_bf16",))
+def _run_cpu(q, k, v, out, scale):
+    if cpu_kernel_declines(q, scale) is None:
+        cpu_kernel(q, k, v, out, scale)
+    else:
+        _run_sdpa(q, k, v, out, scale)
+
 
 # The Triton kernel's limits (pydiffmed/triton_kernels/attention.py: d <= 128, MAX_GRID_Y; its
 # unsupported_reasons also checks the strides, which only the inputs tell). bf16 tl.dot gives wrong results
