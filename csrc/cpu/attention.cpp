@@ -42,38 +42,25 @@ constexpr int64_t kMaxHeadDim = 128;
 
 typedef std::array<int64_t, 4> Strides;  // in elements, for the axes (batch, head, token, d)
 
-// Round to nearest even; NaN stays NaN.
-inline uint16_t bf16_bits(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 #if defined(PDM_HAVE_AVX512_PATH)
 
-// The keys of one (batch, head): [nkv_pad / kBlockKV][pairs][kBlockKV][2].
-void pack_keys(const uint16_t* k, int64_t sn, int64_t sd, int64_t nkv, int64_t d, int64_t pairs, uint16_t* out) {
-    const int64_t blocks = (nkv + kBlockKV - 1) / kBlockKV;
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t p = 0; p < pairs; ++p)
-            for (int64_t j = 0; j < kBlockKV; ++j)
-                for (int64_t e = 0; e < 2; ++e) {
-                    const int64_t key = b * kBlockKV + j, c = 2 * p + e;
-                    out[((b * pairs + p) * kBlockKV + j) * 2 + e] = key < nkv && c < d ? k[key * sn + c * sd] : 0;
-                }
+// Block b (kBlockKV keys) of one (batch, head)'s keys, into its place in [nkv_pad / kBlockKV][pairs][kBlockKV][2].
+void pack_key_block(const uint16_t* k, int64_t sn, int64_t sd, int64_t nkv, int64_t d, int64_t pairs, int64_t b,
+                    uint16_t* out) {
+    for (int64_t j = 0; j < kBlockKV; ++j) {
+        const int64_t key = b * kBlockKV + j;
+        for (int64_t c = 0; c < 2 * pairs; ++c)
+            out[((b * pairs + c / 2) * kBlockKV + j) * 2 + c % 2] = key < nkv && c < d ? k[key * sn + c * sd] : 0;
+    }
 }
 
-// The values of one (batch, head): [nkv_pad / 2][vectors][16][2].
-void pack_values(const uint16_t* v, int64_t sn, int64_t sd, int64_t nkv, int64_t d, int64_t vectors,
-                 uint16_t* out) {
-    const int64_t key_pairs = (nkv + kBlockKV - 1) / kBlockKV * kBlockKV / 2;
-    for (int64_t j = 0; j < key_pairs; ++j)
+// Block b (kBlockKV keys) of one (batch, head)'s values, into its place in [nkv_pad / 2][vectors][16][2].
+void pack_value_block(const uint16_t* v, int64_t sn, int64_t sd, int64_t nkv, int64_t d, int64_t vectors, int64_t b,
+                      uint16_t* out) {
+    for (int64_t key = b * kBlockKV; key < (b + 1) * kBlockKV; ++key)
         for (int64_t c = 0; c < vectors * 16; ++c)
-            for (int64_t e = 0; e < 2; ++e) {
-                const int64_t key = 2 * j + e;
-                out[((j * vectors + c / 16) * 16 + c % 16) * 2 + e] = key < nkv && c < d ? v[key * sn + c * sd] : 0;
-            }
+            out[((key / 2 * vectors + c / 16) * 16 + c % 16) * 2 + key % 2] =
+                key < nkv && c < d ? v[key * sn + c * sd] : 0;
 }
 
 PDM_AVX512 inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
@@ -127,7 +114,8 @@ PDM_AVX512 inline void softmax_scores(const uint32_t* q, int64_t pairs, const ui
     }
 }
 
-// One tile of kRows query rows against one key block: scores and softmax, then P·V into the rows' fp32 accumulators o (kRows rows of NV*16).
+// One tile of kRows query rows against one key block: scores and softmax, then P·V into the rows' fp32
+// accumulators o (kRows rows of NV*16).
 template <int NV>
 PDM_AVX512 void tile(const uint32_t* q, int64_t pairs, const uint16_t* kp, const uint16_t* vp, int64_t valid,
                      float scale_log2, float* m, float* l, float* o) {
@@ -247,7 +235,7 @@ void attention_bf16(uint64_t q_ptr, Strides sq, uint64_t k_ptr, Strides sk, uint
     pr.batch = batch, pr.heads = heads, pr.nq = nq, pr.nkv = nkv, pr.d = d;
     pr.scale_log2 = (float)(scale * 1.4426950408889634);
     pr.pairs = (d + 1) / 2, pr.vectors = (d + 15) / 16;
-    const int64_t nkv_pad = (nkv + kBlockKV - 1) / kBlockKV * kBlockKV;
+    const int64_t kv_blocks = (nkv + kBlockKV - 1) / kBlockKV, nkv_pad = kv_blocks * kBlockKV;
     pr.kpack_stride = nkv_pad * pr.pairs * 2;
     pr.vpack_stride = nkv_pad * pr.vectors * 16;
     const int64_t bh_count = batch * heads;
@@ -257,16 +245,18 @@ void attention_bf16(uint64_t q_ptr, Strides sq, uint64_t k_ptr, Strides sk, uint
     const TaskFn task = kTasks[pr.vectors - 1];
     const int64_t q_blocks = (nq + kBlockQ - 1) / kBlockQ;
     const int64_t tasks = bh_count * q_blocks;
-    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, std::max(tasks, bh_count)));
+    const int64_t most_work = std::max(tasks, bh_count * kv_blocks);
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(num_threads, most_work));
     py::gil_scoped_release release;
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < bh_count; ++bh) {
-            const int64_t b = bh / heads, h = bh % heads;
-            pack_keys(pr.k + b * sk[0] + h * sk[1], sk[2], sk[3], nkv, d, pr.pairs, kpack.get() + bh * pr.kpack_stride);
-            pack_values(pr.v + b * sv[0] + h * sv[1], sv[2], sv[3], nkv, d, pr.vectors,
-                        vpack.get() + bh * pr.vpack_stride);
+        for (int64_t i = 0; i < bh_count * kv_blocks; ++i) {
+            const int64_t bh = i / kv_blocks, block = i % kv_blocks, b = bh / heads, h = bh % heads;
+            pack_key_block(pr.k + b * sk[0] + h * sk[1], sk[2], sk[3], nkv, d, pr.pairs, block,
+                           kpack.get() + bh * pr.kpack_stride);
+            pack_value_block(pr.v + b * sv[0] + h * sv[1], sv[2], sv[3], nkv, d, pr.vectors, block,
+                             vpack.get() + bh * pr.vpack_stride);
         }
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tasks; ++t) task(pr, t / q_blocks, t % q_blocks * kBlockQ);
