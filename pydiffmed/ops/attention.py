@@ -136,9 +136,9 @@ def _cpu_kernel_isa_reason() -> str | None:
     if not _C.attention_bf16_supported():
         return "this CPU lacks AVX-512 BF16"
     if backends.cpu_bf16_feature() == "amx_bf16":
-        # SDPA's bf16 products run on AMX tiles there (oneDNN brgemm); the kernel's AVX-512 dot products have not
-        # been measured against them
-        return "this CPU has AMX, which torch SDPA uses"
+        # torch's SDPA can compute on AMX tiles there; the kernel (AVX-512 dot products) has not been timed against
+        # it on such a CPU yet: benchmarks/bench_attention.py times both
+        return "this CPU has AMX, which torch SDPA can use"
     return None
 
 
