@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, run_backend
+from helpers import assert_close_by_rule, canary_intact, canary_like, max_abs_err, randomize_, run_backend
 from pydiffmed import backends, ops
 from pydiffmed.ops import reference
 from pydiffmed.triton_kernels.attention import attention_launch
@@ -523,3 +523,28 @@ def test_gpu_block_matches_monai_fp16():
         monai_half = reference_block.half()(x.half())
         out = block.half()(x.half())
     assert_close_by_rule(out, expected, monai_half, floor=1e-3, what="gpu block fp16")
+
+
+def test_unet_bf16_forward_runs_the_cpu_kernel_where_dispatch_picks_it(monkeypatch):
+    """The real UNet3D in bf16 on the CPU: its attention goes through pydiffmed._C's kernel exactly where
+    cpu_kernel_declines says nothing against it, and agrees with the SDPA route within bf16 rounding."""
+    from pydiffmed.models import UNet3D
+
+    torch.manual_seed(0)
+    model = UNet3D(spatial_dims=3, in_channels=1, out_channels=1, channels=(16, 32), attention_levels=(False, True),
+                   num_res_blocks=1, num_head_channels=(0, 16), norm_num_groups=8)
+    model = randomize_(model).to(torch.bfloat16).eval()
+    x, t = torch.randn(1, 1, 8, 8, 8).bfloat16(), torch.tensor([500])
+    shapes = []
+    kernel = attention_ops.cpu_kernel
+    monkeypatch.setattr(attention_ops, "cpu_kernel", lambda q, *rest: (shapes.append(tuple(q.shape)), kernel(q, *rest)))
+    with torch.no_grad():
+        out = model(x, t)
+        monkeypatch.setattr(attention_ops, "cpu_kernel_declines", lambda q, scale: "SDPA for the comparison")
+        sdpa_route = model(x, t)
+    picked = attention_ops._cpu_kernel_isa_reason() is None  # bf16, d = 16 and scale > 0 take the kernel
+    assert bool(shapes) == picked
+    if picked:
+        assert (1, 2, 64, 16) in shapes and not torch.equal(out, sdpa_route)
+    rel = (out.float() - sdpa_route.float()).norm() / sdpa_route.float().norm()
+    assert rel < 1e-2, rel
