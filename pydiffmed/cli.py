@@ -24,6 +24,7 @@ import contextlib
 import datetime
 import errno
 import functools
+import importlib
 import json
 import math
 import os
@@ -1376,6 +1377,7 @@ def _info(args) -> int:
     print(f"openmp wait: {_openmp.describe(pydiffmed.OPENMP_WAIT_POLICY_SET)}")
     dtype, why = backends.auto_dtype("cpu")
     print(f"--dtype auto on the cpu: {why}")
+    print(f"bf16 attention on the cpu: {importlib.import_module('pydiffmed.ops.attention').cpu_bf16_route()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")

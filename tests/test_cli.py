@@ -2,6 +2,7 @@
 provenance sidecars, per-volume seeds), atomic outputs under a failure mid-run, --resume, --overwrite, every
 kind of bad input (exit 2, one line, nothing written), inpainting, SDEdit, class labels and guidance, MONAI
 conversion round trip, and the models / bench / info commands. Tiny random models keep it fast."""
+import importlib
 import json
 import os
 import pathlib
@@ -503,6 +504,8 @@ def test_bench_and_info_run(capsys):
     assert_one_line_error(err, "--size")
     code, stdout, _ = run(capsys, "info")
     assert code == 0 and "backends:" in stdout
+    route = importlib.import_module("pydiffmed.ops.attention").cpu_bf16_route()
+    assert f"bf16 attention on the cpu: {route}" in stdout
 
 
 def test_console_entry_point(tmp_path, tiny):

@@ -131,9 +131,13 @@ CPU_KERNEL_MAX_HEAD_DIM = 128
 
 @functools.lru_cache(maxsize=1)
 def _cpu_kernel_isa_reason() -> str | None:
-    from pydiffmed import _C
+    try:
+        from pydiffmed import _C
 
-    if not _C.attention_bf16_supported():
+        supported = _C.attention_bf16_supported()
+    except (ImportError, AttributeError) as error:
+        return f"pydiffmed._C has no attention kernel ({error}; run `make build`)"
+    if not supported:
         return "this CPU lacks AVX-512 BF16"
     if backends.cpu_bf16_feature() == "amx_bf16":
         # torch's SDPA can compute on AMX tiles there; the kernel (AVX-512 dot products) has not been timed against
@@ -152,6 +156,12 @@ def cpu_kernel_declines(q, scale) -> str | None:
     if scale <= 0:
         return f"scale = {scale} is not positive"
     return _cpu_kernel_isa_reason()
+
+
+def cpu_bf16_route() -> str:
+    """What the cpu backend runs for bf16 attention on this machine (`pydiffmed info` prints it)."""
+    why = _cpu_kernel_isa_reason()
+    return "pydiffmed's kernel (AVX-512 BF16, csrc/cpu/attention.cpp)" if why is None else f"torch SDPA ({why})"
 
 
 def cpu_kernel(q, k, v, out, scale):
