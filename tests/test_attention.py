@@ -242,6 +242,8 @@ def test_cpu_kernel_refuses_what_it_cannot_run():
     out = torch.empty_like(q)
     with pytest.raises(TypeError, match="k is float32"):
         attention_ops.cpu_kernel(q, k.float(), v, out, 0.25)
+    with pytest.raises(ValueError, match=r"v \(1, 1, 5, 16\)"):
+        attention_ops.cpu_kernel(q, k, torch.zeros(1, 1, 5, 16, dtype=torch.bfloat16), out, 0.25)
     big = torch.zeros(1, 1, 4, 130, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="d = 130"):
         attention_ops.cpu_kernel(big, big, big, torch.empty_like(big), 0.25)
@@ -253,7 +255,7 @@ def test_cpu_kernel_refuses_what_it_cannot_run():
 
 # --- dispatch and errors -------------------------------------------------------------------------------------
 
-def test_cpu_tensors_dispatch_to_sdpa_not_interpreter():
+def test_cpu_tensors_dispatch_to_cpu_or_torch_not_interpreter():
     q, k, v = qkv(1, 1, 4, 4, 16, torch.float32, device="cpu")
     name = backends.select("attention", None, (q, k, v), q=q, k=k, v=v)
     assert name in ("cpu", "torch")

@@ -173,6 +173,10 @@ def cpu_kernel(q, k, v, out, scale):
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise TypeError(f"cpu_kernel takes bf16 CPU tensors; {name} is {dtype_name(t.dtype)} on {t.device}")
     batch, heads, n_q, head_dim = q.shape
+    kv_shape = (batch, heads, k.shape[2], head_dim)
+    if q.ndim != 4 or tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape or out.shape != q.shape:
+        raise ValueError(f"cpu_kernel needs B×heads×N×d q and out, and k, v of shape {kv_shape}; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)}")
     _C.attention_bf16(q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(), out.data_ptr(),
                       out.stride(), batch, heads, n_q, k.shape[2], head_dim, scale, torch.get_num_threads())
 
