@@ -184,8 +184,8 @@ PDM_AVX512 void run_task(const Problem& pr, int64_t bh, int64_t q0) {
         const uint16_t* kb = kp + key0 * pr.pairs * 2;
         const uint16_t* vb = vp + key0 * NV * 16;
         for (int64_t t = 0; t < tiles; ++t)
-            tile<NV>(qbuf + t * kRows * pr.pairs, pr.pairs, kb, vb, valid, pr.scale_log2, m + t * kRows, l + t * kRows,
-                        obuf + t * kRows * NV * 16);
+            tile<NV>(qbuf + t * kRows * pr.pairs, pr.pairs, kb, vb, valid, pr.scale_log2, m + t * kRows,
+                     l + t * kRows, obuf + t * kRows * NV * 16);
     }
     uint16_t* oh = pr.out + b * pr.so[0] + h * pr.so[1];
     for (int64_t i = 0; i < rows; ++i) {
