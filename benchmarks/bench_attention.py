@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import median_time, save  # noqa: E402
-from pydiffmed import _C, ops  # noqa: E402
+from pydiffmed import ops  # noqa: E402
 
 ATTENTION_OPS = importlib.import_module("pydiffmed.ops.attention")  # the module; ops.attention is the function
 
@@ -134,7 +134,7 @@ def main():
                       "sdpa": F.scaled_dot_product_attention, "naive": naive}
         repeats, matmul_size = 5, 2048
     for dtype in dtypes:
-        kernel_runs = dtype == torch.bfloat16 and _C.attention_bf16_supported()
+        kernel_runs = device == "cpu" and dtype == torch.bfloat16 and ATTENTION_OPS.cpu_kernel_supported()
         runnable = {name: fn for name, fn in candidates.items() if name != "pydiffmed cpu kernel" or kernel_runs}
         limit = matmul_rate(dtype, device, matmul_size)
         print(f"{dtype} matmul {matmul_size}²: {limit / 1e12:.3f} TFLOP/s", flush=True)

@@ -128,13 +128,7 @@ def test_empty_query_or_batch():
 
 # --- the CPU bf16 kernel (pydiffmed._C, csrc/cpu/attention.cpp) ----------------------------------------------
 
-def _cpu_kernel_supported():
-    from pydiffmed import _C
-
-    return _C.attention_bf16_supported()
-
-
-needs_avx512_bf16 = pytest.mark.skipif(not _cpu_kernel_supported(),
+needs_avx512_bf16 = pytest.mark.skipif(not attention_ops.cpu_kernel_supported(),
                                        reason="this CPU lacks AVX-512 BF16, which the CPU attention kernel needs "
                                               "(it is compiled all the same; ops.attention runs SDPA here)")
 
@@ -217,14 +211,14 @@ def test_cpu_backend_runs_the_kernel_only_where_it_is_the_faster_one(monkeypatch
     attention_ops._cpu_kernel_isa_reason.cache_clear()
     try:
         monkeypatch.setattr(backends, "cpu_bf16_feature", lambda: "amx_bf16")
-        assert "AMX" in declines(q, 0.125) or not _cpu_kernel_supported()
+        assert "AMX" in declines(q, 0.125) or not attention_ops.cpu_kernel_supported()
         monkeypatch.setattr(backends, "cpu_bf16_feature", lambda: "avx512_bf16")
         attention_ops._cpu_kernel_isa_reason.cache_clear()
-        assert (declines(q, 0.125) is None) == _cpu_kernel_supported()
+        assert (declines(q, 0.125) is None) == attention_ops.cpu_kernel_supported()
         sdpa = torch.empty_like(q)
         run_backend("attention", "torch", q, k, v, sdpa, 0.125)
         out = ops.attention(q, k, v, scale=0.125, backend="cpu")
-        if _cpu_kernel_supported():
+        if attention_ops.cpu_kernel_supported():
             kernel = torch.empty_like(q)
             attention_ops.cpu_kernel(q, k, v, kernel, 0.125)
             assert torch.equal(out, kernel) and not torch.equal(out, sdpa)

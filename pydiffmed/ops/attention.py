@@ -131,19 +131,23 @@ CPU_KERNEL_MAX_HEAD_DIM = 128
 
 @functools.lru_cache(maxsize=1)
 def _cpu_kernel_isa_reason() -> str | None:
-    try:
-        from pydiffmed import _C
-
-        supported = _C.attention_bf16_supported()
-    except (ImportError, AttributeError) as error:
-        return f"pydiffmed._C has no attention kernel ({error}; run `make build`)"
-    if not supported:
-        return "this CPU lacks AVX-512 BF16"
+    if not cpu_kernel_supported():
+        return "this CPU lacks AVX-512 BF16, or pydiffmed._C was built without the kernel (`make build`)"
     if backends.cpu_bf16_feature() == "amx_bf16":
         # torch's SDPA can compute on AMX tiles there; the kernel (AVX-512 dot products) has not been timed against
         # it on such a CPU yet: benchmarks/bench_attention.py times both
         return "this CPU has AMX, which torch SDPA can use"
     return None
+
+
+def cpu_kernel_supported() -> bool:
+    """Whether this CPU and build run `cpu_kernel` at all (AVX-512 BF16), fast or not."""
+    try:
+        from pydiffmed import _C
+
+        return bool(_C.attention_bf16_supported())
+    except (ImportError, AttributeError):
+        return False
 
 
 def cpu_kernel_declines(q, scale) -> str | None:
