@@ -176,6 +176,31 @@ def test_cpu_kernel_strided_and_token_major_inputs():
 
 
 @needs_avx512_bf16
+def test_cpu_kernel_random_shapes_and_memory_orders():
+    """25 seeded cases: random sizes, and q, k, v each stored in a random axis order (views of permuted tensors),
+    d possibly sliced out of a wider last axis."""
+    gen = torch.Generator().manual_seed(7)
+
+    def draw(high, low=1):
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    def stored(shape, width):
+        order = torch.randperm(4, generator=gen).tolist()
+        full = list(shape[:3]) + [width]
+        base = torch.randn([full[i] for i in order], generator=gen).bfloat16()
+        view = base.permute([order.index(i) for i in range(4)])
+        return view[..., :shape[3]]
+
+    for case in range(25):
+        batch, heads, n_q, n_kv, d = draw(2), draw(3), draw(150), draw(300), draw(80)
+        width = d + draw(3, 0)
+        q = stored((batch, heads, n_q, d), width)
+        k = stored((batch, heads, n_kv, d), width)
+        v = stored((batch, heads, n_kv, d), width)
+        check_cpu_kernel(q, k, v, scale=0.05 + torch.rand((), generator=gen).item(), what=f"case {case}")
+
+
+@needs_avx512_bf16
 def test_cpu_kernel_large_logits_and_nan_rows():
     q, k, v = cpu_bf16_qkv(1, 2, 40, 300, 64, magnitude=30.0)
     assert (q.double() @ k.double().transpose(-1, -2)).abs().max() / 8 > 1e3
