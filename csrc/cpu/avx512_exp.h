@@ -3,6 +3,10 @@
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers initialise _mm512_undefined_ps() from itself (GCC bug 105593), which -Wall reports as
+// "'__Y' is used uninitialized" at every inlined intrinsic: hundreds of false warnings that would bury real ones.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #define PDM_HAVE_AVX512_PATH 1
 #define PDM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
