@@ -557,8 +557,9 @@ def test_unet_bf16_forward_runs_the_cpu_kernel_where_dispatch_picks_it(monkeypat
     model = randomize_(model).to(torch.bfloat16).eval()
     x, t = torch.randn(1, 1, 8, 8, 8).bfloat16(), torch.tensor([500])
     shapes = []
-    kernel = attention_ops.cpu_kernel
-    monkeypatch.setattr(attention_ops, "cpu_kernel", lambda q, *rest: (shapes.append(tuple(q.shape)), kernel(q, *rest)))
+    launch = attention_ops._launch_cpu_kernel
+    monkeypatch.setattr(attention_ops, "_launch_cpu_kernel",
+                        lambda q, *rest: (shapes.append(tuple(q.shape)), launch(q, *rest)))
     with torch.no_grad():
         out = model(x, t)
         monkeypatch.setattr(attention_ops, "cpu_kernel_declines", lambda q, scale: "SDPA for the comparison")

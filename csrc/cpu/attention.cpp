@@ -144,10 +144,10 @@ PDM_AVX512 void tile(const uint32_t* q, int64_t pairs, const uint16_t* kp, const
 }
 
 struct Problem {
-    const uint16_t *q, *k, *v;
+    const uint16_t* q;
     uint16_t* out;
-    Strides sq, sk, sv, so;
-    int64_t batch, heads, nq, nkv, d;
+    Strides sq, so;
+    int64_t heads, nq, nkv, d;
     float scale_log2;
     int64_t pairs, vectors;            // ceil(d / 2), ceil(d / 16)
     const uint16_t *kpack, *vpack;     // per (batch, head): kpack_stride resp. vpack_stride elements
@@ -229,10 +229,10 @@ void attention_bf16(uint64_t q_ptr, Strides sq, uint64_t k_ptr, Strides sk, uint
         throw std::invalid_argument("attention_bf16: scale must be finite and > 0, got " + std::to_string(scale));
 #if defined(PDM_HAVE_AVX512_PATH)
     Problem pr;
-    pr.q = (const uint16_t*)q_ptr, pr.k = (const uint16_t*)k_ptr, pr.v = (const uint16_t*)v_ptr;
-    pr.out = (uint16_t*)out_ptr;
-    pr.sq = sq, pr.sk = sk, pr.sv = sv, pr.so = so;
-    pr.batch = batch, pr.heads = heads, pr.nq = nq, pr.nkv = nkv, pr.d = d;
+    const uint16_t *k = (const uint16_t*)k_ptr, *v = (const uint16_t*)v_ptr;
+    pr.q = (const uint16_t*)q_ptr, pr.out = (uint16_t*)out_ptr;
+    pr.sq = sq, pr.so = so;
+    pr.heads = heads, pr.nq = nq, pr.nkv = nkv, pr.d = d;
     pr.scale_log2 = (float)(scale * 1.4426950408889634);
     pr.pairs = (d + 1) / 2, pr.vectors = (d + 15) / 16;
     const int64_t kv_blocks = (nkv + kBlockKV - 1) / kBlockKV, nkv_pad = kv_blocks * kBlockKV;
@@ -253,9 +253,9 @@ void attention_bf16(uint64_t q_ptr, Strides sq, uint64_t k_ptr, Strides sk, uint
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < bh_count * kv_blocks; ++i) {
             const int64_t bh = i / kv_blocks, block = i % kv_blocks, b = bh / heads, h = bh % heads;
-            pack_key_block(pr.k + b * sk[0] + h * sk[1], sk[2], sk[3], nkv, d, pr.pairs, block,
+            pack_key_block(k + b * sk[0] + h * sk[1], sk[2], sk[3], nkv, d, pr.pairs, block,
                            kpack.get() + bh * pr.kpack_stride);
-            pack_value_block(pr.v + b * sv[0] + h * sv[1], sv[2], sv[3], nkv, d, pr.vectors, block,
+            pack_value_block(v + b * sv[0] + h * sv[1], sv[2], sv[3], nkv, d, pr.vectors, block,
                              vpack.get() + bh * pr.vpack_stride);
         }
         // dynamic: a thread the system deschedules holds back one task, not a fixed share (each task writes its own

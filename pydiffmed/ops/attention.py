@@ -171,16 +171,21 @@ def cpu_bf16_route() -> str:
 def cpu_kernel(q, k, v, out, scale):
     """pydiffmed._C's bf16 flash attention on B×heads×N×d views (any strides; out's d-stride 1), whatever
     cpu_kernel_declines says of its speed; the `cpu` backend and bench_attention call it."""
-    from pydiffmed import _C
-
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise TypeError(f"cpu_kernel takes bf16 CPU tensors; {name} is {dtype_name(t.dtype)} on {t.device}")
-    batch, heads, n_q, head_dim = q.shape
-    kv_shape = (batch, heads, k.shape[2], head_dim)
-    if q.ndim != 4 or tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape or out.shape != q.shape:
-        raise ValueError(f"cpu_kernel needs B×heads×N×d q and out, and k, v of shape {kv_shape}; got q "
+    kv_shape = (*q.shape[:2], k.shape[2], q.shape[-1]) if q.ndim == 4 and k.ndim == 4 else None
+    if kv_shape is None or tuple(k.shape) != kv_shape or tuple(v.shape) != kv_shape or out.shape != q.shape:
+        raise ValueError(f"cpu_kernel needs B×heads×N×d q and out, and k, v of shape B×heads×N_kv×d; got q "
                          f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)}")
+    _launch_cpu_kernel(q, k, v, out, scale)
+
+
+def _launch_cpu_kernel(q, k, v, out, scale):
+    """cpu_kernel without its checks, for inputs `attention` has validated."""
+    from pydiffmed import _C
+
+    batch, heads, n_q, head_dim = q.shape
     _C.attention_bf16(q.data_ptr(), q.stride(), k.data_ptr(), k.stride(), v.data_ptr(), v.stride(), out.data_ptr(),
                       out.stride(), batch, heads, n_q, k.shape[2], head_dim, scale, torch.get_num_threads())
 
@@ -188,7 +193,7 @@ def cpu_kernel(q, k, v, out, scale):
 @backends.register("attention", "cpu", layouts=None, symbols=("attention_bf16",))
 def _run_cpu(q, k, v, out, scale):
     if cpu_kernel_declines(q, scale) is None:
-        cpu_kernel(q, k, v, out, scale)
+        _launch_cpu_kernel(q, k, v, out, scale)
     else:
         _run_sdpa(q, k, v, out, scale)
 
